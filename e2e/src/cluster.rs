@@ -1,0 +1,438 @@
+//! A real local control plane: etcd + kube-apiserver (+ optionally
+//! kube-controller-manager) on random 127.0.0.1 ports, with certificates
+//! made by `openssl` in a temporary directory.
+//!
+//! The binaries come from `.tools/bin` (made by `scripts/setup.sh`). Every
+//! process started here is stopped when the [`ControlPlane`] is dropped, and
+//! also dies with the thread that started it (PR_SET_PDEATHSIG): start it
+//! from the main thread.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::tools;
+
+/// Options for [`ControlPlane::start`].
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Also run kube-controller-manager (ownerReference garbage collection,
+    /// namespace deletion, service-account tokens).
+    pub controller_manager: bool,
+}
+
+/// One running process we started, with its log file.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, dir: &Path, cmd: &mut Command) -> anyhow::Result<Proc> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to
+        // SIGKILL the child when the thread that spawned it exits.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        Ok(Proc { name, child, log })
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn stop(&mut self, grace: Duration) {
+        if self.exited().is_some() {
+            return;
+        }
+        // SAFETY: plain kill(2) on a child we own and have not reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.exited().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A running etcd + kube-apiserver (+ kube-controller-manager).
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    etcd: Option<Proc>,
+    apiserver: Option<Proc>,
+    kcm: Option<Proc>,
+    /// `http://127.0.0.1:<port>` of etcd.
+    pub etcd_endpoint: String,
+    /// `https://127.0.0.1:<port>` of the API server.
+    pub server: String,
+    /// Admin kubeconfig (O=system:masters).
+    pub kubeconfig: PathBuf,
+    apiserver_port: u16,
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver and waits until `/readyz` answers ok.
+    pub fn start(opts: Options) -> anyhow::Result<ControlPlane> {
+        let t0 = Instant::now();
+        let dir = tempfile::Builder::new().prefix("cilium-rs-cp.").tempdir()?;
+        make_certs(dir.path())?;
+        let etcd_port = free_port();
+        let peer_port = free_port();
+        let apiserver_port = free_port();
+        let etcd_endpoint = format!("http://127.0.0.1:{etcd_port}");
+        let mut cp = ControlPlane {
+            kubeconfig: dir.path().join("admin.kubeconfig"),
+            server: format!("https://127.0.0.1:{apiserver_port}"),
+            etcd_endpoint,
+            dir,
+            etcd: None,
+            apiserver: None,
+            kcm: None,
+            apiserver_port,
+        };
+        cp.start_etcd(peer_port)?;
+        cp.write_kubeconfig()?;
+        cp.start_apiserver()?;
+        if opts.controller_manager {
+            cp.start_controller_manager()?;
+        }
+        eprintln!(
+            "[control-plane] etcd {} + kube-apiserver {} ready in {:.1}s (dir {})",
+            cp.etcd_endpoint,
+            cp.server,
+            t0.elapsed().as_secs_f64(),
+            cp.dir.path().display()
+        );
+        Ok(cp)
+    }
+
+    /// The directory holding certificates, kubeconfig and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn start_etcd(&mut self, peer_port: u16) -> anyhow::Result<()> {
+        let data = self.dir.path().join("etcd-data");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let mut cmd = Command::new(tools::tool("etcd")?);
+        cmd.arg("--name=cp")
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={}", self.etcd_endpoint))
+            .arg(format!("--advertise-client-urls={}", self.etcd_endpoint))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=cp={peer}"))
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=warn");
+        let mut proc = Proc::spawn("etcd", self.dir.path(), &mut cmd)?;
+        let addr = self.etcd_endpoint.trim_start_matches("http://").to_string();
+        wait_until(&mut proc, Duration::from_secs(20), || {
+            http_get_plain(&addr, "/health").is_ok_and(|b| b.contains("true"))
+        })?;
+        self.etcd = Some(proc);
+        Ok(())
+    }
+
+    fn start_apiserver(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let p = |f: &str| d.join(f).display().to_string();
+        let mut cmd = Command::new(tools::tool("kube-apiserver")?);
+        cmd.arg(format!("--etcd-servers={}", self.etcd_endpoint))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            .arg(format!("--secure-port={}", self.apiserver_port))
+            .arg("--insecure-port=0")
+            .arg(format!("--cert-dir={}", p("apiserver-certs")))
+            .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
+            .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
+            .arg(format!("--client-ca-file={}", p("ca.crt")))
+            .arg(format!("--service-account-key-file={}", p("sa.pub")))
+            .arg(format!("--service-account-signing-key-file={}", p("sa.key")))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg("--authorization-mode=RBAC")
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg("--endpoint-reconciler-type=none")
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg("--allow-privileged=true")
+            .arg("--profiling=false")
+            .arg("--v=0");
+        let mut proc = Proc::spawn("kube-apiserver", d, &mut cmd)?;
+        let kubectl = tools::tool("kubectl")?;
+        let kubeconfig = self.kubeconfig.clone();
+        wait_until(&mut proc, Duration::from_secs(60), || {
+            Command::new(&kubectl)
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .args(["get", "--raw", "/readyz"])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "ok")
+        })?;
+        self.apiserver = Some(proc);
+        Ok(())
+    }
+
+    fn start_controller_manager(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let mut cmd = Command::new(tools::tool("kube-controller-manager")?);
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg("--controllers=namespace,garbagecollector,serviceaccount,serviceaccount-token")
+            .arg(format!(
+                "--service-account-private-key-file={}",
+                d.join("sa.key").display()
+            ))
+            .arg(format!("--root-ca-file={}", d.join("ca.crt").display()))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--secure-port=0")
+            .arg("--port=0")
+            .arg("--leader-elect=false")
+            .arg("--v=0");
+        let mut proc = Proc::spawn("kube-controller-manager", d, &mut cmd)?;
+        // No health port: give it a moment and check it stays up.
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(status) = proc.exited() {
+            bail!("kube-controller-manager exited ({status}):\n{}", proc.log_tail());
+        }
+        self.kcm = Some(proc);
+        Ok(())
+    }
+
+    /// Stops kube-apiserver (SIGTERM) and starts it again on the same port and
+    /// etcd; returns once it is ready.
+    pub fn restart_apiserver(&mut self) -> anyhow::Result<()> {
+        if let Some(mut p) = self.apiserver.take() {
+            p.stop(Duration::from_secs(10));
+        }
+        self.start_apiserver()
+    }
+
+    fn write_kubeconfig(&self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let cfg = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: local\n  context:\n    cluster: local\n    user: admin\ncurrent-context: local\n",
+            server = self.server,
+            ca = d.join("ca.crt").display(),
+            crt = d.join("admin.crt").display(),
+            key = d.join("admin.key").display(),
+        );
+        std::fs::write(&self.kubeconfig, cfg)?;
+        Ok(())
+    }
+
+    /// A kube client authenticated as cluster admin.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// A `kubectl` command pointed at this control plane.
+    pub fn kubectl(&self) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(tools::tool("kubectl")?);
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()));
+        cmd.stdin(Stdio::null());
+        Ok(cmd)
+    }
+
+    /// The last `lines` lines of every log in the control plane's directory
+    /// (its own components and the processes tests started there), for
+    /// failure reports.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let mut logs: Vec<_> = std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort();
+        for p in logs {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {} (last {lines} lines)\n", p.display()));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The last lines of a component's log (`etcd`, `kube-apiserver`, ...).
+    pub fn log_tail(&self, name: &str) -> String {
+        [&self.etcd, &self.apiserver, &self.kcm]
+            .into_iter()
+            .flatten()
+            .find(|p| p.name == name)
+            .map(|p| p.log_tail())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for p in [&mut self.kcm, &mut self.apiserver, &mut self.etcd]
+            .into_iter()
+            .flatten()
+        {
+            p.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Polls `ready` every 200 ms until it returns true; fails early with the
+/// process's log when it exits.
+fn wait_until(proc: &mut Proc, timeout: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = proc.exited() {
+            bail!(
+                "{} exited during start-up ({status}); last log lines:\n{}",
+                proc.name,
+                proc.log_tail()
+            );
+        }
+        if ready() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} not ready after {timeout:?}; last log lines:\n{}",
+                proc.name,
+                proc.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A minimal HTTP/1.0 GET over plain TCP, returning the body.
+pub fn http_get_plain(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        bail!("GET {addr}{path}: {status}");
+    }
+    Ok(body.to_string())
+}
+
+/// CA, API-server serving cert (IP SAN 127.0.0.1), admin client cert
+/// (O=system:masters) and the service-account key pair.
+fn make_certs(dir: &Path) -> anyhow::Result<()> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .context("running openssl (apt-get install openssl)")?;
+        if !out.status.success() {
+            bail!("openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n",
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3",
+        "-subj",
+        "/CN=cilium-rs-test-ca",
+    ])?;
+    for (name, subj, ext) in [
+        ("apiserver", "/CN=kube-apiserver", "san.ext"),
+        ("admin", "/O=system:masters/CN=admin", "client.ext"),
+    ] {
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            subj,
+        ])?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "3",
+            "-extfile",
+            ext,
+        ])?;
+    }
+    run(&["genrsa", "-out", "sa.key", "2048"])?;
+    run(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+    Ok(())
+}

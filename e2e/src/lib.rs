@@ -1,0 +1,44 @@
+//! Test harness for end-to-end tests through the real binaries: a real
+//! control plane ([`cluster`]), this workspace's processes ([`process`]) and
+//! the external tools ([`tools`]).
+
+pub mod cluster;
+pub mod process;
+pub mod prometheus;
+pub mod tools;
+
+pub use cluster::{ControlPlane, Options};
+pub use process::{Operator, Process};
+
+/// Runs a future to completion on a fresh multi-threaded runtime (test
+/// bodies are synchronous; each gets its own runtime and clients).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or fails after
+/// `timeout` with `what` and the last state seen.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what} (last error: {last})");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

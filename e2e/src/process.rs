@@ -1,0 +1,144 @@
+//! Running this workspace's binaries (operator, agents) as real processes.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::cluster::{ControlPlane, free_port, http_get_plain};
+use crate::tools;
+
+/// A process of ours with its log file; killed (SIGKILL) when dropped.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    /// Spawns `cmd`, stdout+stderr to `<dir>/<name>.log`.
+    pub fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> anyhow::Result<Process> {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        // SAFETY: prctl only asks the kernel to kill the child with its
+        // parent thread.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Process {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_exit() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running cilium-operator replica.
+pub struct Operator {
+    pub proc: Process,
+    pub health_addr: String,
+    pub metrics_addr: String,
+}
+
+impl Operator {
+    /// Starts `cilium-operator` against `cp` with loopback health/metrics
+    /// ports, the given namespace, and extra `--flag=value` arguments.
+    pub fn start(cp: &ControlPlane, name: &str, namespace: &str, extra: &[String]) -> anyhow::Result<Operator> {
+        let health_addr = format!("127.0.0.1:{}", free_port());
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(tools::workspace_bin("cilium-operator")?);
+        cmd.arg(format!("--k8s-kubeconfig-path={}", cp.kubeconfig.display()))
+            .arg(format!("--k8s-namespace={namespace}"))
+            .arg(format!("--operator-api-serve-addr={health_addr}"))
+            .arg(format!("--operator-prometheus-serve-addr={metrics_addr}"))
+            .arg("--cluster-pool-ipv4-cidr=10.0.0.0/8")
+            .args(extra)
+            .env("CILIUM_LOG_FILTER", "info");
+        let proc = Process::spawn(name, cp.dir(), &mut cmd)?;
+        Ok(Operator {
+            proc,
+            health_addr,
+            metrics_addr,
+        })
+    }
+
+    /// `/healthz` body, if it answers 200.
+    pub fn healthz(&self) -> Option<String> {
+        http_get_plain(&self.health_addr, "/healthz").ok()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.healthz()
+            .is_some_and(|b| b.contains("leader") && !b.contains("standby"))
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        http_get_plain(&self.metrics_addr, "/metrics")
+    }
+
+    /// Waits until `/healthz` answers 200.
+    pub fn wait_healthy(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.proc.try_exit() {
+                anyhow::bail!("{} exited ({s}):\n{}", self.proc.name, self.proc.log_text());
+            }
+            if self.healthz().is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::bail!(
+            "{} not healthy after {timeout:?}:\n{}",
+            self.proc.name,
+            self.proc.log_text()
+        )
+    }
+}

@@ -1,0 +1,64 @@
+//! End-to-end tests through the real binaries against one real control plane
+//! (etcd + kube-apiserver) shared by every test of this process.
+//!
+//! Run with `cargo build --workspace --bins && cargo test -p e2e` after
+//! `scripts/setup.sh` (or just `scripts/test.sh`).
+
+use std::sync::Arc;
+
+use e2e::{ControlPlane, Options};
+use libtest_mimic::{Arguments, Failed, Trial};
+
+mod ipam;
+mod skeleton;
+
+/// A test body: gets the shared control plane.
+type TestFn = fn(&ControlPlane) -> anyhow::Result<()>;
+
+fn trial(cp: &Arc<ControlPlane>, name: &str, f: TestFn) -> Trial {
+    let cp = cp.clone();
+    Trial::test(name, move || f(&cp).map_err(|e| Failed::from(format!("{e:#}"))))
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests: &[(&str, TestFn)] = &[
+        (
+            "skeleton::crds_and_policy_fixtures_against_api_server",
+            skeleton::crds_and_policy_fixtures,
+        ),
+        (
+            "skeleton::bad_config_exits_with_one_line",
+            skeleton::bad_config_exits_with_one_line,
+        ),
+        (
+            "skeleton::leader_election_failover_and_release",
+            skeleton::leader_election_failover_and_release,
+        ),
+        (
+            "skeleton::prometheus_scrapes_operator",
+            skeleton::prometheus_scrapes_operator,
+        ),
+        (
+            "ipam::allocation_exhaustion_extension_and_gc",
+            ipam::allocation_exhaustion_extension_and_gc,
+        ),
+    ];
+    if args.list {
+        let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();
+        libtest_mimic::run(&args, trials).exit();
+    }
+    let cp = match ControlPlane::start(Options {
+        controller_manager: true,
+    }) {
+        Ok(cp) => Arc::new(cp),
+        Err(e) => {
+            eprintln!("cannot start the test control plane: {e:#}");
+            std::process::exit(101);
+        }
+    };
+    let trials = tests.iter().map(|(n, f)| trial(&cp, n, *f)).collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    drop(cp);
+    conclusion.exit();
+}

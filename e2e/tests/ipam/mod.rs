@@ -1,0 +1,231 @@
+//! Cluster-pool IPAM and CiliumNode GC through the real operator. Each test
+//! starts its own control plane: CiliumNodes are cluster-scoped, and only
+//! one IPAM leader may own them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use cilium_crds::CiliumNode;
+use e2e::{ControlPlane, Operator, Options, block_on, eventually};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+
+pub fn node(name: &str) -> Node {
+    serde_json::from_value(json!({ "metadata": { "name": name } })).expect("node")
+}
+
+pub fn cilium_node(name: &str, pod_cidrs: &[&str]) -> CiliumNode {
+    let mut v = json!({ "metadata": { "name": name }, "spec": {} });
+    if !pod_cidrs.is_empty() {
+        v["spec"]["ipam"] = json!({ "podCIDRs": pod_cidrs });
+    }
+    serde_json::from_value(v).expect("cilium node")
+}
+
+fn operator_error(n: &CiliumNode) -> Option<String> {
+    n.status
+        .as_ref()?
+        .ipam
+        .as_ref()?
+        .operator_status
+        .as_ref()?
+        .error
+        .clone()
+}
+
+/// Pod CIDRs of every CiliumNode.
+pub async fn all_pod_cidrs(api: &Api<CiliumNode>) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .map(|n| (n.metadata.name.clone().unwrap_or_default(), n.pod_cidrs().to_vec()))
+        .collect())
+}
+
+/// Fails if a CIDR is held by two nodes.
+pub fn assert_no_duplicates(cidrs: &BTreeMap<String, Vec<String>>) -> anyhow::Result<()> {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (node, list) in cidrs {
+        for c in list {
+            if let Some(other) = seen.insert(c, node) {
+                anyhow::bail!("{c} is held by both {other} and {node}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn wait_cidr(api: &Api<CiliumNode>, name: &str) -> anyhow::Result<String> {
+    eventually(&format!("a pod CIDR on {name}"), Duration::from_secs(30), || async {
+        Ok(api.get(name).await?.pod_cidrs().first().cloned())
+    })
+    .await
+}
+
+async fn wait_error(api: &Api<CiliumNode>, name: &str, needle: &str) -> anyhow::Result<String> {
+    eventually(
+        &format!("an IPAM error containing {needle:?} on {name}"),
+        Duration::from_secs(30),
+        || async { Ok(operator_error(&api.get(name).await?).filter(|e| e.contains(needle))) },
+    )
+    .await
+}
+
+fn metric_value(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Nodes get CIDRs; exhaustion is loud (status, Event, metric); extending
+/// the pool list recovers the waiting node; CIDRs outside every pool or held
+/// twice are refused precisely; a deleted Node's CiliumNode is collected
+/// and its CIDR reused.
+pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Options {
+        controller_manager: true,
+    })?;
+    let small_pool = [
+        "--cluster-pool-ipv4-cidr=10.10.0.0/23".to_string(),
+        "--cluster-pool-ipv4-mask-size=24".into(),
+    ];
+    let gc = "--nodes-gc-interval=2s".to_string();
+    let mut op = Operator::start(
+        &cp,
+        "operator-ipam-1",
+        "kube-system",
+        &[small_pool[0].clone(), small_pool[1].clone(), gc.clone()],
+    )?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let result = block_on(async {
+        let client = cp.client().await?;
+        let nodes: Api<Node> = Api::all(client.clone());
+        let cns: Api<CiliumNode> = Api::all(client.clone());
+        let pp = PostParams::default();
+        for n in ["n1", "n2", "n3", "outsider", "dup", "n4"] {
+            nodes.create(&pp, &node(n)).await?;
+        }
+        for n in ["n1", "n2", "n3"] {
+            cns.create(&pp, &cilium_node(n, &[])).await?;
+        }
+        let c1 = wait_cidr(&cns, "n1").await?;
+        let c2 = wait_cidr(&cns, "n2").await?;
+        ensure!(c1 != c2, "n1 and n2 both got {c1}");
+        let both: BTreeSet<&str> = [c1.as_str(), c2.as_str()].into();
+        ensure!(
+            both == ["10.10.0.0/24", "10.10.1.0/24"].into(),
+            "unexpected CIDRs {both:?}"
+        );
+
+        // Exhaustion: status, Event, metric, log.
+        ensure!(wait_error(&cns, "n3", "allocator full").await? == "allocator full");
+        ensure!(cns.get("n3").await?.pod_cidrs().is_empty());
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+        eventually(
+            "a PodCIDRPoolExhausted Event for n3",
+            Duration::from_secs(15),
+            || async {
+                let list = events.list(&ListParams::default()).await?;
+                Ok(list.items.into_iter().find(|e| {
+                    e.reason.as_deref() == Some("PodCIDRPoolExhausted")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("n3")
+                }))
+            },
+        )
+        .await?;
+        let text = op.metrics()?;
+        ensure!(
+            metric_value(&text, "cilium_operator_ipam_exhausted_total{family=\"ipv4\"}").unwrap_or(0.0) >= 1.0,
+            "{text}"
+        );
+        ensure!(
+            metric_value(
+                &text,
+                "cilium_operator_ipam_pool_available{pool=\"10.10.0.0/23\",family=\"ipv4\"}"
+            ) == Some(0.0),
+            "{text}"
+        );
+        ensure!(
+            metric_value(&text, "cilium_operator_ipam_nodes_waiting") == Some(1.0),
+            "{text}"
+        );
+        ensure!(
+            op.proc.log_text().contains("allocator full"),
+            "no exhaustion warning in the log"
+        );
+
+        // Extend the pool list (append) and restart: n3 recovers.
+        op.proc.signal(libc::SIGTERM);
+        op.proc
+            .wait_exit(Duration::from_secs(15))
+            .context("operator did not stop")?;
+        let mut op2 = Operator::start(
+            &cp,
+            "operator-ipam-2",
+            "kube-system",
+            &[
+                "--cluster-pool-ipv4-cidr=10.10.0.0/23,10.20.0.0/24".into(),
+                small_pool[1].clone(),
+                gc.clone(),
+            ],
+        )?;
+        op2.wait_healthy(Duration::from_secs(60))?;
+        ensure!(wait_cidr(&cns, "n3").await? == "10.20.0.0/24");
+        eventually("n3's error cleared", Duration::from_secs(15), || async {
+            Ok(operator_error(&cns.get("n3").await?).is_none().then_some(()))
+        })
+        .await?;
+        ensure!(
+            cns.get("n1").await?.pod_cidrs() == [c1.clone()],
+            "n1 lost its CIDR across the restart"
+        );
+        ensure!(
+            cns.get("n2").await?.pod_cidrs() == [c2.clone()],
+            "n2 lost its CIDR across the restart"
+        );
+
+        // Refusals: outside every pool, and a CIDR another node holds.
+        cns.create(&pp, &cilium_node("outsider", &["192.168.77.0/24"])).await?;
+        let e = wait_error(&cns, "outsider", "192.168.77.0/24").await?;
+        ensure!(e.contains("not inside any IPv4 pool"), "{e}");
+        cns.create(&pp, &cilium_node("dup", &[c2.as_str()])).await?;
+        let e = wait_error(&cns, "dup", "already allocated").await?;
+        ensure!(e.contains("node n2"), "{e}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure!(
+            cns.get("outsider").await?.pod_cidrs() == ["192.168.77.0/24"],
+            "outsider was re-assigned"
+        );
+        ensure!(cns.get("dup").await?.pod_cidrs() == [c2.clone()], "dup was re-assigned");
+
+        // Node n1 deleted -> CiliumNode GC (two runs) -> CIDR reused by n4.
+        nodes.delete("n1", &DeleteParams::default()).await?;
+        eventually("CiliumNode n1 collected", Duration::from_secs(30), || async {
+            Ok(cns.get_opt("n1").await?.is_none().then_some(()))
+        })
+        .await?;
+        cns.create(&pp, &cilium_node("n4", &[])).await?;
+        let c4 = wait_cidr(&cns, "n4").await?;
+        ensure!(c4 == c1, "n4 got {c4}, expected n1's released {c1}");
+        assert_no_duplicates(
+            &all_pod_cidrs(&cns)
+                .await?
+                .into_iter()
+                .filter(|(n, _)| n != "dup")
+                .collect(),
+        )?;
+        let text = op2.metrics()?;
+        ensure!(
+            metric_value(&text, "cilium_operator_ipam_nodes_gc_deleted_total").unwrap_or(0.0) >= 1.0,
+            "{text}"
+        );
+        ensure!(!op2.proc.log_text().contains("panicked"), "operator panicked");
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(25)))
+}

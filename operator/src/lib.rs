@@ -1,0 +1,17 @@
+//! cilium-operator: the cluster-wide control plane of Cilium.
+//!
+//! Layout: `config` (flags, env, cilium-config directory, validation),
+//! `leader` (Lease election), `admin` (health and metrics endpoints),
+//! `metrics` (the one registry), `crds` (registration and generation), and
+//! `run` which wires them together. The duties themselves (IPAM, GCs,
+//! heartbeat) run on the leader only.
+
+pub mod admin;
+pub mod config;
+pub mod crds;
+pub mod duration;
+pub mod ipam;
+pub mod leader;
+pub mod metrics;
+pub mod nodes_gc;
+pub mod run;
