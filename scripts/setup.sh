@@ -122,6 +122,8 @@ build_kube() {
     cp "$src"/_output/bin/kube-apiserver "$src"/_output/bin/kube-controller-manager "$kube_out.tmp/"
   rm -rf "$kube_out"
   mv "$kube_out.tmp" "$kube_out"
+  # Older recipes' binaries are never used again.
+  find "$cache" -maxdepth 1 -name 'kube-*' -type d ! -path "$kube_out" -exec rm -rf {} +
   log "kube build done in $((SECONDS - t0)) s, cached in $kube_out"
 }
 

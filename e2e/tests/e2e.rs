@@ -43,6 +43,7 @@ fn main() {
             "ipam::allocation_exhaustion_extension_and_gc",
             ipam::allocation_exhaustion_extension_and_gc,
         ),
+        ("ipam::failover_chaos_burst", ipam::failover_chaos_burst),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -554,25 +554,15 @@ impl Controller<'_> {
         if shown == error && self.errors.get(&name) == error.as_ref() {
             return;
         }
-        // Clearing applies an empty operator-status: server-side apply then
-        // removes the `error` field we own (no "" is ever written).
-        let operator_status = match &error {
-            Some(e) => json!({ "error": e }),
-            None => json!({}),
+        // A JSON merge patch, not server-side apply: clearing with SSA empties
+        // `operator-status`, which the 1.20 API server stores as null and then
+        // refuses. `null` in a merge patch removes the key (no "" is written).
+        let body = json!({ "status": { "ipam": { "operator-status": { "error": error } } } });
+        let pp = PatchParams {
+            field_manager: Some(STATUS_FIELD_MANAGER.into()),
+            ..Default::default()
         };
-        let body = cilium_crds::apply_body::<CiliumNode>(json!({
-            "metadata": { "name": name },
-            "status": { "ipam": { "operator-status": operator_status } },
-        }));
-        match self
-            .nodes
-            .patch_status(
-                &name,
-                &PatchParams::apply(STATUS_FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-        {
+        match self.nodes.patch_status(&name, &pp, &Patch::Merge(&body)).await {
             Ok(_) => match error {
                 Some(e) => {
                     self.errors.insert(name, e);

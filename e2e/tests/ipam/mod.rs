@@ -229,3 +229,98 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
     });
     result.map_err(|e| e.context(cp.log_tails(25)))
 }
+
+/// Two replicas, a burst of 500 CiliumNodes, and the leader killed with
+/// SIGKILL three times mid-burst: every node ends with a CIDR, no CIDR is
+/// held twice, no replica panics. Short lease timings keep the test fast
+/// (takeover timing itself is tested in the skeleton tests).
+pub fn failover_chaos_burst(_shared: &ControlPlane) -> anyhow::Result<()> {
+    const NODES: usize = 500;
+    const KILLS: usize = 3;
+    let cp = ControlPlane::start(Options::default())?;
+    let flags: Vec<String> = [
+        "--cluster-pool-ipv4-cidr=10.0.0.0/12",
+        "--cluster-pool-ipv4-mask-size=24",
+        "--leader-election-lease-duration=4s",
+        "--leader-election-renew-deadline=3s",
+        "--leader-election-retry-period=1s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut replicas = vec![
+        Operator::start(&cp, "chaos-0", "kube-system", &flags)?,
+        Operator::start(&cp, "chaos-1", "kube-system", &flags)?,
+    ];
+    for r in &mut replicas {
+        r.wait_healthy(Duration::from_secs(60))?;
+    }
+    let mut started = 2;
+    let result = block_on(async {
+        let client = cp.client().await?;
+        let cns: Api<CiliumNode> = Api::all(client.clone());
+        let creator = {
+            let cns = cns.clone();
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                futures::stream::iter(0..NODES)
+                    .map(|i| {
+                        let cns = cns.clone();
+                        async move {
+                            cns.create(&PostParams::default(), &cilium_node(&format!("chaos-{i:04}"), &[]))
+                                .await
+                        }
+                    })
+                    .buffer_unordered(8)
+                    .collect::<Vec<_>>()
+                    .await
+            })
+        };
+        for kill in 0..KILLS {
+            // Let some allocation happen under this leader, then kill it.
+            let target = (kill + 1) * NODES / (KILLS + 2);
+            eventually(
+                &format!("{target} nodes with CIDRs"),
+                Duration::from_secs(60),
+                || async {
+                    let n = all_pod_cidrs(&cns).await?.values().filter(|c| !c.is_empty()).count();
+                    Ok((n >= target).then_some(()))
+                },
+            )
+            .await?;
+            let leader = eventually("a leader", Duration::from_secs(30), || {
+                let idx = replicas.iter().position(|r| r.is_leader());
+                async move { Ok(idx) }
+            })
+            .await?;
+            replicas[leader].proc.signal(libc::SIGKILL);
+            replicas[leader]
+                .proc
+                .wait_exit(Duration::from_secs(5))
+                .context("killed leader still running")?;
+            let old = replicas.remove(leader);
+            ensure!(!old.proc.log_text().contains("panicked"), "{} panicked", old.proc.name);
+            let mut fresh = Operator::start(&cp, &format!("chaos-{started}"), "kube-system", &flags)?;
+            started += 1;
+            fresh.wait_healthy(Duration::from_secs(60))?;
+            replicas.push(fresh);
+        }
+        let created = creator.await?;
+        let failed: Vec<String> = created
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        ensure!(failed.is_empty(), "creating CiliumNodes failed: {failed:?}");
+        let final_state = eventually("every node with a CIDR", Duration::from_secs(120), || async {
+            let all = all_pod_cidrs(&cns).await?;
+            Ok((all.len() == NODES && all.values().all(|c| c.len() == 1)).then_some(all))
+        })
+        .await?;
+        assert_no_duplicates(&final_state)?;
+        for r in &replicas {
+            ensure!(!r.proc.log_text().contains("panicked"), "{} panicked", r.proc.name);
+        }
+        eprintln!("failover chaos: {NODES} nodes, {KILLS} leader kills, all allocated, no duplicates");
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(15)))
+}
