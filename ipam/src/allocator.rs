@@ -184,6 +184,15 @@ impl CidrAllocator {
         Err(AllocError::Full)
     }
 
+    /// Whether `occupy(cidr)` would succeed, without changing anything.
+    pub fn check_free(&self, cidr: &Cidr) -> Result<(), AllocError> {
+        let (pool, index) = self.locate(cidr)?;
+        if self.pools[pool].allocated.contains(&index) {
+            return Err(AllocError::AlreadyAllocated { cidr: *cidr });
+        }
+        Ok(())
+    }
+
     /// Records a subnet a node already holds.
     pub fn occupy(&mut self, cidr: &Cidr) -> Result<(), AllocError> {
         let (pool, index) = self.locate(cidr)?;

@@ -33,6 +33,7 @@ use prometheus_client::metrics::family::Family as MetricFamily;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::json;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -186,50 +187,73 @@ impl Book {
     }
 
     /// Decides for a node showing `current` pod CIDRs. Occupies what it
-    /// holds; allocates missing families only when `may_allocate`. A refused
-    /// node keeps what it held before and records nothing new.
+    /// shows; allocates missing families only when `may_allocate`. A refused
+    /// node keeps what it held before and records nothing new. CIDRs the book
+    /// assigned that the node does not show yet (a write in flight, or a
+    /// writer that removed them) are assigned again rather than leaked.
     pub fn decide(&mut self, node: &str, current: &[String], may_allocate: bool) -> Decision {
-        let mut keep: Vec<Cidr> = Vec::new();
+        let prev = self.held(node).to_vec();
+        // 1. Check every CIDR the node shows, changing nothing yet.
+        let mut shown: Vec<Cidr> = Vec::new();
         for raw in current {
             let cidr: Cidr = match raw.parse() {
                 Ok(c) => c,
                 Err(e) => {
+                    let error = format!("pod CIDR {raw:?} is malformed: {e}");
                     return Decision::Refuse {
-                        error: format!("pod CIDR {raw:?} is malformed: {e}"),
+                        error,
                         reason: "malformed",
                     };
                 }
             };
-            if self.held(node).contains(&cidr) {
-                keep.push(cidr);
+            if prev.contains(&cidr) || shown.contains(&cidr) {
+                shown.push(cidr);
                 continue;
             }
             if let Some(other) = self.holder_of(&cidr) {
-                let other = other.to_string();
+                let error = format!("pod CIDR {cidr} is already allocated to node {other}; not re-assigning it");
                 return Decision::Refuse {
-                    error: format!("pod CIDR {cidr} is already allocated to node {other}; not re-assigning it"),
+                    error,
                     reason: "duplicate",
                 };
             }
             let Some(alloc) = self.allocator(cidr.family()) else {
+                let error = format!(
+                    "pod CIDR {cidr} is {} but that family is not enabled in the operator",
+                    cidr.family()
+                );
                 return Decision::Refuse {
-                    error: format!(
-                        "pod CIDR {cidr} is {} but that family is not enabled in the operator",
-                        cidr.family()
-                    ),
+                    error,
                     reason: "family-disabled",
                 };
             };
-            match alloc.occupy(&cidr) {
-                Ok(()) => keep.push(cidr),
-                Err(e) => {
-                    return Decision::Refuse {
-                        error: format!("pod CIDR {cidr} refused: {e}"),
-                        reason: e.reason(),
-                    };
-                }
+            if let Err(e) = alloc.check_free(&cidr) {
+                return Decision::Refuse {
+                    error: format!("pod CIDR {cidr} refused: {e}"),
+                    reason: e.reason(),
+                };
+            }
+            shown.push(cidr);
+        }
+        shown.dedup();
+        // 2. Commit: occupy what is new.
+        for c in shown.iter().filter(|c| !prev.contains(c)) {
+            self.allocator(c.family())
+                .expect("checked")
+                .occupy(c)
+                .expect("checked free");
+        }
+        // 3. Earlier assignments the node does not show: keep them for the
+        //    families it shows nothing of, release the others.
+        let mut keep = shown.clone();
+        for c in prev.iter().filter(|c| !shown.contains(c)) {
+            if keep.iter().any(|k| k.family() == c.family()) {
+                let _ = self.allocator(c.family()).map(|a| a.release(c));
+            } else {
+                keep.push(*c);
             }
         }
+        keep.sort_by_key(|c| c.family());
         self.held.insert(node.to_string(), keep.clone());
         let missing: Vec<Family> = self
             .allocators
@@ -237,15 +261,12 @@ impl Book {
             .map(|a| a.family())
             .filter(|f| !keep.iter().any(|c| c.family() == *f))
             .collect();
-        if missing.is_empty() {
-            return if current.len() == keep.len() {
+        if missing.is_empty() || !may_allocate {
+            return if keep.len() == shown.len() && current.len() == shown.len() {
                 Decision::Ok
             } else {
                 Decision::Assign(keep)
             };
-        }
-        if !may_allocate {
-            return Decision::Ok;
         }
         let mut new = Vec::new();
         for family in missing {
@@ -290,11 +311,13 @@ impl Book {
     }
 }
 
+/// Spec writes in flight at most (allocation decisions stay sequential; only
+/// the API round trips overlap).
+const MAX_WRITES_IN_FLIGHT: usize = 32;
+
 /// Runs the IPAM controller until `stop`.
 pub async fn run(ctx: Context, metrics: IpamMetrics, stop: CancellationToken) -> anyhow::Result<()> {
-    let mut book = Book::new(&ctx.config)?;
     let api: Api<DeserializeGuard<CiliumNode>> = Api::all(ctx.client.clone());
-    let nodes: Api<CiliumNode> = Api::all(ctx.client.clone());
     let recorder = Recorder::new(
         ctx.client.clone(),
         Reporter {
@@ -303,96 +326,62 @@ pub async fn run(ctx: Context, metrics: IpamMetrics, stop: CancellationToken) ->
         },
     );
     let mut ctl = Controller {
-        book: &mut book,
-        nodes,
+        book: Book::new(&ctx.config)?,
+        nodes: Api::all(ctx.client.clone()),
         recorder,
         metrics,
+        store: BTreeMap::new(),
         errors: BTreeMap::new(),
         waiting: BTreeSet::new(),
+        writes: JoinSet::new(),
+        in_flight: BTreeSet::new(),
+        requeue: BTreeSet::new(),
+        retries: JoinSet::new(),
+        synced: false,
     };
     ctl.publish_pool_metrics();
 
     let mut stream = watcher(api, watcher::Config::default()).boxed();
     // Objects seen during the current (re)list, applied only at InitDone.
     let mut initial: Vec<CiliumNode> = Vec::new();
-    let mut synced = false;
-    let mut store: BTreeMap<String, CiliumNode> = BTreeMap::new();
     loop {
-        let event = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            e = stream.next() => match e {
-                Some(e) => e,
+            Some(done) = ctl.writes.join_next(), if !ctl.writes.is_empty() => ctl.write_done(done).await,
+            Some(Ok(name)) = ctl.retries.join_next(), if !ctl.retries.is_empty() => {
+                ctl.requeue.insert(name);
+            }
+            event = stream.next() => match event {
                 None => return Ok(()),
-            },
-        };
-        let event = match event {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!(error = %e, "CiliumNode watch error (retrying)");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        match event {
-            watcher::Event::Init => initial.clear(),
-            watcher::Event::InitApply(obj) => {
-                if let Some(n) = ctl.decode(obj) {
-                    initial.push(n);
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "CiliumNode watch error (retrying)");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
-            }
-            watcher::Event::InitDone => {
-                // A relist may drop nodes deleted while we were not watching.
-                let listed: BTreeSet<String> = initial.iter().map(name_of).collect();
-                let gone: Vec<String> = store.keys().filter(|k| !listed.contains(*k)).cloned().collect();
-                for name in gone {
-                    store.remove(&name);
-                    ctl.node_deleted(&name);
-                }
-                initial.sort_by(|a, b| {
-                    a.metadata
-                        .creation_timestamp
-                        .as_ref()
-                        .map(|t| t.0)
-                        .cmp(&b.metadata.creation_timestamp.as_ref().map(|t| t.0))
-                        .then_with(|| name_of(a).cmp(&name_of(b)))
-                });
-                // Phase 1: occupy everything already held, oldest first.
-                for n in &initial {
-                    ctl.reconcile(n, false).await;
-                }
-                // Phase 2: allocate for the nodes still without CIDRs.
-                for n in &initial {
-                    ctl.reconcile(n, true).await;
-                }
-                store = initial.drain(..).map(|n| (name_of(&n), n)).collect();
-                if !synced {
-                    synced = true;
-                    tracing::info!(nodes = store.len(), "IPAM: CiliumNode cache synced, allocation enabled");
-                }
-            }
-            watcher::Event::Apply(obj) => {
-                if let Some(n) = ctl.decode(obj) {
-                    ctl.reconcile(&n, synced).await;
-                    store.insert(name_of(&n), n);
-                }
-            }
-            watcher::Event::Delete(obj) => {
-                let name = obj
-                    .0
-                    .as_ref()
-                    .map(name_of)
-                    .unwrap_or_else(|e| e.metadata.name.clone().unwrap_or_default());
-                store.remove(&name);
-                if ctl.node_deleted(&name) {
-                    // Freed CIDRs: retry the nodes waiting on a full pool.
-                    let waiting: Vec<String> = ctl.waiting.iter().cloned().collect();
-                    for w in waiting {
-                        if let Some(n) = store.get(&w).cloned() {
-                            ctl.reconcile(&n, synced).await;
-                        }
+                Some(Ok(watcher::Event::Init)) => initial.clear(),
+                Some(Ok(watcher::Event::InitApply(obj))) => initial.extend(ctl.decode(obj)),
+                Some(Ok(watcher::Event::InitDone)) => ctl.resync(std::mem::take(&mut initial)).await,
+                Some(Ok(watcher::Event::Apply(obj))) => {
+                    if let Some(n) = ctl.decode(obj) {
+                        let name = name_of(&n);
+                        ctl.store.insert(name.clone(), n);
+                        ctl.reconcile(&name, ctl.synced).await;
                     }
                 }
-            }
+                Some(Ok(watcher::Event::Delete(obj))) => {
+                    let name = match &obj.0 {
+                        Ok(n) => name_of(n),
+                        Err(e) => e.metadata.name.clone().unwrap_or_default(),
+                    };
+                    ctl.store.remove(&name);
+                    if ctl.node_deleted(&name) {
+                        // Freed CIDRs: retry the nodes waiting on a full pool.
+                        ctl.requeue.extend(ctl.waiting.iter().cloned());
+                    }
+                }
+            },
+        }
+        for name in std::mem::take(&mut ctl.requeue) {
+            ctl.reconcile(&name, ctl.synced).await;
         }
     }
 }
@@ -401,18 +390,37 @@ fn name_of(n: &CiliumNode) -> String {
     n.metadata.name.clone().unwrap_or_default()
 }
 
-struct Controller<'a> {
-    book: &'a mut Book,
+/// A finished spec write.
+struct WriteDone {
+    name: String,
+    before: Vec<Cidr>,
+    cidrs: Vec<Cidr>,
+    result: Result<(), kube::Error>,
+}
+
+struct Controller {
+    book: Book,
     nodes: Api<CiliumNode>,
     recorder: Recorder,
     metrics: IpamMetrics,
+    /// Latest version of every CiliumNode.
+    store: BTreeMap<String, CiliumNode>,
     /// Error currently reported on each node's status.
     errors: BTreeMap<String, String>,
     /// Nodes waiting because a family's pools are full.
     waiting: BTreeSet<String>,
+    writes: JoinSet<WriteDone>,
+    /// Nodes with a spec write in flight: decided again once it finishes.
+    in_flight: BTreeSet<String>,
+    /// Nodes to decide again after the current event.
+    requeue: BTreeSet<String>,
+    /// Delayed retries of failed writes (yield the node name).
+    retries: JoinSet<String>,
+    /// The first full list has been applied: allocation is allowed.
+    synced: bool,
 }
 
-impl Controller<'_> {
+impl Controller {
     fn decode(&self, obj: DeserializeGuard<CiliumNode>) -> Option<CiliumNode> {
         match obj.0 {
             Ok(n) => Some(n),
@@ -421,6 +429,33 @@ impl Controller<'_> {
                 tracing::warn!(node = e.metadata.name.as_deref().unwrap_or("?"), error = %e.error, "skipping malformed CiliumNode");
                 None
             }
+        }
+    }
+
+    /// Applies a full (re)list: forgets nodes that vanished, re-occupies
+    /// every CIDR already held (oldest node first), then allocates.
+    async fn resync(&mut self, mut listed: Vec<CiliumNode>) {
+        let names: BTreeSet<String> = listed.iter().map(name_of).collect();
+        let gone: Vec<String> = self.store.keys().filter(|k| !names.contains(*k)).cloned().collect();
+        for name in gone {
+            self.store.remove(&name);
+            self.node_deleted(&name);
+        }
+        listed.sort_by(|a, b| {
+            let ts = |n: &CiliumNode| n.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            ts(a).cmp(&ts(b)).then_with(|| name_of(a).cmp(&name_of(b)))
+        });
+        let order: Vec<String> = listed.iter().map(name_of).collect();
+        self.store.extend(listed.into_iter().map(|n| (name_of(&n), n)));
+        for name in &order {
+            self.reconcile(name, false).await;
+        }
+        for name in &order {
+            self.reconcile(name, true).await;
+        }
+        if !self.synced {
+            self.synced = true;
+            tracing::info!(nodes = order.len(), "IPAM: CiliumNode cache synced, allocation enabled");
         }
     }
 
@@ -449,67 +484,76 @@ impl Controller<'_> {
         let released = self.book.release(name);
         if !released.is_empty() {
             self.metrics.releases.inc_by(released.len() as u64);
-            tracing::info!(node = name, cidrs = ?released.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "released pod CIDRs of deleted CiliumNode");
+            let cidrs: Vec<String> = released.iter().map(|c| c.to_string()).collect();
+            tracing::info!(node = name, ?cidrs, "released pod CIDRs of deleted CiliumNode");
         }
         self.publish_pool_metrics();
         !released.is_empty()
     }
 
-    async fn reconcile(&mut self, node: &CiliumNode, may_allocate: bool) {
+    async fn reconcile(&mut self, name: &str, may_allocate: bool) {
+        if self.in_flight.contains(name) {
+            self.requeue.insert(name.to_string());
+            return;
+        }
+        let Some(node) = self.store.get(name).cloned() else {
+            return;
+        };
         if node.metadata.deletion_timestamp.is_some() {
             return;
         }
-        let name = name_of(node);
         let current = node.pod_cidrs().to_vec();
-        let before = self.book.held(&name).to_vec();
-        match self.book.decide(&name, &current, may_allocate) {
+        let before = self.book.held(name).to_vec();
+        match self.book.decide(name, &current, may_allocate) {
             Decision::Ok => {
-                self.waiting.remove(&name);
-                self.set_error(node, None).await;
+                self.waiting.remove(name);
+                self.set_error(&node, None).await;
             }
             Decision::Assign(cidrs) => {
-                self.waiting.remove(&name);
+                self.waiting.remove(name);
+                while self.writes.len() >= MAX_WRITES_IN_FLIGHT {
+                    match self.writes.join_next().await {
+                        Some(done) => self.write_done(done).await,
+                        None => break,
+                    }
+                }
                 let list: Vec<String> = cidrs.iter().map(|c| c.to_string()).collect();
+                // The observed resourceVersion is a precondition: a node that
+                // changed meanwhile is decided again, never overwritten.
                 let body = cilium_crds::apply_body::<CiliumNode>(json!({
                     "metadata": { "name": name, "resourceVersion": node.metadata.resource_version },
                     "spec": { "ipam": { "podCIDRs": list } },
                 }));
-                match self
-                    .nodes
-                    .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
-                    .await
-                {
-                    Ok(_) => {
-                        let new = cidrs.iter().filter(|c| !before.contains(c)).count();
-                        self.metrics.allocations.inc_by(new as u64);
-                        tracing::info!(node = %name, pod_cidrs = ?list, "assigned pod CIDRs");
-                        self.set_error(node, None).await;
+                let api = self.nodes.clone();
+                let name = name.to_string();
+                self.in_flight.insert(name.clone());
+                self.writes.spawn(async move {
+                    let result = api
+                        .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+                        .await
+                        .map(|_| ());
+                    WriteDone {
+                        name,
+                        before,
+                        cidrs,
+                        result,
                     }
-                    Err(e) => {
-                        // Not written: give the CIDRs back. A conflict means
-                        // the node changed; its next event decides again.
-                        self.book.rollback(&name, &before);
-                        if !matches!(&e, kube::Error::Api(s) if s.code == 409 || s.code == 404) {
-                            tracing::warn!(node = %name, error = %e, "writing pod CIDRs failed");
-                        }
-                    }
-                }
+                });
             }
             Decision::Refuse { error, reason } => {
-                self.waiting.remove(&name);
-                if self.errors.get(&name) != Some(&error) {
+                self.waiting.remove(name);
+                if self.errors.get(name) != Some(&error) {
                     self.metrics
                         .node_errors
                         .get_or_create(&ReasonLabels { reason: reason.into() })
                         .inc();
                     tracing::warn!(node = %name, %error, "pod CIDRs refused");
-                    self.event(node, EventType::Warning, "PodCIDRRefused", &error).await;
+                    self.event(&node, EventType::Warning, "PodCIDRRefused", &error).await;
                 }
-                self.set_error(node, Some(error)).await;
+                self.set_error(&node, Some(error)).await;
             }
             Decision::Full { family } => {
-                let error = AllocError::Full.to_string();
-                let newly = self.waiting.insert(name.clone());
+                let newly = self.waiting.insert(name.to_string());
                 self.metrics
                     .exhausted
                     .get_or_create(&FamilyLabels {
@@ -531,13 +575,55 @@ impl Controller<'_> {
                         if family == Family::V4 { "ipv4" } else { "ipv6" }
                     );
                     tracing::warn!(node = %name, %family, pools = ?pools, "{note}");
-                    self.event(node, EventType::Warning, "PodCIDRPoolExhausted", &note)
+                    self.event(&node, EventType::Warning, "PodCIDRPoolExhausted", &note)
                         .await;
                 }
-                self.set_error(node, Some(error)).await;
+                self.set_error(&node, Some(AllocError::Full.to_string())).await;
             }
         }
         self.publish_pool_metrics();
+    }
+
+    async fn write_done(&mut self, done: Result<WriteDone, tokio::task::JoinError>) {
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "pod CIDR write task failed");
+                return;
+            }
+        };
+        self.in_flight.remove(&done.name);
+        match done.result {
+            Ok(()) => {
+                let new = done.cidrs.iter().filter(|c| !done.before.contains(c)).count();
+                self.metrics.allocations.inc_by(new as u64);
+                let list: Vec<String> = done.cidrs.iter().map(|c| c.to_string()).collect();
+                tracing::info!(node = %done.name, pod_cidrs = ?list, "assigned pod CIDRs");
+                if let Some(node) = self.store.get(&done.name).cloned() {
+                    self.set_error(&node, None).await;
+                }
+            }
+            Err(e) => {
+                // Not written: give new CIDRs back (a deleted node released
+                // everything already). A conflict means the node changed; it
+                // is decided again from its latest version.
+                if self.store.contains_key(&done.name) {
+                    self.book.rollback(&done.name, &done.before);
+                }
+                // 409/404: the watch brings the newer version (or the
+                // deletion), which is decided then. Anything else: retry
+                // after a pause.
+                if !matches!(&e, kube::Error::Api(s) if s.code == 409 || s.code == 404) {
+                    tracing::warn!(node = %done.name, error = %e, "writing pod CIDRs failed; retrying in 1s");
+                    let name = done.name.clone();
+                    self.retries.spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        name
+                    });
+                }
+                self.publish_pool_metrics();
+            }
+        }
     }
 
     /// Writes (or clears) `status.ipam.operator-status.error`, only when it
@@ -697,6 +783,40 @@ mod tests {
             b.decide("n2", &s(&["10.0.5.0/24"]), true),
             Decision::Assign(vec![c("10.0.5.0/24"), c("fd00::100/120")])
         );
+    }
+
+    #[test]
+    fn unshown_assignment_is_reassigned_not_leaked() {
+        let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
+        assert_eq!(b.decide("n1", &[], true), Decision::Assign(vec![c("10.0.0.0/24")]));
+        // The node does not show it yet (write in flight): same CIDR again.
+        assert_eq!(b.decide("n1", &[], true), Decision::Assign(vec![c("10.0.0.0/24")]));
+        assert_eq!(b.allocators()[0].usage()[0].used, 1);
+        // Someone wrote another free CIDR: ours is released, theirs kept.
+        assert_eq!(b.decide("n1", &s(&["10.0.1.0/24"]), true), Decision::Ok);
+        assert!(!b.allocators()[0].is_allocated(&c("10.0.0.0/24")));
+        assert_eq!(b.held("n1"), &[c("10.0.1.0/24")]);
+    }
+
+    #[test]
+    fn partial_refusal_occupies_nothing() {
+        let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
+        let d = b.decide("n1", &s(&["10.0.0.0/24", "192.168.0.0/24"]), true);
+        assert!(
+            matches!(
+                d,
+                Decision::Refuse {
+                    reason: "not-in-pool",
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+        assert!(
+            !b.allocators()[0].is_allocated(&c("10.0.0.0/24")),
+            "refused node leaked a CIDR"
+        );
+        assert_eq!(b.decide("n2", &[], true), Decision::Assign(vec![c("10.0.0.0/24")]));
     }
 
     #[test]
