@@ -453,6 +453,22 @@ impl Controller {
         for name in &order {
             self.reconcile(name, true).await;
         }
+        // CIDRs in use outside every pool: a pool was removed or edited.
+        // Refused: those nodes keep their CIDRs, nothing is re-assigned.
+        let outside: Vec<String> = self
+            .errors
+            .iter()
+            .filter(|(_, e)| e.contains("is not inside any"))
+            .map(|(n, e)| format!("{n} ({e})"))
+            .collect();
+        if !outside.is_empty() {
+            tracing::error!(
+                nodes = outside.len(),
+                first = %outside[0],
+                "cluster-pool configuration no longer covers pod CIDRs in use: pools can only be extended by \
+                 appending; restore the removed pool CIDR (these nodes keep their CIDRs, nothing is re-assigned)"
+            );
+        }
         if !self.synced {
             self.synced = true;
             tracing::info!(nodes = order.len(), "IPAM: CiliumNode cache synced, allocation enabled");

@@ -225,6 +225,38 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
             "{text}"
         );
         ensure!(!op2.proc.log_text().contains("panicked"), "operator panicked");
+
+        // Removing a pool in use is refused: n2 keeps 10.10.x, gets an error
+        // naming it, and the operator says why in one log line.
+        op2.proc.signal(libc::SIGTERM);
+        op2.proc
+            .wait_exit(Duration::from_secs(15))
+            .context("operator did not stop")?;
+        let mut op3 = Operator::start(
+            &cp,
+            "operator-ipam-3",
+            "kube-system",
+            &[
+                "--cluster-pool-ipv4-cidr=10.20.0.0/24".into(),
+                small_pool[1].clone(),
+                gc.clone(),
+            ],
+        )?;
+        op3.wait_healthy(Duration::from_secs(60))?;
+        let e = wait_error(&cns, "n2", &c2).await?;
+        ensure!(e.contains("not inside any IPv4 pool"), "{e}");
+        ensure!(
+            cns.get("n2").await?.pod_cidrs() == [c2.clone()],
+            "n2 was re-assigned after its pool was removed"
+        );
+        eventually("the removed-pool log line", Duration::from_secs(10), || async {
+            Ok(op3
+                .proc
+                .log_text()
+                .contains("pools can only be extended by appending")
+                .then_some(()))
+        })
+        .await?;
         anyhow::Ok(())
     });
     result.map_err(|e| e.context(cp.log_tails(25)))
