@@ -9,6 +9,7 @@ use std::sync::Arc;
 use e2e::{ControlPlane, Options};
 use libtest_mimic::{Arguments, Failed, Trial};
 
+mod endpoint_gc;
 mod ipam;
 mod skeleton;
 
@@ -44,6 +45,14 @@ fn main() {
             ipam::allocation_exhaustion_extension_and_gc,
         ),
         ("ipam::failover_chaos_burst", ipam::failover_chaos_burst),
+        (
+            "endpoint_gc::orphans_end_as_specified",
+            endpoint_gc::orphans_end_as_specified,
+        ),
+        (
+            "endpoint_gc::survives_apiserver_restart",
+            endpoint_gc::survives_apiserver_restart,
+        ),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -57,6 +57,7 @@ pub struct Metrics {
     pub registry: Arc<Registry>,
     pub process: ProcessMetrics,
     pub ipam: crate::ipam::IpamMetrics,
+    pub endpoint_gc: crate::endpoint_gc::EndpointGcMetrics,
 }
 
 impl Metrics {
@@ -66,10 +67,13 @@ impl Metrics {
         process.register(&mut registry);
         let ipam = crate::ipam::IpamMetrics::default();
         ipam.register(&mut registry);
+        let endpoint_gc = crate::endpoint_gc::EndpointGcMetrics::default();
+        endpoint_gc.register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             process,
             ipam,
+            endpoint_gc,
         }
     }
 

@@ -144,6 +144,11 @@ async fn run_duties(
         let stop = stop.clone();
         async move { crate::ipam::run(ctx.clone(), ctx.metrics.ipam.clone(), stop).await }
     }));
+    duties.spawn(supervise("endpoint-gc", stop.clone(), {
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        async move { crate::endpoint_gc::run(ctx, stop).await }
+    }));
     duties.spawn(supervise("nodes-gc", stop.clone(), {
         let ctx = ctx.clone();
         let stop = stop.clone();
