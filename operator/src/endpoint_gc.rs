@@ -6,6 +6,7 @@
 //!   re-created under the same name has a new UID, and its CEP points at it.
 //! - owner CiliumNode present (by UID) -> keep; gone -> delete.
 //! - other owner kinds, or no owner -> never touched.
+//!
 //! Deletes carry the CEP's UID as precondition and background propagation;
 //! NotFound and Conflict mean someone else already acted.
 //!
