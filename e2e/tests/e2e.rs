@@ -53,6 +53,10 @@ fn main() {
             "endpoint_gc::survives_apiserver_restart",
             endpoint_gc::survives_apiserver_restart,
         ),
+        (
+            "endpoint_gc::interval_zero_runs_once",
+            endpoint_gc::interval_zero_runs_once,
+        ),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -386,6 +386,39 @@ pub async fn run(ctx: Context, metrics: IpamMetrics, stop: CancellationToken) ->
     }
 }
 
+/// What IPAM keeps of a CiliumNode: identity, version, timestamps, pod
+/// CIDRs and the operator's own status error. Addresses, cloud sections,
+/// labels, annotations and managedFields are dropped on arrival.
+fn trim(n: CiliumNode) -> CiliumNode {
+    let m = n.metadata;
+    let operator_status = n.status.and_then(|s| s.ipam).and_then(|i| i.operator_status);
+    CiliumNode {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: m.name,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            creation_timestamp: m.creation_timestamp,
+            deletion_timestamp: m.deletion_timestamp,
+            ..Default::default()
+        },
+        spec: cilium_crds::node::NodeSpec {
+            ipam: n.spec.ipam.map(|i| cilium_crds::node::IpamSpec {
+                pod_cidrs: i.pod_cidrs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        status: operator_status.map(|o| cilium_crds::node::NodeStatus {
+            ipam: Some(cilium_crds::node::IpamStatus {
+                operator_status: Some(o),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn name_of(n: &CiliumNode) -> String {
     n.metadata.name.clone().unwrap_or_default()
 }
@@ -423,7 +456,7 @@ struct Controller {
 impl Controller {
     fn decode(&self, obj: DeserializeGuard<CiliumNode>) -> Option<CiliumNode> {
         match obj.0 {
-            Ok(n) => Some(n),
+            Ok(n) => Some(trim(n)),
             Err(e) => {
                 self.metrics.malformed_nodes.inc();
                 tracing::warn!(node = e.metadata.name.as_deref().unwrap_or("?"), error = %e.error, "skipping malformed CiliumNode");

@@ -249,3 +249,18 @@ pub fn survives_apiserver_restart(_shared: &ControlPlane) -> anyhow::Result<()> 
     });
     result.map_err(|e| e.context(cp.log_tails(20)))
 }
+
+/// `--cilium-endpoint-gc-interval=0` keeps upstream's behaviour: one pass
+/// once the caches have synced, then none.
+pub fn interval_zero_runs_once(cp: &ControlPlane) -> anyhow::Result<()> {
+    let ns = "e2e-gc-once";
+    let out = cp.kubectl()?.args(["create", "namespace", ns]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut op = Operator::start(cp, "operator-gc-once", ns, &["--cilium-endpoint-gc-interval=0".into()])?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    block_on(wait_runs(&op, 1.0))?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(gc_runs(&op) == 1.0, "expected exactly one pass, saw {}", gc_runs(&op));
+    ensure!(op.proc.log_text().contains("ran once"), "{}", op.proc.log_text());
+    Ok(())
+}

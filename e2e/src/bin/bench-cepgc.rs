@@ -1,0 +1,247 @@
+//! Endpoint GC benchmark: the operator's memory with N Pods and N
+//! CiliumEndpoints in the cluster against an empty cluster, and the time of
+//! one GC pass over N CEPs of which a quarter are orphans against a minimal
+//! client deleting the same number of CEPs.
+//!
+//! Usage: `cargo run --release -p e2e --bin bench-cepgc -- [pods]` (default
+//! 20,000).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use cilium_crds::CiliumEndpoint;
+use e2e::{ControlPlane, Operator, Options};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use serde_json::json;
+
+const NS: &str = "bench";
+const CONCURRENCY: usize = 32;
+
+fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(20_000);
+    let orphans = n / 4;
+    eprintln!("bench-cepgc: {n} pods + {n} CiliumEndpoints, {orphans} orphans");
+    let cp = ControlPlane::start(Options::default())?;
+    let flags = [
+        "--cilium-endpoint-gc-interval=1h".to_string(),
+        "--nodes-gc-interval=1h".to_string(),
+    ];
+
+    // 1. Empty cluster.
+    let mut op = Operator::start(&cp, "bench-empty", "kube-system", &flags)?;
+    let empty_kib = settle(&mut op)?;
+    op.proc.signal(libc::SIGTERM);
+    op.proc
+        .wait_exit(Duration::from_secs(15))
+        .context("operator did not stop")?;
+
+    // 2. Fill: N pods, N CEPs owned by them.
+    let t = Instant::now();
+    let uids = e2e::block_on(fill(&cp, n))?;
+    eprintln!("created {n} pods and {n} CEPs in {:.1}s", t.elapsed().as_secs_f64());
+
+    // 3. Full cluster, no orphans: memory.
+    let mut op = Operator::start(&cp, "bench-full", "kube-system", &flags)?;
+    let full_kib = settle(&mut op)?;
+    let full_peak_kib = status_kib(op.proc.pid(), "VmHWM")?;
+    op.proc.signal(libc::SIGTERM);
+    op.proc
+        .wait_exit(Duration::from_secs(15))
+        .context("operator did not stop")?;
+
+    // 4. Orphans: delete a quarter of the pods, then one pass.
+    e2e::block_on(delete_pods(&cp, &uids[..orphans]))?;
+    let mut op = Operator::start(&cp, "bench-gc", "kube-system", &flags)?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let pass = wait_pass_seconds(&op, 1.0)?;
+    let remaining = e2e::block_on(count_ceps(&cp))?;
+    ensure!(
+        remaining == n - orphans,
+        "{remaining} CEPs left, expected {}",
+        n - orphans
+    );
+    ensure!(!op.proc.log_text().contains("panicked"));
+    drop(op);
+
+    // 5. Baseline: a minimal client deleting as many CEPs, same concurrency.
+    let base = e2e::block_on(raw_deletes(&cp, &uids[orphans..2 * orphans]))?;
+
+    let per_pod = (full_kib.saturating_sub(empty_kib)) as f64 * 1024.0 / n as f64;
+    println!("\nEndpoint GC benchmark ({n} pods, {n} CEPs, {orphans} orphans)");
+    println!(
+        "operator RSS empty cluster        {:>10.1} MiB",
+        empty_kib as f64 / 1024.0
+    );
+    println!(
+        "operator RSS {n} pods + CEPs   {:>10.1} MiB (peak {:.1} MiB)",
+        full_kib as f64 / 1024.0,
+        full_peak_kib as f64 / 1024.0
+    );
+    println!("bytes per pod (pod + its CEP)     {per_pod:>10.0}  (target < 1024; upstream ~7 KB per pod)");
+    println!("GC pass, {n} CEPs / {orphans} orphans {pass:>8.2} s");
+    println!("raw deletes of {orphans} CEPs         {base:>8.2} s");
+    println!("\nFor docs/benchmarks.md:");
+    println!(
+        "- endpoint-gc: operator RSS with {n} pods + {n} CEPs = {:.1} MiB (baseline {:.1} MiB empty cluster, ratio {:.2})",
+        full_kib as f64 / 1024.0,
+        empty_kib as f64 / 1024.0,
+        full_kib as f64 / empty_kib as f64
+    );
+    println!(
+        "- endpoint-gc: memory per pod (pod + CEP cached) = {per_pod:.0} bytes (baseline 7168 upstream Pod cache, ratio {:.3})",
+        per_pod / 7168.0
+    );
+    println!(
+        "- endpoint-gc: one GC pass over {n} CEPs with {orphans} orphans = {pass:.2} s (baseline {base:.2} s raw deletes, ratio {:.2})",
+        pass / base
+    );
+    Ok(())
+}
+
+/// Waits for the first GC pass, lets the allocator settle, returns VmRSS.
+fn settle(op: &mut Operator) -> anyhow::Result<u64> {
+    op.wait_healthy(Duration::from_secs(120))?;
+    wait_pass_seconds(op, 1.0)?;
+    std::thread::sleep(Duration::from_secs(3));
+    status_kib(op.proc.pid(), "VmRSS")
+}
+
+fn metric(op: &Operator, name: &str) -> Option<f64> {
+    let text = op.metrics().ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Waits until `runs` passes are done; returns the last pass's duration.
+fn wait_pass_seconds(op: &Operator, runs: f64) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if metric(op, "cilium_operator_endpoint_gc_runs_total").unwrap_or(0.0) >= runs {
+            return metric(op, "cilium_operator_endpoint_gc_last_run_duration_seconds").context("no duration");
+        }
+        ensure!(Instant::now() < deadline, "no GC pass:\n{}", op.proc.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field}"))
+}
+
+/// Creates the pods and their CEPs; returns (pod name, pod uid) in order.
+async fn fill(cp: &ControlPlane, n: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let client = cp.client().await?;
+    let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
+    let created: Vec<anyhow::Result<(String, String)>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (pods, ceps) = (pods.clone(), ceps.clone());
+            async move {
+                let name = format!("pod-{i:05}");
+                let pod: Pod = serde_json::from_value(json!({
+                    "metadata": { "name": name, "namespace": NS, "labels": { "app": format!("app-{}", i % 50), "tier": "web" } },
+                    "spec": { "containers": [{ "name": "app", "image": "example/app:1.0", "ports": [{ "containerPort": 8080 }] }] }
+                }))?;
+                let uid = pods.create(&PostParams::default(), &pod).await?.metadata.uid.unwrap_or_default();
+                let cep: CiliumEndpoint = serde_json::from_value(json!({
+                    "metadata": { "name": name, "namespace": NS,
+                        "ownerReferences": [{ "apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid }] },
+                    "status": { "id": i, "state": "ready", "identity": { "id": 1000 + (i % 50) },
+                        "networking": { "node": "node-1", "addressing": [{ "ipv4": format!("10.0.{}.{}", i / 250, i % 250 + 1) }] } }
+                }))?;
+                ceps.create(&PostParams::default(), &cep).await?;
+                Ok((name, uid))
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut out = created.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    out.sort();
+    Ok(out)
+}
+
+async fn delete_pods(cp: &ControlPlane, which: &[(String, String)]) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(cp.client().await?, NS);
+    let results: Vec<Result<_, kube::Error>> = futures::stream::iter(which.iter().cloned())
+        .map(|(name, _)| {
+            let pods = pods.clone();
+            async move {
+                pods.delete(
+                    &name,
+                    &DeleteParams {
+                        grace_period_seconds: Some(0),
+                        ..Default::default()
+                    },
+                )
+                .await
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+async fn count_ceps(cp: &ControlPlane) -> anyhow::Result<usize> {
+    let ceps: Api<CiliumEndpoint> = Api::namespaced(cp.client().await?, NS);
+    Ok(ceps.list_metadata(&ListParams::default()).await?.items.len())
+}
+
+/// Deletes CEPs directly (uid precondition, background), 16 at a time like
+/// the operator; returns seconds.
+async fn raw_deletes(cp: &ControlPlane, which: &[(String, String)]) -> anyhow::Result<f64> {
+    let ceps: Api<CiliumEndpoint> = Api::namespaced(cp.client().await?, NS);
+    let list = ceps.list_metadata(&ListParams::default()).await?;
+    let uids: std::collections::HashMap<String, String> = list
+        .items
+        .into_iter()
+        .filter_map(|c| Some((c.metadata.name?, c.metadata.uid?)))
+        .collect();
+    let started = Instant::now();
+    let results: Vec<Result<_, kube::Error>> = futures::stream::iter(which.iter().cloned())
+        .map(|(name, _)| {
+            let ceps = ceps.clone();
+            let uid = uids.get(&name).cloned();
+            async move {
+                let dp = DeleteParams {
+                    preconditions: Some(kube::api::Preconditions {
+                        uid,
+                        resource_version: None,
+                    }),
+                    propagation_policy: Some(kube::api::PropagationPolicy::Background),
+                    ..Default::default()
+                };
+                ceps.delete(&name, &dp).await
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let took = started.elapsed().as_secs_f64();
+    for r in results {
+        r?;
+    }
+    Ok(took)
+}
