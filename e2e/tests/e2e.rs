@@ -10,6 +10,7 @@ use e2e::{ControlPlane, Options};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 mod endpoint_gc;
+mod identity;
 mod ipam;
 mod skeleton;
 
@@ -56,6 +57,14 @@ fn main() {
         (
             "endpoint_gc::interval_zero_runs_once",
             endpoint_gc::interval_zero_runs_once,
+        ),
+        (
+            "identity::crd_allocation_races_and_gc",
+            identity::crd_allocation_races_and_gc,
+        ),
+        (
+            "identity::gc_clock_survives_operator_restart",
+            identity::gc_clock_survives_operator_restart,
         ),
     ];
     if args.list {

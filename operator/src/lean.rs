@@ -68,6 +68,49 @@ pub struct LeanPodStatus {
     pub phase: Option<String>,
 }
 
+/// A CiliumEndpoint as identity GC sees it: metadata and the identity ID.
+#[derive(Deserialize, Clone, Debug)]
+pub struct LeanEndpoint {
+    #[serde(deserialize_with = "lean_meta", default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub status: LeanEndpointStatus,
+}
+
+#[derive(Deserialize, Clone, Debug, Default)]
+pub struct LeanEndpointStatus {
+    pub identity: Option<LeanEndpointIdentity>,
+}
+
+#[derive(Deserialize, Clone, Debug, Default)]
+pub struct LeanEndpointIdentity {
+    pub id: Option<i64>,
+}
+
+impl kube::Resource for LeanEndpoint {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "CiliumEndpoint".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        cilium_crds::GROUP.into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        cilium_crds::VERSION.into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "ciliumendpoints".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// Any object by its metadata only (CiliumEndpoint, CiliumNode, ...):
 /// `K` only lends its kind, group, version and plural.
 #[derive(Deserialize, Clone, Debug)]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod crds;
 pub mod duration;
 pub mod endpoint_gc;
+pub mod identity_gc;
 pub mod ipam;
 pub mod leader;
 pub mod lean;

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub process: ProcessMetrics,
     pub ipam: crate::ipam::IpamMetrics,
     pub endpoint_gc: crate::endpoint_gc::EndpointGcMetrics,
+    pub identity_gc: crate::identity_gc::IdentityGcMetrics,
 }
 
 impl Metrics {
@@ -69,11 +70,14 @@ impl Metrics {
         ipam.register(&mut registry);
         let endpoint_gc = crate::endpoint_gc::EndpointGcMetrics::default();
         endpoint_gc.register(&mut registry);
+        let identity_gc = crate::identity_gc::IdentityGcMetrics::default();
+        identity_gc.register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             process,
             ipam,
             endpoint_gc,
+            identity_gc,
         }
     }
 

@@ -149,6 +149,11 @@ async fn run_duties(
         let stop = stop.clone();
         async move { crate::endpoint_gc::run(ctx, stop).await }
     }));
+    duties.spawn(supervise("identity-gc", stop.clone(), {
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        async move { crate::identity_gc::run(ctx, stop).await }
+    }));
     duties.spawn(supervise("nodes-gc", stop.clone(), {
         let ctx = ctx.clone();
         let stop = stop.clone();

@@ -1,0 +1,214 @@
+//! CRD identity allocation and identity GC through the real operator.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use cilium_crds::{CiliumEndpoint, CiliumIdentity};
+use cilium_identity::{Label, Labels};
+use cilium_identity_alloc::HEARTBEAT_ANNOTATION;
+use cilium_identity_alloc::crd::CrdAllocator;
+use e2e::{ControlPlane, Operator, Options, block_on, eventually};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+
+const NS: &str = "id-test";
+
+fn labels(app: &str) -> Labels {
+    Labels::from_k8s(NS, [("app", app)])
+}
+
+async fn identity_ids(api: &Api<CiliumIdentity>) -> anyhow::Result<BTreeMap<u32, String>> {
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|i| {
+            Some((
+                i.metadata.name.as_ref()?.parse().ok()?,
+                cilium_identity_alloc::crd::key_of(&i),
+            ))
+        })
+        .collect())
+}
+
+async fn endpoint_using(ceps: &Api<CiliumEndpoint>, name: &str, id: u32) -> anyhow::Result<()> {
+    let cep: CiliumEndpoint = serde_json::from_value(json!({
+        "metadata": { "name": name, "namespace": NS },
+        "status": { "identity": { "id": id }, "state": "ready" }
+    }))?;
+    ceps.create(&PostParams::default(), &cep).await?;
+    Ok(())
+}
+
+/// Racing allocators get the same IDs for the same labels; identities no
+/// endpoint uses are marked then deleted; used and reused ones survive.
+pub fn crd_allocation_races_and_gc(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Options::default())?;
+    let flags: Vec<String> = ["--identity-gc-interval=2s", "--identity-heartbeat-timeout=4s"]
+        .map(String::from)
+        .to_vec();
+    let mut op = Operator::start(&cp, "operator-idgc", "kube-system", &flags)?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let result = block_on(async {
+        let client = cp.client().await?;
+        let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        let ids: Api<CiliumIdentity> = Api::all(client.clone());
+        let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
+
+        // Two allocators race for the same 30 label sets.
+        let a = CrdAllocator::new(client.clone(), 256..=65535, "e2e-allocator-a");
+        let b = CrdAllocator::new(client.clone(), 256..=65535, "e2e-allocator-b");
+        let apps: Vec<String> = (0..30).map(|i| format!("app-{i}")).collect();
+        let race_a = futures::future::join_all(apps.iter().map(|app| a.allocate_owned(labels(app))));
+        let race_b = futures::future::join_all(apps.iter().rev().map(|app| b.allocate_owned(labels(app))));
+        let (ra, rb) = tokio::join!(race_a, race_b);
+        let mut by_app: BTreeMap<String, u32> = BTreeMap::new();
+        for (app, r) in apps.iter().zip(ra) {
+            by_app.insert(app.clone(), r?.id);
+        }
+        for (app, r) in apps.iter().rev().zip(rb) {
+            let id = r?.id;
+            ensure!(by_app[app] == id, "{app}: allocator a got {}, b got {id}", by_app[app]);
+        }
+        let stored = identity_ids(&ids).await?;
+        ensure!(stored.len() == 30, "expected 30 identities, found {}", stored.len());
+        for (app, id) in &by_app {
+            ensure!(
+                stored.get(id) == Some(&labels(app).key_string()),
+                "identity {id} holds {:?}",
+                stored.get(id)
+            );
+        }
+
+        // Endpoints use the first 10.
+        for (i, app) in apps.iter().take(10).enumerate() {
+            endpoint_using(&ceps, &format!("ep-{i}"), by_app[app]).await?;
+        }
+        // The other 20 are marked, then deleted after the timeout.
+        let unused: Vec<u32> = apps.iter().skip(10).map(|a| by_app[a]).collect();
+        let marked = unused[0];
+        let mark_seen = eventually("the heartbeat mark", Duration::from_secs(20), || async {
+            let i = ids.get(&marked.to_string()).await?;
+            Ok(i.metadata
+                .annotations
+                .and_then(|a| a.get(HEARTBEAT_ANNOTATION).cloned()))
+        })
+        .await?;
+        ensure!(
+            mark_seen.parse::<jiff::Timestamp>().is_ok(),
+            "mark {mark_seen:?} is not an RFC3339 time"
+        );
+        // Reuse one marked identity: the allocator removes the mark and an
+        // endpoint starts using it; it must survive.
+        let reused_app = &apps[29];
+        eventually("app-29 marked", Duration::from_secs(20), || async {
+            let i = ids.get(&by_app[reused_app].to_string()).await?;
+            Ok(i.metadata
+                .annotations
+                .is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION))
+                .then_some(()))
+        })
+        .await?;
+        let again = a.allocate(&labels(reused_app)).await?;
+        ensure!(again.id == by_app[reused_app], "reuse gave a new ID");
+        let i = ids.get(&again.id.to_string()).await?;
+        ensure!(
+            !i.metadata
+                .annotations
+                .unwrap_or_default()
+                .contains_key(HEARTBEAT_ANNOTATION),
+            "mark not removed"
+        );
+        endpoint_using(&ceps, "ep-reused", again.id).await?;
+
+        let gone: Vec<u32> = unused.iter().copied().filter(|id| *id != again.id).collect();
+        let started = Instant::now();
+        eventually("19 unused identities deleted", Duration::from_secs(40), || async {
+            let now = identity_ids(&ids).await?;
+            Ok(gone.iter().all(|id| !now.contains_key(id)).then_some(()))
+        })
+        .await?;
+        let now = identity_ids(&ids).await?;
+        for app in apps.iter().take(10).chain([reused_app]) {
+            ensure!(now.contains_key(&by_app[app]), "identity of {app} (in use) was deleted");
+        }
+        ensure!(now.len() == 11, "expected 11 identities left, found {}", now.len());
+        let text = op.metrics()?;
+        ensure!(
+            text.contains("cilium_operator_identity_gc_runs_total{outcome=\"success\",identity_type=\"crd\"}"),
+            "{text}"
+        );
+        eprintln!(
+            "identity GC: 19 unused identities deleted {:.1}s after the first mark was seen",
+            started.elapsed().as_secs_f64()
+        );
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(20)))
+}
+
+/// An operator restart does not reset the GC clock: an identity marked
+/// before the restart is deleted `heartbeat-timeout` after its mark, not
+/// after the restart (upstream #28339).
+pub fn gc_clock_survives_operator_restart(_shared: &ControlPlane) -> anyhow::Result<()> {
+    const TIMEOUT: u64 = 12;
+    let cp = ControlPlane::start(Options::default())?;
+    let flags: Vec<String> = vec![
+        "--identity-gc-interval=1s".into(),
+        format!("--identity-heartbeat-timeout={TIMEOUT}s"),
+    ];
+    let mut op = Operator::start(&cp, "operator-clock-1", "kube-system", &flags)?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let result = block_on(async {
+        let client = cp.client().await?;
+        let ids: Api<CiliumIdentity> = Api::all(client.clone());
+        let alloc = CrdAllocator::new(client.clone(), 256..=65535, "e2e-allocator");
+        let id = alloc
+            .allocate(&Labels::from_iter([Label::new("k8s", "app", "lonely")]))
+            .await?
+            .id;
+        let mark = eventually("the mark", Duration::from_secs(20), || async {
+            let i = ids.get(&id.to_string()).await?;
+            Ok(i.metadata
+                .annotations
+                .and_then(|a| a.get(HEARTBEAT_ANNOTATION).cloned()))
+        })
+        .await?;
+        let marked_at: jiff::Timestamp = mark.parse()?;
+        // Restart the operator well before the timeout.
+        tokio::time::sleep(Duration::from_secs(TIMEOUT / 2)).await;
+        op.proc.signal(libc::SIGTERM);
+        op.proc
+            .wait_exit(Duration::from_secs(15))
+            .context("operator did not stop")?;
+        let restarted_at = jiff::Timestamp::now();
+        let mut op2 = Operator::start(&cp, "operator-clock-2", "kube-system", &flags)?;
+        op2.wait_healthy(Duration::from_secs(60))?;
+        eventually("the identity deleted", Duration::from_secs(TIMEOUT + 20), || async {
+            Ok(ids.get_opt(&id.to_string()).await?.is_none().then_some(()))
+        })
+        .await?;
+        let deleted_at = jiff::Timestamp::now();
+        let since_mark = deleted_at.duration_since(marked_at).as_secs_f64();
+        let since_restart = deleted_at.duration_since(restarted_at).as_secs_f64();
+        eprintln!(
+            "GC clock: deleted {since_mark:.1}s after the mark, {since_restart:.1}s after the restart (timeout {TIMEOUT}s)"
+        );
+        ensure!(
+            since_restart < TIMEOUT as f64,
+            "deleted {since_restart:.1}s after the restart: the clock was reset (mark was {since_mark:.1}s earlier)"
+        );
+        ensure!(
+            since_mark >= TIMEOUT as f64,
+            "deleted before the heartbeat timeout ({since_mark:.1}s)"
+        );
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(20)))
+}

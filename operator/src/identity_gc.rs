@@ -1,0 +1,322 @@
+//! Identity GC, CRD mode: every `identity-gc-interval`, CiliumIdentities of
+//! this cluster's range that no CiliumEndpoint references are marked with
+//! the `io.cilium.heartbeat` annotation (RFC3339Nano time); a marked identity
+//! still unused once `identity-heartbeat-timeout` has passed since its mark
+//! is deleted with {uid, resourceVersion} preconditions, at most
+//! `identity-gc-rate-limit` per `identity-gc-rate-interval`. An identity in
+//! use again loses its mark (as an agent reusing it does), and the changed
+//! resourceVersion makes any pending guarded delete fail.
+//!
+//! The mark time lives on the object, so an operator restart or a new
+//! leader does not reset the GC clock (upstream #28339).
+
+use std::collections::HashSet;
+use std::ops::RangeInclusive;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use cilium_crds::CiliumIdentity;
+use cilium_identity_alloc::HEARTBEAT_ANNOTATION;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::lean::LeanEndpoint;
+use crate::run::Context;
+
+/// Field manager of the mark/unmark writes.
+pub const FIELD_MANAGER: &str = "cilium-operator-identity-gc";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EntryLabels {
+    pub status: String,
+    pub identity_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    pub outcome: String,
+    pub identity_type: String,
+}
+
+/// Metrics of the `identity_gc` sub-registry, with upstream's names and
+/// labels.
+#[derive(Clone, Default)]
+pub struct IdentityGcMetrics {
+    /// Alive and deleted identities at the end of a run.
+    pub entries: Family<EntryLabels, Gauge>,
+    /// Runs by outcome.
+    pub runs: Family<RunLabels, Counter>,
+    /// Duration of the last run, by outcome.
+    pub latency: Family<RunLabels, Gauge<f64, AtomicU64>>,
+    /// Identities marked for deletion in the last run.
+    pub marked: Gauge,
+}
+
+impl IdentityGcMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("identity_gc");
+        r.register(
+            "entries",
+            "Alive and deleted identities at the end of a GC run",
+            self.entries.clone(),
+        );
+        r.register("runs", "Identity GC runs by outcome", self.runs.clone());
+        r.register(
+            "latency",
+            "Duration of the last identity GC run in seconds",
+            self.latency.clone(),
+        );
+        r.register(
+            "marked",
+            "Unused identities carrying the heartbeat mark after the last run",
+            self.marked.clone(),
+        );
+    }
+}
+
+/// What a run does with one identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Keep,
+    /// In use but marked: remove the mark.
+    Unmark,
+    /// Unused and unmarked (or the mark is unreadable): mark now.
+    Mark,
+    /// Unused, marked long enough ago: delete.
+    Delete,
+    /// Unused, marked recently: wait.
+    Wait,
+}
+
+/// The GC rule, pure.
+pub fn decide(used: bool, mark: Option<&str>, now: jiff::Timestamp, timeout: Duration) -> Action {
+    let marked_at = mark.and_then(|m| m.parse::<jiff::Timestamp>().ok());
+    match (used, mark, marked_at) {
+        (true, Some(_), _) => Action::Unmark,
+        (true, None, _) => Action::Keep,
+        (false, None, _) | (false, Some(_), None) => Action::Mark,
+        (false, Some(_), Some(t)) => {
+            let age = now.duration_since(t);
+            if age >= jiff::SignedDuration::try_from(timeout).unwrap_or(jiff::SignedDuration::MAX) {
+                Action::Delete
+            } else {
+                Action::Wait
+            }
+        }
+    }
+}
+
+/// At most `limit` permits per `interval` (a fixed window, as upstream's
+/// rate limiter is configured).
+pub struct RateLimiter {
+    limit: u64,
+    interval: Duration,
+    window_start: tokio::time::Instant,
+    used: u64,
+}
+
+impl RateLimiter {
+    pub fn new(limit: u64, interval: Duration) -> RateLimiter {
+        RateLimiter {
+            limit,
+            interval,
+            window_start: tokio::time::Instant::now(),
+            used: 0,
+        }
+    }
+
+    /// Waits until a permit is available.
+    pub async fn acquire(&mut self) {
+        loop {
+            if self.window_start.elapsed() >= self.interval {
+                self.window_start = tokio::time::Instant::now();
+                self.used = 0;
+            }
+            if self.used < self.limit {
+                self.used += 1;
+                return;
+            }
+            tokio::time::sleep(self.interval.saturating_sub(self.window_start.elapsed())).await;
+        }
+    }
+}
+
+pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
+    let interval = ctx.config.identity_gc_interval;
+    if interval.is_zero() {
+        tracing::info!("identity GC disabled (identity-gc-interval is 0)");
+        return Ok(());
+    }
+    let range = cilium_identity::cluster_range(ctx.config.cluster_id, ctx.config.max_connected_clusters)?;
+    let mut limiter = RateLimiter::new(ctx.config.identity_gc_rate_limit, ctx.config.identity_gc_rate_interval);
+    loop {
+        let started = Instant::now();
+        let outcome = match pass(&ctx, &range, &mut limiter).await {
+            Ok(()) => "success",
+            Err(e) => {
+                tracing::warn!(error = %e, "identity GC run failed");
+                "failure"
+            }
+        };
+        let labels = RunLabels {
+            outcome: outcome.into(),
+            identity_type: "crd".into(),
+        };
+        ctx.metrics.identity_gc.runs.get_or_create(&labels).inc();
+        ctx.metrics
+            .identity_gc
+            .latency
+            .get_or_create(&labels)
+            .set(started.elapsed().as_secs_f64());
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(interval.saturating_sub(started.elapsed())) => {}
+        }
+    }
+}
+
+async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &mut RateLimiter) -> Result<(), kube::Error> {
+    let identities: Api<CiliumIdentity> = Api::all(ctx.client.clone());
+    // Endpoints after identities: an identity created after the identity
+    // list is not judged this run; one referenced by an endpoint created in
+    // between is seen as used.
+    let all = identities.list(&ListParams::default()).await?;
+    let used: HashSet<u32> = Api::<LeanEndpoint>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|e| e.status.identity?.id)
+        .filter_map(|id| u32::try_from(id).ok())
+        .collect();
+    let now = jiff::Timestamp::now();
+    let timeout = ctx.config.identity_heartbeat_timeout;
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let (mut alive, mut deleted, mut marked) = (0i64, 0i64, 0i64);
+    for identity in all.items {
+        let Some(name) = identity.metadata.name.clone() else {
+            continue;
+        };
+        let Some(id) = name.parse::<u32>().ok().filter(|id| range.contains(id)) else {
+            continue;
+        };
+        let mark = identity
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(HEARTBEAT_ANNOTATION))
+            .map(String::as_str);
+        let rv = identity.metadata.resource_version.clone();
+        match decide(used.contains(&id), mark, now, timeout) {
+            Action::Keep => alive += 1,
+            Action::Unmark => {
+                alive += 1;
+                let body = serde_json::json!({ "metadata": { "annotations": { HEARTBEAT_ANNOTATION: null } } });
+                ignore_gone(identities.patch(&name, &pp, &Patch::Merge(&body)).await)?;
+            }
+            Action::Mark => {
+                alive += 1;
+                marked += 1;
+                // resourceVersion makes the mark conditional on what we saw.
+                let body = serde_json::json!({ "metadata": {
+                    "resourceVersion": rv,
+                    "annotations": { HEARTBEAT_ANNOTATION: now.to_string() },
+                } });
+                ignore_gone(identities.patch(&name, &pp, &Patch::Merge(&body)).await)?;
+            }
+            Action::Wait => {
+                alive += 1;
+                marked += 1;
+            }
+            Action::Delete => {
+                limiter.acquire().await;
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: identity.metadata.uid.clone(),
+                        resource_version: rv,
+                    }),
+                    ..Default::default()
+                };
+                match identities.delete(&name, &dp).await {
+                    Ok(_) => {
+                        deleted += 1;
+                        tracing::info!(identity = id, "deleted unused identity");
+                    }
+                    // Reused (mark removed) or already gone: not ours to delete.
+                    Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => alive += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    let m = &ctx.metrics.identity_gc;
+    m.entries
+        .get_or_create(&EntryLabels {
+            status: "alive".into(),
+            identity_type: "crd".into(),
+        })
+        .set(alive);
+    m.entries
+        .get_or_create(&EntryLabels {
+            status: "deleted".into(),
+            identity_type: "crd".into(),
+        })
+        .set(deleted);
+    m.marked.set(marked);
+    tracing::info!(alive, deleted, marked, "identity GC run done");
+    Ok(())
+}
+
+/// Conflicts and NotFound on mark/unmark mean the identity changed or went
+/// away since the list: the next run decides again.
+fn ignore_gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules() {
+        let now: jiff::Timestamp = "2026-11-23T12:00:00Z".parse().unwrap();
+        let t = Duration::from_secs(30 * 60);
+        assert_eq!(decide(true, None, now, t), Action::Keep);
+        assert_eq!(decide(true, Some("2026-11-23T11:00:00Z"), now, t), Action::Unmark);
+        assert_eq!(decide(false, None, now, t), Action::Mark);
+        assert_eq!(decide(false, Some("garbage"), now, t), Action::Mark);
+        assert_eq!(
+            decide(false, Some("2026-11-23T11:45:00.123456789Z"), now, t),
+            Action::Wait
+        );
+        assert_eq!(decide(false, Some("2026-11-23T11:30:00Z"), now, t), Action::Delete);
+        assert_eq!(
+            decide(false, Some("2026-11-23T12:00:00Z"), now, Duration::ZERO),
+            Action::Delete
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiter_allows_limit_per_interval() {
+        let mut r = RateLimiter::new(3, Duration::from_secs(60));
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..3 {
+            r.acquire().await;
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        r.acquire().await;
+        assert!(t0.elapsed() >= Duration::from_secs(59), "{:?}", t0.elapsed());
+    }
+}
