@@ -91,10 +91,94 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
+/// A real etcd on random loopback ports, restartable on the same data
+/// directory and ports.
+pub struct Etcd {
+    proc: Option<Proc>,
+    /// `http://127.0.0.1:<port>`
+    pub endpoint: String,
+    dir: PathBuf,
+    peer_port: u16,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Etcd {
+    /// Starts etcd with its data and log in a temporary directory of its own.
+    pub fn start() -> anyhow::Result<Etcd> {
+        let tmp = tempfile::Builder::new().prefix("cilium-rs-etcd.").tempdir()?;
+        let mut e = Etcd::start_in(tmp.path())?;
+        e._tmp = Some(tmp);
+        Ok(e)
+    }
+
+    /// Starts etcd with its data (`etcd-data`) and log (`etcd.log`) in `dir`.
+    pub fn start_in(dir: &Path) -> anyhow::Result<Etcd> {
+        let mut e = Etcd {
+            proc: None,
+            endpoint: format!("http://127.0.0.1:{}", free_port()),
+            dir: dir.to_path_buf(),
+            peer_port: free_port(),
+            _tmp: None,
+        };
+        e.spawn()?;
+        Ok(e)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let data = self.dir.join("etcd-data");
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(tools::tool("etcd")?);
+        cmd.arg("--name=cp")
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={}", self.endpoint))
+            .arg(format!("--advertise-client-urls={}", self.endpoint))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=cp={peer}"))
+            .arg("--unsafe-no-fsync")
+            .arg("--log-level=warn");
+        let mut proc = Proc::spawn("etcd", &self.dir, &mut cmd)?;
+        let addr = self.endpoint.trim_start_matches("http://").to_string();
+        wait_until(&mut proc, Duration::from_secs(20), || {
+            http_get_plain(&addr, "/health").is_ok_and(|b| b.contains("true"))
+        })?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Stops etcd (SIGTERM).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Starts a stopped etcd again on the same data and ports.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// An `etcdctl` (API v3) command pointed at this etcd.
+    pub fn etcdctl(&self) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(tools::tool("etcdctl")?);
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint))
+            .stdin(Stdio::null());
+        Ok(cmd)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A running etcd + kube-apiserver (+ kube-controller-manager).
 pub struct ControlPlane {
     dir: tempfile::TempDir,
-    etcd: Option<Proc>,
+    etcd: Option<Etcd>,
     apiserver: Option<Proc>,
     kcm: Option<Proc>,
     /// `http://127.0.0.1:<port>` of etcd.
@@ -112,21 +196,19 @@ impl ControlPlane {
         let t0 = Instant::now();
         let dir = tempfile::Builder::new().prefix("cilium-rs-cp.").tempdir()?;
         make_certs(dir.path())?;
-        let etcd_port = free_port();
-        let peer_port = free_port();
+        let etcd = Etcd::start_in(dir.path())?;
         let apiserver_port = free_port();
-        let etcd_endpoint = format!("http://127.0.0.1:{etcd_port}");
+        let etcd_endpoint = etcd.endpoint.clone();
         let mut cp = ControlPlane {
             kubeconfig: dir.path().join("admin.kubeconfig"),
             server: format!("https://127.0.0.1:{apiserver_port}"),
             etcd_endpoint,
             dir,
-            etcd: None,
+            etcd: Some(etcd),
             apiserver: None,
             kcm: None,
             apiserver_port,
         };
-        cp.start_etcd(peer_port)?;
         cp.write_kubeconfig()?;
         cp.start_apiserver()?;
         if opts.controller_manager {
@@ -145,28 +227,6 @@ impl ControlPlane {
     /// The directory holding certificates, kubeconfig and logs.
     pub fn dir(&self) -> &Path {
         self.dir.path()
-    }
-
-    fn start_etcd(&mut self, peer_port: u16) -> anyhow::Result<()> {
-        let data = self.dir.path().join("etcd-data");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let mut cmd = Command::new(tools::tool("etcd")?);
-        cmd.arg("--name=cp")
-            .arg(format!("--data-dir={}", data.display()))
-            .arg(format!("--listen-client-urls={}", self.etcd_endpoint))
-            .arg(format!("--advertise-client-urls={}", self.etcd_endpoint))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=cp={peer}"))
-            .arg("--unsafe-no-fsync")
-            .arg("--log-level=warn");
-        let mut proc = Proc::spawn("etcd", self.dir.path(), &mut cmd)?;
-        let addr = self.etcd_endpoint.trim_start_matches("http://").to_string();
-        wait_until(&mut proc, Duration::from_secs(20), || {
-            http_get_plain(&addr, "/health").is_ok_and(|b| b.contains("true"))
-        })?;
-        self.etcd = Some(proc);
-        Ok(())
     }
 
     fn start_apiserver(&mut self) -> anyhow::Result<()> {
@@ -297,23 +357,25 @@ impl ControlPlane {
 
     /// The last lines of a component's log (`etcd`, `kube-apiserver`, ...).
     pub fn log_tail(&self, name: &str) -> String {
-        [&self.etcd, &self.apiserver, &self.kcm]
-            .into_iter()
-            .flatten()
-            .find(|p| p.name == name)
-            .map(|p| p.log_tail())
-            .unwrap_or_default()
+        [
+            self.etcd.as_ref().and_then(|e| e.proc.as_ref()),
+            self.apiserver.as_ref(),
+            self.kcm.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|p| p.name == name)
+        .map(|p| p.log_tail())
+        .unwrap_or_default()
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        for p in [&mut self.kcm, &mut self.apiserver, &mut self.etcd]
-            .into_iter()
-            .flatten()
-        {
+        for p in [&mut self.kcm, &mut self.apiserver].into_iter().flatten() {
             p.stop(Duration::from_secs(5));
         }
+        // etcd stops last, when its field drops.
     }
 }
 

@@ -7,7 +7,7 @@ pub mod process;
 pub mod prometheus;
 pub mod tools;
 
-pub use cluster::{ControlPlane, Options};
+pub use cluster::{ControlPlane, Etcd, Options};
 pub use process::{Operator, Process};
 
 /// Runs a future to completion on a fresh multi-threaded runtime (test

@@ -66,6 +66,10 @@ fn main() {
             "identity::gc_clock_survives_operator_restart",
             identity::gc_clock_survives_operator_restart,
         ),
+        (
+            "identity::kvstore_heartbeat_layout_and_etcd_restart",
+            identity::kvstore_heartbeat_layout_and_etcd_restart,
+        ),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -176,6 +176,19 @@ pub const OPTIONS: &[OptSpec] = &[
         Kind::Value,
         "Interval between leader-election attempts",
     ),
+    opt("kvstore", "", Kind::Value, "Key-value store type: empty (none) or etcd"),
+    opt(
+        "kvstore-opt",
+        "",
+        Kind::List,
+        "Key-value store options: etcd.address=<url> or etcd.config=<file with endpoints>",
+    ),
+    opt(
+        "kvstore-heartbeat-interval",
+        "1m0s",
+        Kind::Value,
+        "Interval between writes of cilium/.heartbeat",
+    ),
     opt("log-format", "text", Kind::Value, "Log format: text or json"),
     opt("debug", "false", Kind::Bool, "Enable debug logging"),
 ];
@@ -409,8 +422,17 @@ pub struct Config {
     pub health_addr: String,
     pub metrics_addr: Option<String>,
     pub leader_election: LeaderElectionConfig,
+    /// etcd endpoints when `--kvstore=etcd`.
+    pub kvstore: Option<KvstoreConfig>,
+    pub kvstore_heartbeat_interval: Duration,
     pub log_format: LogFormat,
     pub debug: bool,
+}
+
+/// Where the kvstore (etcd) is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvstoreConfig {
+    pub endpoints: Vec<String>,
 }
 
 impl Config {
@@ -469,13 +491,21 @@ impl Config {
             }
         };
         let kubeconfig = v.raw.get("k8s-kubeconfig-path").0.trim();
+        let identity_allocation_mode = v.one_of("identity-allocation-mode", &IdentityAllocationMode::ALL)?;
+        let kvstore = v.kvstore()?;
+        if kvstore.is_none() && identity_allocation_mode != IdentityAllocationMode::Crd {
+            return Err(v.invalid(
+                "identity-allocation-mode",
+                "needs a kvstore: set --kvstore=etcd and --kvstore-opt=etcd.address=<url> or etcd.config=<file>".into(),
+            ));
+        }
         Ok(Config {
             kubeconfig: (!kubeconfig.is_empty()).then(|| PathBuf::from(kubeconfig)),
             namespace: non_empty("k8s-namespace")?,
             cluster_name: non_empty("cluster-name")?,
             cluster_id,
             max_connected_clusters,
-            identity_allocation_mode: v.one_of("identity-allocation-mode", &IdentityAllocationMode::ALL)?,
+            identity_allocation_mode,
             ipv4_pool,
             ipv6_pool,
             identity_gc_interval: v.duration("identity-gc-interval")?,
@@ -491,6 +521,8 @@ impl Config {
                 None
             },
             leader_election,
+            kvstore,
+            kvstore_heartbeat_interval: v.positive_duration("kvstore-heartbeat-interval")?,
             log_format: v.one_of("log-format", &[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
             debug: v.bool("debug")?,
         })
@@ -559,6 +591,54 @@ impl Validator<'_> {
             })
     }
 
+    fn kvstore(&self) -> Result<Option<KvstoreConfig>, ConfigError> {
+        match self.raw.get("kvstore").0.trim() {
+            "" => return Ok(None),
+            "etcd" => {}
+            _ => return Err(self.invalid("kvstore", "must be empty or etcd".into())),
+        }
+        let mut endpoints = Vec::new();
+        for opt in self
+            .raw
+            .get("kvstore-opt")
+            .0
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            match opt.split_once('=') {
+                Some(("etcd.address", addr)) => endpoints.extend(addr.split(';').map(|a| a.trim().to_string())),
+                Some(("etcd.config", path)) => endpoints.extend(
+                    etcd_config_endpoints(Path::new(path))
+                        .map_err(|e| self.invalid("kvstore-opt", format!("etcd.config {path}: {e}")))?,
+                ),
+                _ => {
+                    return Err(self.invalid(
+                        "kvstore-opt",
+                        format!("unknown option {opt:?} (use etcd.address or etcd.config)"),
+                    ));
+                }
+            }
+        }
+        endpoints.retain(|e| !e.is_empty());
+        if endpoints.is_empty() {
+            return Err(self.invalid(
+                "kvstore-opt",
+                "--kvstore=etcd needs etcd.address=<url> or etcd.config=<file>".into(),
+            ));
+        }
+        if let Some(bad) = endpoints
+            .iter()
+            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return Err(self.invalid(
+                "kvstore-opt",
+                format!("etcd endpoint {bad:?} must start with http:// or https://"),
+            ));
+        }
+        Ok(Some(KvstoreConfig { endpoints }))
+    }
+
     fn addr(&self, name: &'static str) -> Result<String, ConfigError> {
         let value = self.raw.get(name).0.trim();
         let (host, port) = value
@@ -622,6 +702,19 @@ impl Validator<'_> {
         })?;
         Ok(Some(PoolConfig { cidrs, mask_size }))
     }
+}
+
+/// The `endpoints` list of an etcd client config file (upstream's
+/// `etcd.config` format: YAML with `endpoints:`).
+fn etcd_config_endpoints(path: &Path) -> Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct EtcdConfig {
+        #[serde(default)]
+        endpoints: Vec<String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let cfg: EtcdConfig = serde_saphyr::from_str(&text).map_err(|e| e.to_string())?;
+    Ok(cfg.endpoints)
 }
 
 #[cfg(test)]
@@ -712,6 +805,31 @@ mod tests {
         let e = Config::from_raw(&raw).unwrap_err().to_string();
         assert!(
             e.contains("config file") && e.contains("identity-allocation-mode") && e.contains("bogus"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn kvstore_options() {
+        assert_eq!(cfg(&[]).unwrap().kvstore, None);
+        let c = cfg(&[
+            ("kvstore", "etcd"),
+            ("kvstore-opt", "etcd.address=http://127.0.0.1:2379"),
+        ])
+        .unwrap();
+        assert_eq!(c.kvstore.unwrap().endpoints, vec!["http://127.0.0.1:2379"]);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("etcd.config");
+        std::fs::write(&f, "endpoints:\n- http://10.0.0.1:2379\n- http://10.0.0.2:2379\n").unwrap();
+        let opt = format!("etcd.config={}", f.display());
+        let c = cfg(&[("kvstore", "etcd"), ("kvstore-opt", &opt)]).unwrap();
+        assert_eq!(c.kvstore.unwrap().endpoints.len(), 2);
+        assert!(err(&[("kvstore", "consul")]).contains("--kvstore"));
+        assert!(err(&[("kvstore", "etcd")]).contains("--kvstore-opt"));
+        assert!(err(&[("kvstore", "etcd"), ("kvstore-opt", "etcd.address=127.0.0.1:2379")]).contains("http://"));
+        let e = err(&[("identity-allocation-mode", "kvstore")]);
+        assert!(
+            e.contains("--identity-allocation-mode") && e.contains("--kvstore=etcd"),
             "{e}"
         );
     }

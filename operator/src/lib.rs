@@ -13,6 +13,7 @@ pub mod duration;
 pub mod endpoint_gc;
 pub mod identity_gc;
 pub mod ipam;
+pub mod kvstore;
 pub mod leader;
 pub mod lean;
 pub mod metrics;

@@ -59,6 +59,7 @@ pub struct Metrics {
     pub ipam: crate::ipam::IpamMetrics,
     pub endpoint_gc: crate::endpoint_gc::EndpointGcMetrics,
     pub identity_gc: crate::identity_gc::IdentityGcMetrics,
+    pub kvstore: crate::kvstore::KvstoreMetrics,
 }
 
 impl Metrics {
@@ -72,12 +73,15 @@ impl Metrics {
         endpoint_gc.register(&mut registry);
         let identity_gc = crate::identity_gc::IdentityGcMetrics::default();
         identity_gc.register(&mut registry);
+        let kvstore = crate::kvstore::KvstoreMetrics::default();
+        kvstore.register(&mut registry);
         Metrics {
             registry: Arc::new(registry),
             process,
             ipam,
             endpoint_gc,
             identity_gc,
+            kvstore,
         }
     }
 

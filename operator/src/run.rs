@@ -154,6 +154,11 @@ async fn run_duties(
         let stop = stop.clone();
         async move { crate::identity_gc::run(ctx, stop).await }
     }));
+    duties.spawn(supervise("kvstore-heartbeat", stop.clone(), {
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        async move { crate::kvstore::run_heartbeat(ctx, stop).await }
+    }));
     duties.spawn(supervise("nodes-gc", stop.clone(), {
         let ctx = ctx.clone();
         let stop = stop.clone();

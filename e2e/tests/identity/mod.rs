@@ -212,3 +212,111 @@ pub fn gc_clock_survives_operator_restart(_shared: &ControlPlane) -> anyhow::Res
     });
     result.map_err(|e| e.context(cp.log_tails(20)))
 }
+
+fn etcd_get(etcd: &e2e::Etcd, key: &str, format: &str) -> anyhow::Result<String> {
+    let out = etcd.etcdctl()?.args(["get", key, "-w", format]).output()?;
+    ensure!(
+        out.status.success(),
+        "etcdctl get {key}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn metric_of(op: &Operator, name: &str) -> f64 {
+    op.metrics()
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// `cilium/.heartbeat` read back with etcdctl has upstream's layout (key,
+/// RFC3339 value, on a lease); the writer survives an etcd restart, with a
+/// log line and a metric while it cannot write.
+pub fn kvstore_heartbeat_layout_and_etcd_restart(cp: &ControlPlane) -> anyhow::Result<()> {
+    let ns = "e2e-heartbeat";
+    let out = cp.kubectl()?.args(["create", "namespace", ns]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut etcd = e2e::Etcd::start()?;
+    let flags = vec![
+        "--kvstore=etcd".to_string(),
+        format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
+        "--kvstore-heartbeat-interval=1s".into(),
+    ];
+    let mut op = Operator::start(cp, "operator-heartbeat", ns, &flags)?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let value = |etcd: &e2e::Etcd| -> anyhow::Result<String> {
+        let out = etcd
+            .etcdctl()?
+            .args(["get", "cilium/.heartbeat", "--print-value-only"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while value(&etcd)?.is_empty() {
+        ensure!(
+            Instant::now() < deadline,
+            "no heartbeat written:\n{}",
+            op.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Layout: exact key, RFC3339 value (Go's time.RFC3339 in UTC), a lease.
+    let keys = etcd
+        .etcdctl()?
+        .args(["get", "cilium/", "--prefix", "--keys-only"])
+        .output()?;
+    let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    ensure!(keys == ["cilium/.heartbeat"], "unexpected keys {keys:?}");
+    let v = value(&etcd)?;
+    ensure!(
+        v.len() == 20 && v.ends_with('Z') && v.parse::<jiff::Timestamp>().is_ok(),
+        "value {v:?} is not RFC3339"
+    );
+    let fields = etcd_get(&etcd, "cilium/.heartbeat", "fields")?;
+    let lease = fields
+        .lines()
+        .find(|l| l.starts_with("\"Lease\""))
+        .context("no Lease field")?;
+    ensure!(!lease.ends_with(" 0"), "heartbeat not on a lease: {lease}");
+
+    // etcd down: errors logged and counted.
+    etcd.stop();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric_of(&op, "cilium_operator_kvstore_heartbeat_errors_total") < 1.0 {
+        ensure!(
+            Instant::now() < deadline,
+            "no heartbeat error counted:\n{}",
+            op.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    ensure!(op.proc.log_text().contains("cannot write the kvstore heartbeat"));
+    // etcd back: the heartbeat moves again.
+    etcd.restart()?;
+    let before = metric_of(&op, "cilium_operator_kvstore_heartbeat_writes_total");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while metric_of(&op, "cilium_operator_kvstore_heartbeat_writes_total") < before + 2.0 {
+        ensure!(
+            Instant::now() < deadline,
+            "heartbeat did not resume:\n{}",
+            op.proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let after = value(&etcd)?;
+    ensure!(
+        after.parse::<jiff::Timestamp>()? > v.parse::<jiff::Timestamp>()?,
+        "heartbeat value did not advance"
+    );
+    ensure!(op.proc.try_exit().is_none(), "operator exited");
+    Ok(())
+}
