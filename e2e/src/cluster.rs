@@ -84,11 +84,24 @@ impl Proc {
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+///
+/// Ports come from 20000..32000, below the kernel's ephemeral range
+/// (32768..61000): a port the kernel picked (`bind :0`) may be handed out
+/// again as the local port of an outgoing connection before the server that
+/// was given it binds it. Each port is handed out once per process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    // Start somewhere different in each process (pid-based).
+    let _ = NEXT.compare_exchange(0, 1 + std::process::id() % SPAN, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A real etcd on random loopback ports, restartable on the same data

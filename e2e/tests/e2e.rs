@@ -70,6 +70,10 @@ fn main() {
             "identity::kvstore_heartbeat_layout_and_etcd_restart",
             identity::kvstore_heartbeat_layout_and_etcd_restart,
         ),
+        (
+            "identity::kvstore_allocation_layout_and_races",
+            identity::kvstore_allocation_layout_and_races,
+        ),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

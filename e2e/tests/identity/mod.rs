@@ -320,3 +320,92 @@ pub fn kvstore_heartbeat_layout_and_etcd_restart(cp: &ControlPlane) -> anyhow::R
     ensure!(op.proc.try_exit().is_none(), "operator exited");
     Ok(())
 }
+
+/// kvstore backend: two allocators (two nodes) racing for the same label
+/// sets get the same IDs; the keys read back with etcdctl have upstream's
+/// layout byte for byte; release removes only our value key.
+pub fn kvstore_allocation_layout_and_races(_shared: &ControlPlane) -> anyhow::Result<()> {
+    use cilium_identity_alloc::kvstore::{KvstoreAllocator, PREFIX};
+    let etcd = e2e::Etcd::start()?;
+    block_on(async {
+        let connect = || etcd_client::Client::connect([etcd.endpoint.as_str()], None);
+        let a = KvstoreAllocator::new(connect().await?, 256..=65535, "192.0.2.1").await?;
+        let b = KvstoreAllocator::new(connect().await?, 256..=65535, "192.0.2.2").await?;
+        let apps: Vec<String> = (0..25).map(|i| format!("svc-{i}")).collect();
+        let ra = futures::future::join_all(apps.iter().map(|app| async { a.allocate(&labels(app)).await }));
+        let rb = futures::future::join_all(apps.iter().rev().map(|app| async { b.allocate(&labels(app)).await }));
+        let (ra, rb) = tokio::join!(ra, rb);
+        let mut by_app = BTreeMap::new();
+        for (app, r) in apps.iter().zip(ra) {
+            by_app.insert(app.clone(), r?.id);
+        }
+        for (app, r) in apps.iter().rev().zip(rb) {
+            let id = r?.id;
+            ensure!(by_app[app] == id, "{app}: node a got {}, node b got {id}", by_app[app]);
+        }
+        let distinct: std::collections::BTreeSet<u32> = by_app.values().copied().collect();
+        ensure!(distinct.len() == 25, "two label sets share an ID");
+
+        // Byte-for-byte layout through etcdctl.
+        let app = &apps[0];
+        let id = by_app[app];
+        let key_string = labels(app).key_string();
+        ensure!(key_string == format!("k8s:app={app};k8s:io.kubernetes.pod.namespace={NS};"));
+        let get = |key: String| -> anyhow::Result<String> {
+            let out = etcd.etcdctl()?.args(["get", &key, "--print-value-only"]).output()?;
+            Ok(String::from_utf8(out.stdout)?.trim_end_matches('\n').to_string())
+        };
+        ensure!(get(format!("{PREFIX}id/{id}"))? == key_string, "id key value");
+        for node in ["192.0.2.1", "192.0.2.2"] {
+            ensure!(
+                get(format!("{PREFIX}value/{key_string}/{node}"))? == id.to_string(),
+                "value key of {node}"
+            );
+        }
+        let fields = |key: String| -> anyhow::Result<String> {
+            let out = etcd.etcdctl()?.args(["get", &key, "-w", "fields"]).output()?;
+            Ok(String::from_utf8(out.stdout)?)
+        };
+        ensure!(
+            fields(format!("{PREFIX}id/{id}"))?.contains("\"Lease\" : 0"),
+            "id key must have no lease"
+        );
+        let v = fields(format!("{PREFIX}value/{key_string}/192.0.2.1"))?;
+        ensure!(
+            v.contains(&format!("\"Lease\" : {}", a.session_lease())),
+            "value key not on the session lease: {v}"
+        );
+        let all = etcd
+            .etcdctl()?
+            .args(["get", PREFIX, "--prefix", "--keys-only"])
+            .output()?;
+        let all = String::from_utf8(all.stdout)?;
+        let (ids, values, other): (usize, usize, Vec<&str>) =
+            all.lines()
+                .filter(|l| !l.is_empty())
+                .fold((0, 0, Vec::new()), |(i, v, mut o), k| {
+                    if k.starts_with(&format!("{PREFIX}id/")) {
+                        (i + 1, v, o)
+                    } else if k.starts_with(&format!("{PREFIX}value/")) {
+                        (i, v + 1, o)
+                    } else {
+                        o.push(k);
+                        (i, v, o)
+                    }
+                });
+        ensure!(
+            ids == 25 && values == 50 && other.is_empty(),
+            "keys: {ids} id, {values} value, other {other:?} (locks must be gone)"
+        );
+
+        // Release removes our value key only; the ID stays for the other node.
+        a.release(&labels(app)).await?;
+        ensure!(
+            get(format!("{PREFIX}value/{key_string}/192.0.2.1"))?.is_empty(),
+            "value key not released"
+        );
+        ensure!(get(format!("{PREFIX}value/{key_string}/192.0.2.2"))? == id.to_string());
+        ensure!(b.allocate(&labels(app)).await?.id == id);
+        anyhow::Ok(())
+    })
+}
