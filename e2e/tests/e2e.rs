@@ -74,6 +74,7 @@ fn main() {
             "identity::kvstore_allocation_layout_and_races",
             identity::kvstore_allocation_layout_and_races,
         ),
+        ("identity::kvstore_gc_two_rounds", identity::kvstore_gc_two_rounds),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

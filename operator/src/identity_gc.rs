@@ -9,8 +9,15 @@
 //!
 //! The mark time lives on the object, so an operator restart or a new
 //! leader does not reset the GC clock (upstream #28339).
+//!
+//! kvstore mode (`kvstore` and double-write): every interval, `id/<ID>` keys
+//! of this cluster's range whose labels have no `value/<labels>/` key are
+//! remembered with their ModRevision; still unused and unchanged on the next
+//! round, they are deleted by a transaction that re-checks both, so an
+//! allocator writing a value key in between wins. Both GCs share one rate
+//! limiter.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
@@ -146,26 +153,72 @@ impl RateLimiter {
     }
 }
 
+type SharedLimiter = tokio::sync::Mutex<RateLimiter>;
+
+/// Runs the GCs the identity allocation mode needs: CRD (`crd`,
+/// double-write), kvstore (`kvstore`, double-write), sharing one rate
+/// limiter.
 pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
+    use crate::config::IdentityAllocationMode as Mode;
     let interval = ctx.config.identity_gc_interval;
     if interval.is_zero() {
         tracing::info!("identity GC disabled (identity-gc-interval is 0)");
         return Ok(());
     }
     let range = cilium_identity::cluster_range(ctx.config.cluster_id, ctx.config.max_connected_clusters)?;
-    let mut limiter = RateLimiter::new(ctx.config.identity_gc_rate_limit, ctx.config.identity_gc_rate_interval);
+    let limiter = SharedLimiter::new(RateLimiter::new(
+        ctx.config.identity_gc_rate_limit,
+        ctx.config.identity_gc_rate_interval,
+    ));
+    let mode = ctx.config.identity_allocation_mode;
+    let crd = async {
+        if mode == Mode::Kvstore {
+            return Ok(());
+        }
+        gc_loop(&ctx, "crd", &stop, || pass(&ctx, &range, &limiter)).await
+    };
+    let kv = async {
+        let Some(kv) = ctx.config.kvstore.clone().filter(|_| mode != Mode::Crd) else {
+            return Ok(());
+        };
+        let client = crate::kvstore::connect(&kv).await?;
+        let mut seen: HashMap<u32, i64> = HashMap::new();
+        let seen = tokio::sync::Mutex::new(&mut seen);
+        gc_loop(&ctx, "kvstore", &stop, || async {
+            let mut seen = seen.lock().await;
+            kv_pass(&ctx, client.clone(), &range, &mut seen, &limiter).await
+        })
+        .await
+    };
+    let (a, b): (anyhow::Result<()>, anyhow::Result<()>) = tokio::join!(crd, kv);
+    a.and(b)
+}
+
+/// Runs `pass` every interval, recording upstream's run metrics.
+async fn gc_loop<F, Fut, E>(
+    ctx: &Context,
+    identity_type: &str,
+    stop: &CancellationToken,
+    mut pass: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let interval = ctx.config.identity_gc_interval;
     loop {
         let started = Instant::now();
-        let outcome = match pass(&ctx, &range, &mut limiter).await {
+        let outcome = match pass().await {
             Ok(()) => "success",
             Err(e) => {
-                tracing::warn!(error = %e, "identity GC run failed");
+                tracing::warn!(error = %e, identity_type, "identity GC run failed");
                 "failure"
             }
         };
         let labels = RunLabels {
             outcome: outcome.into(),
-            identity_type: "crd".into(),
+            identity_type: identity_type.into(),
         };
         ctx.metrics.identity_gc.runs.get_or_create(&labels).inc();
         ctx.metrics
@@ -180,7 +233,90 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
     }
 }
 
-async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &mut RateLimiter) -> Result<(), kube::Error> {
+/// One kvstore round: an ID whose labels have no value key is remembered
+/// with its ModRevision; unused again next round with the same ModRevision,
+/// it is deleted by a transaction that re-checks both conditions, so an
+/// allocator that starts using it in between wins.
+async fn kv_pass(
+    ctx: &Context,
+    mut client: etcd_client::Client,
+    range: &RangeInclusive<u32>,
+    seen: &mut HashMap<u32, i64>,
+    limiter: &SharedLimiter,
+) -> Result<(), etcd_client::Error> {
+    use cilium_identity_alloc::kvstore::{PREFIX, id_key, value_prefix};
+    use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+    let id_prefix = format!("{PREFIX}id/");
+    let ids = client
+        .get(id_prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let (mut alive, mut deleted) = (0i64, 0i64);
+    let mut present = HashSet::new();
+    for kv in ids.kvs() {
+        let Some(id) = kv
+            .key_str()
+            .ok()
+            .and_then(|k| k.strip_prefix(&id_prefix))
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !range.contains(&id) {
+            continue;
+        }
+        present.insert(id);
+        let labels_key = kv.value_str().unwrap_or_default().to_string();
+        let users = client
+            .get(
+                value_prefix(&labels_key),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await?
+            .count();
+        if users > 0 {
+            seen.remove(&id);
+            alive += 1;
+            continue;
+        }
+        if seen.get(&id) != Some(&kv.mod_revision()) {
+            seen.insert(id, kv.mod_revision());
+            alive += 1;
+            continue;
+        }
+        limiter.lock().await.acquire().await;
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(id_key(id), CompareOp::Equal, kv.mod_revision()),
+                Compare::create_revision(value_prefix(&labels_key), CompareOp::Equal, 0).with_prefix(),
+            ])
+            .and_then([TxnOp::delete(id_key(id), None)]);
+        if client.txn(txn).await?.succeeded() {
+            deleted += 1;
+            tracing::info!(identity = id, labels = %labels_key, "deleted unused kvstore identity");
+        } else {
+            alive += 1;
+        }
+        seen.remove(&id);
+    }
+    seen.retain(|id, _| present.contains(id));
+    let m = &ctx.metrics.identity_gc;
+    m.entries
+        .get_or_create(&EntryLabels {
+            status: "alive".into(),
+            identity_type: "kvstore".into(),
+        })
+        .set(alive);
+    m.entries
+        .get_or_create(&EntryLabels {
+            status: "deleted".into(),
+            identity_type: "kvstore".into(),
+        })
+        .set(deleted);
+    tracing::info!(alive, deleted, "kvstore identity GC run done");
+    Ok(())
+}
+
+async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimiter) -> Result<(), kube::Error> {
     let identities: Api<CiliumIdentity> = Api::all(ctx.client.clone());
     // Endpoints after identities: an identity created after the identity
     // list is not judged this run; one referenced by an endpoint created in
@@ -237,7 +373,7 @@ async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &mut RateLimi
                 marked += 1;
             }
             Action::Delete => {
-                limiter.acquire().await;
+                limiter.lock().await.acquire().await;
                 let dp = DeleteParams {
                     preconditions: Some(Preconditions {
                         uid: identity.metadata.uid.clone(),

@@ -409,3 +409,75 @@ pub fn kvstore_allocation_layout_and_races(_shared: &ControlPlane) -> anyhow::Re
         anyhow::Ok(())
     })
 }
+
+/// kvstore identity GC: released identities go after two rounds, used ones
+/// stay, keys outside the cluster's range are never touched.
+pub fn kvstore_gc_two_rounds(cp: &ControlPlane) -> anyhow::Result<()> {
+    use cilium_identity_alloc::kvstore::{KvstoreAllocator, PREFIX};
+    let ns = "e2e-kvstore-gc";
+    let out = cp.kubectl()?.args(["create", "namespace", ns]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let etcd = e2e::Etcd::start()?;
+    // An identity of another cluster (cluster-id 1 range) must survive.
+    let out = etcd
+        .etcdctl()?
+        .args(["put", &format!("{PREFIX}id/70000"), "k8s:app=elsewhere;"])
+        .output()?;
+    ensure!(out.status.success());
+    let result = block_on(async {
+        let alloc = KvstoreAllocator::new(
+            etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?,
+            256..=65535,
+            "192.0.2.9",
+        )
+        .await?;
+        let mut ids = BTreeMap::new();
+        for i in 0..10 {
+            let app = format!("kv-{i}");
+            ids.insert(app.clone(), alloc.allocate(&labels(&app)).await?.id);
+        }
+        for i in 0..5 {
+            alloc.release(&labels(&format!("kv-{i}"))).await?;
+        }
+        let flags = vec![
+            "--identity-allocation-mode=kvstore".to_string(),
+            "--kvstore=etcd".into(),
+            format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
+            "--identity-gc-interval=1s".into(),
+        ];
+        let mut op = Operator::start(cp, "operator-kvgc", ns, &flags)?;
+        op.wait_healthy(Duration::from_secs(60))?;
+        let exists = |id: u32| -> anyhow::Result<bool> {
+            let out = etcd
+                .etcdctl()?
+                .args(["get", &format!("{PREFIX}id/{id}"), "--keys-only"])
+                .output()?;
+            Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
+        };
+        eventually(
+            "released kvstore identities deleted",
+            Duration::from_secs(20),
+            || async {
+                Ok((0..5)
+                    .all(|i| !exists(ids[&format!("kv-{i}")]).unwrap_or(true))
+                    .then_some(()))
+            },
+        )
+        .await?;
+        for i in 5..10 {
+            ensure!(exists(ids[&format!("kv-{i}")])?, "kv-{i} is in use but was deleted");
+        }
+        ensure!(exists(70000)?, "an identity outside the cluster range was touched");
+        let text = op.metrics()?;
+        ensure!(
+            text.contains("cilium_operator_identity_gc_entries{status=\"alive\",identity_type=\"kvstore\"} 5"),
+            "{text}"
+        );
+        ensure!(
+            !text.contains("identity_type=\"crd\""),
+            "CRD GC ran in kvstore mode: {text}"
+        );
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(10)))
+}
