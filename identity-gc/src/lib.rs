@@ -5,6 +5,7 @@
 //!
 //! Still to come (identity issue): the allocator backends and GC decisions.
 
+pub mod explosion;
 pub mod filter;
 pub mod labels;
 pub mod ranges;

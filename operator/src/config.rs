@@ -134,6 +134,12 @@ pub const OPTIONS: &[OptSpec] = &[
         "Maximum identity deletions per rate interval",
     ),
     opt(
+        "identity-space-pressure-threshold",
+        "0.9",
+        Kind::Value,
+        "Share of the identity range in use that triggers an immediate GC pass, an Event and a metric",
+    ),
+    opt(
         "nodes-gc-interval",
         "5m0s",
         Kind::Value,
@@ -417,6 +423,7 @@ pub struct Config {
     pub identity_heartbeat_timeout: Duration,
     pub identity_gc_rate_interval: Duration,
     pub identity_gc_rate_limit: u64,
+    pub identity_space_pressure_threshold: f64,
     pub nodes_gc_interval: Duration,
     pub endpoint_gc_interval: Duration,
     pub health_addr: String,
@@ -512,6 +519,7 @@ impl Config {
             identity_heartbeat_timeout: v.duration("identity-heartbeat-timeout")?,
             identity_gc_rate_interval: v.positive_duration("identity-gc-rate-interval")?,
             identity_gc_rate_limit: v.int("identity-gc-rate-limit", 1, u32::MAX as i64)? as u64,
+            identity_space_pressure_threshold: v.fraction("identity-space-pressure-threshold")?,
             nodes_gc_interval: v.positive_duration("nodes-gc-interval")?,
             endpoint_gc_interval: v.duration("cilium-endpoint-gc-interval")?,
             health_addr: v.addr("operator-api-serve-addr")?,
@@ -569,6 +577,20 @@ impl Validator<'_> {
             return Err(self.invalid(name, format!("must be between {min} and {max}")));
         }
         Ok(n)
+    }
+
+    fn fraction(&self, name: &'static str) -> Result<f64, ConfigError> {
+        let f: f64 = self
+            .raw
+            .get(name)
+            .0
+            .trim()
+            .parse()
+            .map_err(|_| self.invalid(name, "not a number".into()))?;
+        if !(f > 0.0 && f <= 1.0) {
+            return Err(self.invalid(name, "must be greater than 0 and at most 1".into()));
+        }
+        Ok(f)
     }
 
     fn bool(&self, name: &'static str) -> Result<bool, ConfigError> {
@@ -740,6 +762,7 @@ mod tests {
         assert_eq!(c.identity_gc_rate_interval, Duration::from_secs(60));
         assert_eq!(c.identity_gc_rate_limit, 2500);
         assert_eq!(c.nodes_gc_interval, Duration::from_secs(300));
+        assert_eq!(c.identity_space_pressure_threshold, 0.9);
         assert_eq!(c.endpoint_gc_interval, Duration::from_secs(300));
         assert_eq!(c.ipv4_pool.as_ref().unwrap().mask_size, 24);
         assert_eq!(c.ipv6_pool, None);
@@ -780,6 +803,8 @@ mod tests {
         assert!(e.contains("shorter than"), "{e}");
         let e = err(&[("enable-ipv6", "true")]);
         assert!(e.contains("--cluster-pool-ipv6-cidr"), "{e}");
+        let e = err(&[("identity-space-pressure-threshold", "1.5")]);
+        assert!(e.contains("--identity-space-pressure-threshold"), "{e}");
         let e = err(&[("operator-prometheus-serve-addr", "9963")]);
         assert!(e.contains("host:port"), "{e}");
         assert_eq!(e.lines().count(), 1);

@@ -62,6 +62,24 @@ pub struct IdentityGcMetrics {
     pub latency: Family<RunLabels, Gauge<f64, AtomicU64>>,
     /// Identities marked for deletion in the last run.
     pub marked: Gauge,
+    /// Identities of this cluster's range in use, per backend.
+    pub space_used: Family<TypeLabels, Gauge>,
+    /// Size of this cluster's identity range.
+    pub space_size: Gauge,
+    /// Times the range crossed the pressure threshold.
+    pub space_pressure: Family<TypeLabels, Counter>,
+    /// Distinct values per label key across identities (top 10 keys).
+    pub label_key_values: Family<KeyLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    pub identity_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    pub label_key: String,
 }
 
 impl IdentityGcMetrics {
@@ -82,6 +100,27 @@ impl IdentityGcMetrics {
             "marked",
             "Unused identities carrying the heartbeat mark after the last run",
             self.marked.clone(),
+        );
+        let r = registry.sub_registry_with_prefix("identity");
+        r.register(
+            "space_used",
+            "Identities of this cluster's range in use",
+            self.space_used.clone(),
+        );
+        r.register(
+            "space_size",
+            "Size of this cluster's identity range",
+            self.space_size.clone(),
+        );
+        r.register(
+            "space_pressure",
+            "Times identity use crossed identity-space-pressure-threshold",
+            self.space_pressure.clone(),
+        );
+        r.register(
+            "label_key_values",
+            "Distinct values of a label key across identities (the 10 keys with most)",
+            self.label_key_values.clone(),
         );
     }
 }
@@ -171,11 +210,18 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
         ctx.config.identity_gc_rate_interval,
     ));
     let mode = ctx.config.identity_allocation_mode;
+    ctx.metrics
+        .identity_gc
+        .space_size
+        .set((*range.end() - *range.start()) as i64 + 1);
+    let wake_crd = tokio::sync::Notify::new();
+    let wake_kv = tokio::sync::Notify::new();
+    let pressure = watch_pressure(&ctx, &range, &stop, &wake_crd, &wake_kv);
     let crd = async {
         if mode == Mode::Kvstore {
             return Ok(());
         }
-        gc_loop(&ctx, "crd", &stop, || pass(&ctx, &range, &limiter)).await
+        gc_loop(&ctx, "crd", &stop, &wake_crd, || pass(&ctx, &range, &limiter)).await
     };
     let kv = async {
         let Some(kv) = ctx.config.kvstore.clone().filter(|_| mode != Mode::Crd) else {
@@ -184,21 +230,167 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
         let client = crate::kvstore::connect(&kv).await?;
         let mut seen: HashMap<u32, i64> = HashMap::new();
         let seen = tokio::sync::Mutex::new(&mut seen);
-        gc_loop(&ctx, "kvstore", &stop, || async {
+        gc_loop(&ctx, "kvstore", &stop, &wake_kv, || async {
             let mut seen = seen.lock().await;
             kv_pass(&ctx, client.clone(), &range, &mut seen, &limiter).await
         })
         .await
     };
-    let (a, b): (anyhow::Result<()>, anyhow::Result<()>) = tokio::join!(crd, kv);
+    let (a, b, c): (anyhow::Result<()>, anyhow::Result<()>, ()) = tokio::join!(crd, kv, pressure);
+    let () = c;
     a.and(b)
 }
 
-/// Runs `pass` every interval, recording upstream's run metrics.
+/// How often identity use is compared with the pressure threshold.
+const PRESSURE_CHECK: Duration = Duration::from_secs(5);
+
+/// Counts this cluster's identities every few seconds; crossing
+/// `identity-space-pressure-threshold` wakes the GC at once, emits a Warning
+/// Event (on the operator's Lease) and counts in `identity_space_pressure`.
+async fn watch_pressure(
+    ctx: &Context,
+    range: &RangeInclusive<u32>,
+    stop: &CancellationToken,
+    wake_crd: &tokio::sync::Notify,
+    wake_kv: &tokio::sync::Notify,
+) {
+    use crate::config::IdentityAllocationMode as Mode;
+    let mode = ctx.config.identity_allocation_mode;
+    let size = (*range.end() - *range.start()) as f64 + 1.0;
+    let threshold = ctx.config.identity_space_pressure_threshold;
+    let mut kv_client = match &ctx.config.kvstore {
+        Some(kv) if mode != Mode::Crd => crate::kvstore::connect(kv).await.ok(),
+        _ => None,
+    };
+    let mut in_pressure = [false, false];
+    loop {
+        let mut counts: Vec<(usize, &str, &tokio::sync::Notify, Result<u64, String>)> = Vec::new();
+        if mode != Mode::Kvstore {
+            counts.push((
+                0,
+                "crd",
+                wake_crd,
+                count_crd(ctx, range).await.map_err(|e| e.to_string()),
+            ));
+        }
+        if let Some(c) = kv_client.as_mut() {
+            counts.push((
+                1,
+                "kvstore",
+                wake_kv,
+                count_kvstore(c, range).await.map_err(|e| e.to_string()),
+            ));
+        }
+        for (slot, identity_type, wake, count) in counts {
+            let used = match count {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(error = %e, identity_type, "cannot count identities");
+                    continue;
+                }
+            };
+            let labels = TypeLabels {
+                identity_type: identity_type.into(),
+            };
+            ctx.metrics
+                .identity_gc
+                .space_used
+                .get_or_create(&labels)
+                .set(used as i64);
+            let pressured = used as f64 >= threshold * size;
+            if pressured && !in_pressure[slot] {
+                ctx.metrics.identity_gc.space_pressure.get_or_create(&labels).inc();
+                let note = format!(
+                    "{identity_type} identities use {used} of {size} IDs ({:.1}%, threshold {:.1}%): running identity GC now",
+                    100.0 * used as f64 / size,
+                    100.0 * threshold
+                );
+                tracing::warn!(identity_type, used, "{note}");
+                pressure_event(ctx, &note).await;
+                wake.notify_one();
+            }
+            in_pressure[slot] = pressured;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PRESSURE_CHECK) => {}
+        }
+    }
+}
+
+async fn count_crd(ctx: &Context, range: &RangeInclusive<u32>) -> Result<u64, kube::Error> {
+    let list = Api::<CiliumIdentity>::all(ctx.client.clone())
+        .list_metadata(&ListParams::default())
+        .await?;
+    Ok(list
+        .items
+        .iter()
+        .filter(|i| {
+            i.metadata
+                .name
+                .as_deref()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|id| range.contains(&id))
+        })
+        .count() as u64)
+}
+
+async fn count_kvstore(c: &mut etcd_client::Client, range: &RangeInclusive<u32>) -> Result<u64, etcd_client::Error> {
+    let prefix = format!("{}id/", cilium_identity_alloc::kvstore::PREFIX);
+    let keys = c
+        .get(
+            prefix.as_str(),
+            Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await?;
+    Ok(keys
+        .kvs()
+        .iter()
+        .filter(|kv| {
+            kv.key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(&prefix))
+                .and_then(|s| s.parse::<u32>().ok())
+                .is_some_and(|id| range.contains(&id))
+        })
+        .count() as u64)
+}
+
+async fn pressure_event(ctx: &Context, note: &str) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(
+        ctx.client.clone(),
+        Reporter {
+            controller: "cilium-operator".into(),
+            instance: std::env::var("HOSTNAME").ok(),
+        },
+    );
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("coordination.k8s.io/v1".into()),
+        kind: Some("Lease".into()),
+        name: Some(crate::leader::LEASE_NAME.into()),
+        namespace: Some(ctx.config.namespace.clone()),
+        ..Default::default()
+    };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "IdentitySpacePressure".into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "IdentityGC".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &reference).await {
+        tracing::warn!(error = %e, "publishing Event failed");
+    }
+}
+
+/// Runs `pass` every interval (or at once when woken), recording upstream's
+/// run metrics.
 async fn gc_loop<F, Fut, E>(
     ctx: &Context,
     identity_type: &str,
     stop: &CancellationToken,
+    wake: &tokio::sync::Notify,
     mut pass: F,
 ) -> anyhow::Result<()>
 where
@@ -229,6 +421,7 @@ where
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(interval.saturating_sub(started.elapsed())) => {}
+            _ = wake.notified() => tracing::info!(identity_type, "identity GC woken by identity-space pressure"),
         }
     }
 }
@@ -337,6 +530,16 @@ async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimite
         ..Default::default()
     };
     let (mut alive, mut deleted, mut marked) = (0i64, 0i64, 0i64);
+    report_label_explosion(
+        ctx,
+        all.items.iter().filter(|i| {
+            i.metadata
+                .name
+                .as_deref()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|id| range.contains(&id))
+        }),
+    );
     for identity in all.items {
         let Some(name) = identity.metadata.name.clone() else {
             continue;
@@ -409,6 +612,33 @@ async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimite
     m.marked.set(marked);
     tracing::info!(alive, deleted, marked, "identity GC run done");
     Ok(())
+}
+
+/// Exports the label keys with the most distinct values across identities
+/// and warns when one of them multiplies identities, naming the `labels`
+/// exclusion that would stop it.
+fn report_label_explosion<'a>(ctx: &Context, identities: impl Iterator<Item = &'a CiliumIdentity>) {
+    let sets: Vec<&std::collections::BTreeMap<String, String>> = identities.map(|i| &i.security_labels).collect();
+    let top = cilium_identity::explosion::top_label_keys(sets.iter().copied(), 10);
+    let family = &ctx.metrics.identity_gc.label_key_values;
+    family.clear();
+    for (key, values) in &top {
+        family
+            .get_or_create(&KeyLabels { label_key: key.clone() })
+            .set(*values as i64);
+    }
+    if let Some((key, values)) = top.first()
+        && *values >= 50
+        && *values * 2 >= sets.len()
+    {
+        tracing::warn!(
+            label_key = %key,
+            values,
+            identities = sets.len(),
+            fix = %format!("add {:?} to the labels option (cilium-config)", cilium_identity::explosion::exclusion_for(key)),
+            "label explosion: one label key accounts for most identities"
+        );
+    }
 }
 
 /// Conflicts and NotFound on mark/unmark mean the identity changed or went

@@ -111,5 +111,8 @@ mod tests {
         assert!(text.contains("cilium_operator_is_leader 1"), "{text}");
         assert!(text.contains("cilium_operator_build_info{version=\""), "{text}");
         assert!(text.trim_end().ends_with("# EOF"));
+        m.identity_gc.space_size.set(65280);
+        let text = m.encode();
+        assert!(text.contains("cilium_operator_identity_space_size 65280"), "{text}");
     }
 }

@@ -481,3 +481,91 @@ pub fn kvstore_gc_two_rounds(cp: &ControlPlane) -> anyhow::Result<()> {
     });
     result.map_err(|e| e.context(cp.log_tails(10)))
 }
+
+/// Identity-space pressure (threshold crossed) runs GC at once despite a 1h
+/// interval, emits an Event and counts it; the label key that multiplies
+/// identities is named in a metric and a log line with its fix.
+pub fn space_pressure_and_label_explosion(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Options::default())?;
+    // 0.001 of the 65280-ID range: pressure from 66 identities on.
+    let flags: Vec<String> = [
+        "--identity-gc-interval=1h",
+        "--identity-heartbeat-timeout=1h",
+        "--identity-space-pressure-threshold=0.001",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut op = Operator::start(&cp, "operator-pressure", "kube-system", &flags)?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let result = block_on(async {
+        let runs = |op: &Operator| {
+            metric_of(
+                op,
+                "cilium_operator_identity_gc_runs_total{outcome=\"success\",identity_type=\"crd\"}",
+            )
+        };
+        eventually("the first GC run", Duration::from_secs(20), || async {
+            Ok((runs(&op) >= 1.0).then_some(()))
+        })
+        .await?;
+        let client = cp.client().await?;
+        let alloc = CrdAllocator::new(client.clone(), 256..=65535, "e2e-allocator");
+        let mut ids = Vec::new();
+        for i in 0..70 {
+            let l = Labels::from_k8s("default", [("app", "batch"), ("build-id", &format!("b{i:03}") as &str)]);
+            ids.push(alloc.allocate(&l).await?.id);
+        }
+        // Woken by pressure: a second run marks the unused identities.
+        let api: Api<CiliumIdentity> = Api::all(client.clone());
+        eventually(
+            "identities marked by a pressure-triggered run",
+            Duration::from_secs(30),
+            || async {
+                let i = api.get(&ids[0].to_string()).await?;
+                Ok(i.metadata
+                    .annotations
+                    .is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION))
+                    .then_some(()))
+            },
+        )
+        .await?;
+        eventually(
+            "the pressure-triggered run to finish",
+            Duration::from_secs(20),
+            || async { Ok((runs(&op) >= 2.0).then_some(())) },
+        )
+        .await?;
+        ensure!(metric_of(&op, "cilium_operator_identity_space_used{identity_type=\"crd\"}") == 70.0);
+        ensure!(
+            metric_of(
+                &op,
+                "cilium_operator_identity_space_pressure_total{identity_type=\"crd\"}"
+            ) >= 1.0
+        );
+        ensure!(metric_of(&op, "cilium_operator_identity_space_size") == 65280.0);
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+        eventually("an IdentitySpacePressure Event", Duration::from_secs(10), || async {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("IdentitySpacePressure")))
+        })
+        .await?;
+        ensure!(
+            metric_of(
+                &op,
+                "cilium_operator_identity_label_key_values{label_key=\"k8s:build-id\"}"
+            ) == 70.0,
+            "{}",
+            op.metrics()?
+        );
+        let log = op.proc.log_text();
+        ensure!(
+            log.contains("label explosion") && log.contains("k8s:!build-id$"),
+            "no label explosion warning:\n{log}"
+        );
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(10)))
+}
