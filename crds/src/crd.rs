@@ -87,11 +87,7 @@ pub fn build<T: JsonSchema>(info: &CrdInfo) -> CustomResourceDefinition {
     let mut schema = schema_of::<T>();
     let obj = schema.as_object_mut().expect("object schema");
     obj.remove("description");
-    let props = obj
-        .entry("properties")
-        .or_insert_with(|| json!({}))
-        .as_object_mut()
-        .expect("properties");
+    let props = obj.entry("properties").or_insert_with(|| json!({})).as_object_mut().expect("properties");
     props.insert(
         "apiVersion".into(),
         json!({"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."}),
@@ -128,10 +124,7 @@ pub fn build<T: JsonSchema>(info: &CrdInfo) -> CustomResourceDefinition {
         .collect();
 
     CustomResourceDefinition {
-        metadata: ObjectMeta {
-            name: Some(format!("{}.{}", info.plural, crate::GROUP)),
-            ..Default::default()
-        },
+        metadata: ObjectMeta { name: Some(format!("{}.{}", info.plural, crate::GROUP)), ..Default::default() },
         spec: CustomResourceDefinitionSpec {
             group: crate::GROUP.into(),
             names: CustomResourceDefinitionNames {
@@ -148,9 +141,7 @@ pub fn build<T: JsonSchema>(info: &CrdInfo) -> CustomResourceDefinition {
                 served: true,
                 storage: true,
                 additional_printer_columns: (!columns.is_empty()).then_some(columns),
-                schema: Some(CustomResourceValidation {
-                    open_api_v3_schema: Some(props),
-                }),
+                schema: Some(CustomResourceValidation { open_api_v3_schema: Some(props) }),
                 subresources: info.status_subresource.then(|| CustomResourceSubresources {
                     status: Some(CustomResourceSubresourceStatus(json!({}))),
                     ..Default::default()

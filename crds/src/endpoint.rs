@@ -50,30 +50,10 @@ pub const INFO: CrdInfo = CrdInfo {
     namespaced: true,
     status_subresource: false,
     printer_columns: &[
-        (
-            "Security Identity",
-            "integer",
-            ".status.identity.id",
-            "Numeric security identity of the endpoint",
-        ),
-        (
-            "Endpoint State",
-            "string",
-            ".status.state",
-            "Lifecycle state of the endpoint",
-        ),
-        (
-            "IPv4",
-            "string",
-            ".status.networking.addressing[0].ipv4",
-            "IPv4 address of the endpoint",
-        ),
-        (
-            "IPv6",
-            "string",
-            ".status.networking.addressing[0].ipv6",
-            "IPv6 address of the endpoint",
-        ),
+        ("Security Identity", "integer", ".status.identity.id", "Numeric security identity of the endpoint"),
+        ("Endpoint State", "string", ".status.state", "Lifecycle state of the endpoint"),
+        ("IPv4", "string", ".status.networking.addressing[0].ipv4", "IPv4 address of the endpoint"),
+        ("IPv6", "string", ".status.networking.addressing[0].ipv6", "IPv6 address of the endpoint"),
     ],
     required: &["metadata"],
 };
@@ -81,27 +61,9 @@ pub const INFO: CrdInfo = CrdInfo {
 /// Upstream's priority-1 columns, `(name, type, jsonPath, description,
 /// inserted before the default column at this index)`.
 pub const WIDE_PRINTER_COLUMNS: &[(&str, &str, &str, &str, usize)] = &[
-    (
-        "Ingress Enforcement",
-        "string",
-        ".status.policy.ingress.state",
-        "Policy enforcement state for ingress",
-        1,
-    ),
-    (
-        "Egress Enforcement",
-        "string",
-        ".status.policy.egress.state",
-        "Policy enforcement state for egress",
-        1,
-    ),
-    (
-        "Visibility Policy",
-        "string",
-        ".status.visibility-policy-status",
-        "Status of the visibility policy",
-        1,
-    ),
+    ("Ingress Enforcement", "string", ".status.policy.ingress.state", "Policy enforcement state for ingress", 1),
+    ("Egress Enforcement", "string", ".status.policy.egress.state", "Policy enforcement state for egress", 1),
+    ("Visibility Policy", "string", ".status.visibility-policy-status", "Status of the visibility policy", 1),
 ];
 
 impl CiliumEndpoint {
@@ -479,17 +441,10 @@ mod tests {
         let input = sample();
         let cep: CiliumEndpoint = serde_json::from_value(input.clone()).unwrap();
         let status = cep.status.as_ref().unwrap();
-        assert!(
-            status.extra.is_empty(),
-            "every upstream field is typed: {:?}",
-            status.extra.keys()
-        );
+        assert!(status.extra.is_empty(), "every upstream field is typed: {:?}", status.extra.keys());
         assert_eq!(status.state, Some(EndpointState::Ready));
         assert_eq!(cep.identity_id(), Some(12345));
-        assert_eq!(
-            status.networking.as_ref().unwrap().addressing[0].ipv4.as_deref(),
-            Some("10.0.1.200")
-        );
+        assert_eq!(status.networking.as_ref().unwrap().addressing[0].ipv4.as_deref(), Some("10.0.1.200"));
         let output = crate::apply_body::<CiliumEndpoint>(serde_json::to_value(&cep).unwrap());
         assert_eq!(output, input);
     }
@@ -543,23 +498,13 @@ mod tests {
         assert_eq!(names.categories, Some(vec!["cilium".to_string()]));
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v2");
-        assert!(
-            version.subresources.is_none(),
-            "upstream declares no status subresource"
-        );
+        assert!(version.subresources.is_none(), "upstream declares no status subresource");
         let columns: Vec<_> = version
             .additional_printer_columns
             .as_ref()
             .unwrap()
             .iter()
-            .map(|c| {
-                (
-                    c.name.as_str(),
-                    c.type_.as_str(),
-                    c.json_path.as_str(),
-                    c.priority.unwrap_or(0),
-                )
-            })
+            .map(|c| (c.name.as_str(), c.type_.as_str(), c.json_path.as_str(), c.priority.unwrap_or(0)))
             .collect();
         assert_eq!(
             columns,
@@ -580,10 +525,7 @@ mod tests {
         let status = &schema["properties"]["status"];
         assert_eq!(status["x-kubernetes-preserve-unknown-fields"], json!(true));
         assert_eq!(status["properties"]["networking"]["required"], json!(["addressing"]));
-        assert_eq!(
-            status["properties"]["policy"]["properties"]["ingress"]["required"],
-            json!(["enforcing"])
-        );
+        assert_eq!(status["properties"]["policy"]["properties"]["ingress"]["required"], json!(["enforcing"]));
         assert_eq!(status["properties"]["id"]["format"], "int64");
     }
 }

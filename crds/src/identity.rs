@@ -44,12 +44,7 @@ pub const INFO: CrdInfo = CrdInfo {
     // status.
     status_subresource: true,
     printer_columns: &[
-        (
-            "Namespace",
-            "string",
-            ".metadata.labels.io\\.kubernetes\\.pod\\.namespace",
-            "The namespace of the entity",
-        ),
+        ("Namespace", "string", ".metadata.labels.io\\.kubernetes\\.pod\\.namespace", "The namespace of the entity"),
         ("Age", "date", ".metadata.creationTimestamp", "The age of the identity"),
     ],
     required: &["metadata", "security-labels"],

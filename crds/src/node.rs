@@ -58,18 +58,8 @@ pub const INFO: CrdInfo = CrdInfo {
             ".spec.addresses[?(@.type==\"CiliumInternalIP\")].ip",
             "Cilium's internal (router) IP on the node",
         ),
-        (
-            "InternalIP",
-            "string",
-            ".spec.addresses[?(@.type==\"InternalIP\")].ip",
-            "Internal IP of the node",
-        ),
-        (
-            "Age",
-            "date",
-            ".metadata.creationTimestamp",
-            "Time since the CiliumNode was created",
-        ),
+        ("InternalIP", "string", ".spec.addresses[?(@.type==\"InternalIP\")].ip", "Internal IP of the node"),
+        ("Age", "date", ".metadata.creationTimestamp", "Time since the CiliumNode was created"),
     ],
     required: &["metadata", "spec"],
 };
@@ -81,11 +71,7 @@ impl CiliumNode {
 
     /// The pod CIDRs assigned to the node (`spec.ipam.podCIDRs`).
     pub fn pod_cidrs(&self) -> &[String] {
-        self.spec
-            .ipam
-            .as_ref()
-            .and_then(|i| i.pod_cidrs.as_deref())
-            .unwrap_or_default()
+        self.spec.ipam.as_ref().and_then(|i| i.pod_cidrs.as_deref()).unwrap_or_default()
     }
 
     /// The first address of the given type (`InternalIP`,
@@ -101,14 +87,7 @@ impl CiliumNode {
 
     /// The error the operator last reported (`status.ipam.operator-status.error`).
     pub fn operator_error(&self) -> Option<&str> {
-        self.status
-            .as_ref()?
-            .ipam
-            .as_ref()?
-            .operator_status
-            .as_ref()?
-            .error
-            .as_deref()
+        self.status.as_ref()?.ipam.as_ref()?.operator_status.as_ref()?.error.as_deref()
     }
 }
 
@@ -494,15 +473,9 @@ mod tests {
     #[test]
     fn minimal_node_serializes_compactly() {
         let node = CiliumNode {
-            metadata: ObjectMeta {
-                name: Some("n1".into()),
-                ..Default::default()
-            },
+            metadata: ObjectMeta { name: Some("n1".into()), ..Default::default() },
             spec: NodeSpec {
-                ipam: Some(IpamSpec {
-                    pod_cidrs: Some(vec!["10.0.0.0/24".into()]),
-                    ..Default::default()
-                }),
+                ipam: Some(IpamSpec { pod_cidrs: Some(vec!["10.0.0.0/24".into()]), ..Default::default() }),
                 ..Default::default()
             },
             ..Default::default()
@@ -536,11 +509,7 @@ mod tests {
         assert_eq!(
             columns,
             vec![
-                (
-                    "CiliumInternalIP",
-                    "string",
-                    ".spec.addresses[?(@.type==\"CiliumInternalIP\")].ip"
-                ),
+                ("CiliumInternalIP", "string", ".spec.addresses[?(@.type==\"CiliumInternalIP\")].ip"),
                 ("InternalIP", "string", ".spec.addresses[?(@.type==\"InternalIP\")].ip"),
                 ("Age", "date", ".metadata.creationTimestamp"),
             ]
@@ -549,23 +518,11 @@ mod tests {
             serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
         assert_eq!(schema["required"], json!(["metadata", "spec"]));
         let spec = &schema["properties"]["spec"];
-        assert_eq!(
-            spec["properties"]["ipam"]["properties"]["podCIDRs"]["items"]["type"],
-            "string"
-        );
-        assert_eq!(
-            spec["properties"]["eni"]["x-kubernetes-preserve-unknown-fields"],
-            json!(true)
-        );
-        assert_eq!(
-            spec["properties"]["ipam"]["properties"]["min-allocate"]["minimum"].as_f64(),
-            Some(0.0)
-        );
+        assert_eq!(spec["properties"]["ipam"]["properties"]["podCIDRs"]["items"]["type"], "string");
+        assert_eq!(spec["properties"]["eni"]["x-kubernetes-preserve-unknown-fields"], json!(true));
+        assert_eq!(spec["properties"]["ipam"]["properties"]["min-allocate"]["minimum"].as_f64(), Some(0.0));
         let ipam_status = &schema["properties"]["status"]["properties"]["ipam"];
-        assert_eq!(
-            ipam_status["properties"]["operator-status"]["properties"]["error"]["type"],
-            "string"
-        );
+        assert_eq!(ipam_status["properties"]["operator-status"]["properties"]["error"]["type"], "string");
         assert_eq!(
             ipam_status["properties"]["release-ips"]["additionalProperties"]["enum"],
             json!(["marked-for-release", "ready-for-release", "do-not-release", "released"])

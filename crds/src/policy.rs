@@ -717,16 +717,8 @@ mod tests {
     use serde_json::json;
 
     fn crd_schema(crd: &CustomResourceDefinition) -> Value {
-        serde_json::to_value(
-            crd.spec.versions[0]
-                .schema
-                .as_ref()
-                .unwrap()
-                .open_api_v3_schema
-                .as_ref()
-                .unwrap(),
-        )
-        .unwrap()
+        serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap())
+            .unwrap()
     }
 
     fn columns(crd: &CustomResourceDefinition) -> Vec<(&str, &str, &str)> {
@@ -749,10 +741,7 @@ mod tests {
         assert_eq!(names.list_kind.as_deref(), Some("CiliumNetworkPolicyList"));
         assert_eq!(names.singular.as_deref(), Some("ciliumnetworkpolicy"));
         assert_eq!(names.short_names, Some(vec!["cnp".to_string(), "ciliumnp".to_string()]));
-        assert_eq!(
-            names.categories,
-            Some(vec!["cilium".to_string(), "ciliumpolicy".to_string()])
-        );
+        assert_eq!(names.categories, Some(vec!["cilium".to_string(), "ciliumpolicy".to_string()]));
         assert!(crd.spec.versions[0].subresources.as_ref().unwrap().status.is_some());
         assert_eq!(
             columns(&crd),
@@ -771,25 +760,16 @@ mod tests {
     #[test]
     fn ccnp_crd_names_scope_and_columns_match_upstream() {
         let crd = CiliumClusterwideNetworkPolicy::crd();
-        assert_eq!(
-            crd.metadata.name.as_deref(),
-            Some("ciliumclusterwidenetworkpolicies.cilium.io")
-        );
+        assert_eq!(crd.metadata.name.as_deref(), Some("ciliumclusterwidenetworkpolicies.cilium.io"));
         assert_eq!(crd.spec.scope, "Cluster");
         let names = &crd.spec.names;
         assert_eq!(names.kind, "CiliumClusterwideNetworkPolicy");
         assert_eq!(names.list_kind.as_deref(), Some("CiliumClusterwideNetworkPolicyList"));
         assert_eq!(names.singular.as_deref(), Some("ciliumclusterwidenetworkpolicy"));
         assert_eq!(names.short_names, Some(vec!["ccnp".to_string()]));
-        assert_eq!(
-            names.categories,
-            Some(vec!["cilium".to_string(), "ciliumpolicy".to_string()])
-        );
+        assert_eq!(names.categories, Some(vec!["cilium".to_string(), "ciliumpolicy".to_string()]));
         assert!(crd.spec.versions[0].subresources.as_ref().unwrap().status.is_some());
-        assert_eq!(
-            columns(&crd),
-            vec![("Valid", "string", ".status.conditions[?(@.type=='Valid')].status")]
-        );
+        assert_eq!(columns(&crd), vec![("Valid", "string", ".status.conditions[?(@.type=='Valid')].status")]);
         // Same rule schema as the namespaced kind.
         assert_eq!(
             crd_schema(&crd)["properties"]["spec"],
@@ -800,10 +780,7 @@ mod tests {
     #[test]
     fn rule_schema_validates_what_upstream_validates() {
         let schema = crd_schema(&CiliumNetworkPolicy::crd())["properties"]["spec"].clone();
-        assert_eq!(
-            schema["oneOf"],
-            json!([{"required": ["endpointSelector"]}, {"required": ["nodeSelector"]}])
-        );
+        assert_eq!(schema["oneOf"], json!([{"required": ["endpointSelector"]}, {"required": ["nodeSelector"]}]));
         let egress = &schema["properties"]["egress"]["items"]["properties"];
         let ingress = &schema["properties"]["ingress"]["items"]["properties"];
 
@@ -813,10 +790,7 @@ mod tests {
         assert_eq!(port["port"]["pattern"], PORT_PATTERN);
         assert_eq!(port["endPort"]["minimum"].as_f64(), Some(0.0));
         assert_eq!(port["endPort"]["maximum"].as_f64(), Some(65535.0));
-        assert_eq!(
-            port["protocol"]["enum"],
-            json!(["TCP", "UDP", "SCTP", "VRRP", "IGMP", "ANY"])
-        );
+        assert_eq!(port["protocol"]["enum"], json!(["TCP", "UDP", "SCTP", "VRRP", "IGMP", "ANY"]));
 
         let entities = json!([
             "all",
@@ -857,10 +831,7 @@ mod tests {
 
         let auth = &ingress["authentication"];
         assert_eq!(auth["required"], json!(["mode"]));
-        assert_eq!(
-            auth["properties"]["mode"]["enum"],
-            json!(["disabled", "required", "test-always-fail"])
-        );
+        assert_eq!(auth["properties"]["mode"]["enum"], json!(["disabled", "required", "test-always-fail"]));
 
         let server_names = &egress["toPorts"]["items"]["properties"]["serverNames"];
         assert_eq!(server_names["minItems"], 1);
@@ -868,15 +839,8 @@ mod tests {
 
         // Deny rules have ports only: no L7, TLS or listener.
         let deny_ports = &schema["properties"]["egressDeny"]["items"]["properties"]["toPorts"]["items"];
-        assert_eq!(
-            deny_ports["properties"].as_object().unwrap().keys().collect::<Vec<_>>(),
-            ["ports"]
-        );
-        assert!(
-            schema["properties"]["ingressDeny"]["items"]["properties"]
-                .get("authentication")
-                .is_none()
-        );
+        assert_eq!(deny_ports["properties"].as_object().unwrap().keys().collect::<Vec<_>>(), ["ports"]);
+        assert!(schema["properties"]["ingressDeny"]["items"]["properties"].get("authentication").is_none());
 
         for preserved in [
             &egress["toPorts"]["items"]["properties"]["rules"],

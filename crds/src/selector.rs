@@ -100,17 +100,8 @@ impl EndpointSelector {
     /// Keys are compared literally, source prefix included (see the module
     /// documentation).
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        let labels_ok = self
-            .match_labels
-            .iter()
-            .flatten()
-            .all(|(key, value)| labels.get(key) == Some(value));
-        labels_ok
-            && self
-                .match_expressions
-                .iter()
-                .flatten()
-                .all(|requirement| requirement.matches(labels))
+        let labels_ok = self.match_labels.iter().flatten().all(|(key, value)| labels.get(key) == Some(value));
+        labels_ok && self.match_expressions.iter().flatten().all(|requirement| requirement.matches(labels))
     }
 }
 
@@ -148,20 +139,14 @@ mod tests {
     }
 
     fn expr_selector(reqs: Vec<LabelSelectorRequirement>) -> EndpointSelector {
-        EndpointSelector {
-            match_labels: None,
-            match_expressions: Some(reqs),
-        }
+        EndpointSelector { match_labels: None, match_expressions: Some(reqs) }
     }
 
     #[test]
     fn empty_selector_matches_everything() {
         assert!(EndpointSelector::all().matches(&labels(&[])));
         assert!(EndpointSelector::all().matches(&labels(&[("app", "x")])));
-        let explicit_empty = EndpointSelector {
-            match_labels: Some(BTreeMap::new()),
-            match_expressions: Some(vec![]),
-        };
+        let explicit_empty = EndpointSelector { match_labels: Some(BTreeMap::new()), match_expressions: Some(vec![]) };
         assert!(explicit_empty.is_empty());
         assert!(explicit_empty.matches(&labels(&[])));
     }
@@ -248,15 +233,9 @@ mod tests {
             ]
         });
         let sel: EndpointSelector = serde_json::from_value(json.clone()).unwrap();
-        assert_eq!(
-            sel.match_expressions.as_ref().unwrap()[1].operator,
-            SelectorOperator::DoesNotExist
-        );
+        assert_eq!(sel.match_expressions.as_ref().unwrap()[1].operator, SelectorOperator::DoesNotExist);
         assert_eq!(serde_json::to_value(&sel).unwrap(), json);
-        assert_eq!(
-            serde_json::to_value(EndpointSelector::all()).unwrap(),
-            serde_json::json!({})
-        );
+        assert_eq!(serde_json::to_value(EndpointSelector::all()).unwrap(), serde_json::json!({}));
     }
 
     #[test]

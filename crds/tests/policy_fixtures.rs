@@ -9,9 +9,7 @@ use cilium_crds::{CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy, apply_bod
 use serde_json::Value;
 
 fn fixture_dir(which: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../e2e/fixtures/policies")
-        .join(which)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/fixtures/policies").join(which)
 }
 
 /// `(file name, full text, parsed document)` of every YAML file in a fixture
@@ -82,10 +80,7 @@ fn check_placement(name: &str, doc: &Value) {
     match doc["kind"].as_str() {
         Some("CiliumNetworkPolicy") => assert_eq!(doc["metadata"]["namespace"], "default", "{name}"),
         Some("CiliumClusterwideNetworkPolicy") => {
-            assert!(
-                doc["metadata"].get("namespace").is_none(),
-                "{name}: cluster-scoped with a namespace"
-            )
+            assert!(doc["metadata"].get("namespace").is_none(), "{name}: cluster-scoped with a namespace")
         }
         other => panic!("{name}: unexpected kind {other:?}"),
     }
@@ -106,27 +101,17 @@ fn valid_fixtures_round_trip_without_loss() {
             failures.push(format!("{name}:\n  {}", diff.join("\n  ")));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "fixtures changed by a round trip:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "fixtures changed by a round trip:\n{}", failures.join("\n"));
 }
 
 #[test]
 fn round_trip_check_detects_a_dropped_field() {
-    let (name, _, mut doc) = load("valid")
-        .into_iter()
-        .find(|(n, _, _)| n == "sw-l3-l4-rule.yaml")
-        .unwrap();
+    let (name, _, mut doc) = load("valid").into_iter().find(|(n, _, _)| n == "sw-l3-l4-rule.yaml").unwrap();
     doc["spec"]["ingress"][0]["notARuleField"] = serde_json::json!(["x"]);
     let out = round_trip(&name, &doc);
     let mut diff = Vec::new();
     differences("", &doc, &out, &mut diff);
-    assert_eq!(
-        diff,
-        ["/spec/ingress/0/notARuleField: Some(Array [String(\"x\")]) != None"]
-    );
+    assert_eq!(diff, ["/spec/ingress/0/notARuleField: Some(Array [String(\"x\")]) != None"]);
 }
 
 #[test]

@@ -6,17 +6,8 @@
 use cilium_crds::all_crds;
 use serde_json::Value;
 
-const FORBIDDEN_KEYS: &[&str] = &[
-    "$ref",
-    "$defs",
-    "$schema",
-    "definitions",
-    "const",
-    "title",
-    "nullable",
-    "examples",
-    "x-kubernetes-validations",
-];
+const FORBIDDEN_KEYS: &[&str] =
+    &["$ref", "$defs", "$schema", "definitions", "const", "title", "nullable", "examples", "x-kubernetes-validations"];
 
 fn check(path: &str, schema: &Value, problems: &mut Vec<String>) {
     let Some(obj) = schema.as_object() else {
@@ -39,21 +30,10 @@ fn check(path: &str, schema: &Value, problems: &mut Vec<String>) {
         problems.push(format!("{path}: null in enum"));
     }
     for junctor in ["oneOf", "anyOf", "allOf"] {
-        for (i, branch) in obj
-            .get(junctor)
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
-            let keys: Vec<_> = branch
-                .as_object()
-                .map(|o| o.keys().cloned().collect())
-                .unwrap_or_default();
+        for (i, branch) in obj.get(junctor).and_then(Value::as_array).into_iter().flatten().enumerate() {
+            let keys: Vec<_> = branch.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
             if keys != ["required"] {
-                problems.push(format!(
-                    "{path}/{junctor}/{i}: may only list required fields, has {keys:?}"
-                ));
+                problems.push(format!("{path}/{junctor}/{i}: may only list required fields, has {keys:?}"));
             }
             for field in branch["required"].as_array().into_iter().flatten() {
                 let field = field.as_str().unwrap_or_default();
@@ -83,11 +63,7 @@ fn every_crd_schema_is_structural() {
         for version in &crd.spec.versions {
             let schema =
                 serde_json::to_value(version.schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap()).unwrap();
-            check(
-                &format!("{}/{}", crd.spec.names.plural, version.name),
-                &schema,
-                &mut problems,
-            );
+            check(&format!("{}/{}", crd.spec.names.plural, version.name), &schema, &mut problems);
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
@@ -112,22 +88,13 @@ fn crds_are_the_five_upstream_kinds_in_group_cilium_io() {
     let kinds: Vec<_> = crds.iter().map(|c| c.spec.names.kind.as_str()).collect();
     assert_eq!(
         kinds,
-        [
-            "CiliumIdentity",
-            "CiliumEndpoint",
-            "CiliumNode",
-            "CiliumNetworkPolicy",
-            "CiliumClusterwideNetworkPolicy"
-        ]
+        ["CiliumIdentity", "CiliumEndpoint", "CiliumNode", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"]
     );
     for crd in &crds {
         assert_eq!(crd.spec.group, "cilium.io");
         assert_eq!(crd.spec.versions.len(), 1);
         assert_eq!(crd.spec.versions[0].name, "v2");
         assert!(crd.spec.versions[0].served && crd.spec.versions[0].storage);
-        assert_eq!(
-            crd.metadata.name.as_deref(),
-            Some(format!("{}.cilium.io", crd.spec.names.plural).as_str())
-        );
+        assert_eq!(crd.metadata.name.as_deref(), Some(format!("{}.cilium.io", crd.spec.names.plural).as_str()));
     }
 }

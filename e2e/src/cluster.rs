@@ -46,9 +46,7 @@ impl Proc {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        let child = cmd.spawn().with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
         Ok(Proc { name, child, log })
     }
 
@@ -175,9 +173,7 @@ impl Etcd {
     /// An `etcdctl` (API v3) command pointed at this etcd.
     pub fn etcdctl(&self) -> anyhow::Result<Command> {
         let mut cmd = Command::new(tools::tool("etcdctl")?);
-        cmd.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint))
-            .stdin(Stdio::null());
+        cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoint)).stdin(Stdio::null());
         Ok(cmd)
     }
 }
@@ -286,10 +282,7 @@ impl ControlPlane {
         let mut cmd = Command::new(tools::tool("kube-controller-manager")?);
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg("--controllers=namespace,garbagecollector,serviceaccount,serviceaccount-token")
-            .arg(format!(
-                "--service-account-private-key-file={}",
-                d.join("sa.key").display()
-            ))
+            .arg(format!("--service-account-private-key-file={}", d.join("sa.key").display()))
             .arg(format!("--root-ca-file={}", d.join("ca.crt").display()))
             .arg("--bind-address=127.0.0.1")
             .arg("--secure-port=0")
@@ -370,16 +363,12 @@ impl ControlPlane {
 
     /// The last lines of a component's log (`etcd`, `kube-apiserver`, ...).
     pub fn log_tail(&self, name: &str) -> String {
-        [
-            self.etcd.as_ref().and_then(|e| e.proc.as_ref()),
-            self.apiserver.as_ref(),
-            self.kcm.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .find(|p| p.name == name)
-        .map(|p| p.log_tail())
-        .unwrap_or_default()
+        [self.etcd.as_ref().and_then(|e| e.proc.as_ref()), self.apiserver.as_ref(), self.kcm.as_ref()]
+            .into_iter()
+            .flatten()
+            .find(|p| p.name == name)
+            .map(|p| p.log_tail())
+            .unwrap_or_default()
     }
 }
 
@@ -398,21 +387,13 @@ fn wait_until(proc: &mut Proc, timeout: Duration, mut ready: impl FnMut() -> boo
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = proc.exited() {
-            bail!(
-                "{} exited during start-up ({status}); last log lines:\n{}",
-                proc.name,
-                proc.log_tail()
-            );
+            bail!("{} exited during start-up ({status}); last log lines:\n{}", proc.name, proc.log_tail());
         }
         if ready() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!(
-                "{} not ready after {timeout:?}; last log lines:\n{}",
-                proc.name,
-                proc.log_tail()
-            );
+            bail!("{} not ready after {timeout:?}; last log lines:\n{}", proc.name, proc.log_tail());
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -471,10 +452,9 @@ fn make_certs(dir: &Path) -> anyhow::Result<()> {
         "-subj",
         "/CN=cilium-rs-test-ca",
     ])?;
-    for (name, subj, ext) in [
-        ("apiserver", "/CN=kube-apiserver", "san.ext"),
-        ("admin", "/O=system:masters/CN=admin", "client.ext"),
-    ] {
+    for (name, subj, ext) in
+        [("apiserver", "/CN=kube-apiserver", "san.ext"), ("admin", "/O=system:masters/CN=admin", "client.ext")]
+    {
         run(&[
             "req",
             "-newkey",

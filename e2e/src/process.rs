@@ -32,11 +32,7 @@ impl Process {
             });
         }
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        Ok(Process {
-            name: name.to_string(),
-            child,
-            log,
-        })
+        Ok(Process { name: name.to_string(), child, log })
     }
 
     pub fn pid(&self) -> u32 {
@@ -102,11 +98,7 @@ impl Operator {
             .args(extra)
             .env("CILIUM_LOG_FILTER", "info");
         let proc = Process::spawn(name, cp.dir(), &mut cmd)?;
-        Ok(Operator {
-            proc,
-            health_addr,
-            metrics_addr,
-        })
+        Ok(Operator { proc, health_addr, metrics_addr })
     }
 
     /// `/healthz` body, if it answers 200.
@@ -115,8 +107,7 @@ impl Operator {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.healthz()
-            .is_some_and(|b| b.contains("leader") && !b.contains("standby"))
+        self.healthz().is_some_and(|b| b.contains("leader") && !b.contains("standby"))
     }
 
     pub fn metrics(&self) -> anyhow::Result<String> {
@@ -135,10 +126,6 @@ impl Operator {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        anyhow::bail!(
-            "{} not healthy after {timeout:?}:\n{}",
-            self.proc.name,
-            self.proc.log_text()
-        )
+        anyhow::bail!("{} not healthy after {timeout:?}:\n{}", self.proc.name, self.proc.log_text())
     }
 }

@@ -26,11 +26,7 @@ impl Prometheus {
         let rules: Vec<String> = rule_files.iter().map(|r| format!("  - '{}'", r.display())).collect();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n{}\nscrape_configs:\n  - job_name: '{job}'\n    static_configs:\n      - targets: [{}]\n",
-            if rules.is_empty() {
-                "  []".to_string()
-            } else {
-                rules.join("\n")
-            },
+            if rules.is_empty() { "  []".to_string() } else { rules.join("\n") },
             targets.join(", ")
         );
         let cfg_path = dir.path().join("prometheus.yml");

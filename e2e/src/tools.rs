@@ -7,17 +7,13 @@ use anyhow::bail;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e lives in the workspace")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("e2e lives in the workspace").to_path_buf()
 }
 
 /// An external tool: `.tools/bin/<name>` (or `$CILIUM_RS_TOOLS/<name>`).
 pub fn tool(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::var_os("CILIUM_RS_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join(".tools/bin"));
+    let dir =
+        std::env::var_os("CILIUM_RS_TOOLS").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".tools/bin"));
     let path = dir.join(name);
     if !path.exists() {
         bail!("{} not found: run scripts/setup.sh first", path.display());
@@ -36,10 +32,7 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     }
     let path = dir.join(name);
     if !path.exists() {
-        bail!(
-            "{} not found: run `cargo build --workspace --bins` first",
-            path.display()
-        );
+        bail!("{} not found: run `cargo build --workspace --bins` first", path.display());
     }
     Ok(path)
 }

@@ -25,68 +25,27 @@ fn trial(cp: &Arc<ControlPlane>, name: &str, f: TestFn) -> Trial {
 fn main() {
     let args = Arguments::from_args();
     let tests: &[(&str, TestFn)] = &[
-        (
-            "skeleton::crds_and_policy_fixtures_against_api_server",
-            skeleton::crds_and_policy_fixtures,
-        ),
-        (
-            "skeleton::bad_config_exits_with_one_line",
-            skeleton::bad_config_exits_with_one_line,
-        ),
-        (
-            "skeleton::leader_election_failover_and_release",
-            skeleton::leader_election_failover_and_release,
-        ),
-        (
-            "skeleton::prometheus_scrapes_operator",
-            skeleton::prometheus_scrapes_operator,
-        ),
-        (
-            "ipam::allocation_exhaustion_extension_and_gc",
-            ipam::allocation_exhaustion_extension_and_gc,
-        ),
+        ("skeleton::crds_and_policy_fixtures_against_api_server", skeleton::crds_and_policy_fixtures),
+        ("skeleton::bad_config_exits_with_one_line", skeleton::bad_config_exits_with_one_line),
+        ("skeleton::leader_election_failover_and_release", skeleton::leader_election_failover_and_release),
+        ("skeleton::prometheus_scrapes_operator", skeleton::prometheus_scrapes_operator),
+        ("ipam::allocation_exhaustion_extension_and_gc", ipam::allocation_exhaustion_extension_and_gc),
         ("ipam::failover_chaos_burst", ipam::failover_chaos_burst),
-        (
-            "endpoint_gc::orphans_end_as_specified",
-            endpoint_gc::orphans_end_as_specified,
-        ),
-        (
-            "endpoint_gc::survives_apiserver_restart",
-            endpoint_gc::survives_apiserver_restart,
-        ),
-        (
-            "endpoint_gc::interval_zero_runs_once",
-            endpoint_gc::interval_zero_runs_once,
-        ),
-        (
-            "identity::crd_allocation_races_and_gc",
-            identity::crd_allocation_races_and_gc,
-        ),
-        (
-            "identity::gc_clock_survives_operator_restart",
-            identity::gc_clock_survives_operator_restart,
-        ),
-        (
-            "identity::kvstore_heartbeat_layout_and_etcd_restart",
-            identity::kvstore_heartbeat_layout_and_etcd_restart,
-        ),
-        (
-            "identity::kvstore_allocation_layout_and_races",
-            identity::kvstore_allocation_layout_and_races,
-        ),
+        ("endpoint_gc::orphans_end_as_specified", endpoint_gc::orphans_end_as_specified),
+        ("endpoint_gc::survives_apiserver_restart", endpoint_gc::survives_apiserver_restart),
+        ("endpoint_gc::interval_zero_runs_once", endpoint_gc::interval_zero_runs_once),
+        ("identity::crd_allocation_races_and_gc", identity::crd_allocation_races_and_gc),
+        ("identity::gc_clock_survives_operator_restart", identity::gc_clock_survives_operator_restart),
+        ("identity::kvstore_heartbeat_layout_and_etcd_restart", identity::kvstore_heartbeat_layout_and_etcd_restart),
+        ("identity::kvstore_allocation_layout_and_races", identity::kvstore_allocation_layout_and_races),
         ("identity::kvstore_gc_two_rounds", identity::kvstore_gc_two_rounds),
-        (
-            "identity::space_pressure_and_label_explosion",
-            identity::space_pressure_and_label_explosion,
-        ),
+        ("identity::space_pressure_and_label_explosion", identity::space_pressure_and_label_explosion),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();
         libtest_mimic::run(&args, trials).exit();
     }
-    let cp = match ControlPlane::start(Options {
-        controller_manager: true,
-    }) {
+    let cp = match ControlPlane::start(Options { controller_manager: true }) {
         Ok(cp) => Arc::new(cp),
         Err(e) => {
             eprintln!("cannot start the test control plane: {e:#}");

@@ -72,11 +72,7 @@ pub fn object_labels(labels: &Labels) -> BTreeMap<String, String> {
 
 impl CrdAllocator {
     pub fn new(client: kube::Client, range: RangeInclusive<u32>, field_manager: &str) -> CrdAllocator {
-        CrdAllocator {
-            api: Api::all(client),
-            range,
-            field_manager: field_manager.into(),
-        }
+        CrdAllocator { api: Api::all(client), range, field_manager: field_manager.into() }
     }
 
     pub fn range(&self) -> &RangeInclusive<u32> {
@@ -92,19 +88,13 @@ impl CrdAllocator {
             return Ok(existing);
         }
         let wanted = labels.key_string();
-        let pp = PostParams {
-            field_manager: Some(self.field_manager.clone()),
-            ..Default::default()
-        };
+        let pp = PostParams { field_manager: Some(self.field_manager.clone()), ..Default::default() };
         for id in probe_order(labels, &self.range) {
             let name = id.to_string();
             if let Some(found) = self.api.get_opt(&name).await? {
                 if key_of(&found) == wanted {
                     self.unmark(&found).await?;
-                    return Ok(Identity {
-                        id,
-                        labels: labels.clone(),
-                    });
+                    return Ok(Identity { id, labels: labels.clone() });
                 }
                 continue;
             }
@@ -119,20 +109,14 @@ impl CrdAllocator {
             };
             match self.api.create(&pp, &object).await {
                 Ok(_) => {
-                    return Ok(Identity {
-                        id,
-                        labels: labels.clone(),
-                    });
+                    return Ok(Identity { id, labels: labels.clone() });
                 }
                 // Someone created this ID first: ours if the labels match.
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     if let Some(found) = self.api.get_opt(&name).await?
                         && key_of(&found) == wanted
                     {
-                        return Ok(Identity {
-                            id,
-                            labels: labels.clone(),
-                        });
+                        return Ok(Identity { id, labels: labels.clone() });
                     }
                 }
                 Err(e) => return Err(e.into()),
@@ -151,61 +135,37 @@ impl CrdAllocator {
     /// GC mark (the identity is in use again).
     pub async fn lookup_by_labels(&self, labels: &Labels) -> Result<Option<Identity>, AllocError> {
         let selector: Vec<String> = object_labels(labels).iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let list = self
-            .api
-            .list(&ListParams::default().labels(&selector.join(",")))
-            .await?;
+        let list = self.api.list(&ListParams::default().labels(&selector.join(","))).await?;
         let wanted = labels.key_string();
-        let mut matches: Vec<CiliumIdentity> = list
-            .items
-            .into_iter()
-            .filter(|i| key_of(i) == wanted && self.id_of(i).is_some())
-            .collect();
+        let mut matches: Vec<CiliumIdentity> =
+            list.items.into_iter().filter(|i| key_of(i) == wanted && self.id_of(i).is_some()).collect();
         matches.sort_by_key(|i| (i.metadata.creation_timestamp.as_ref().map(|t| t.0), self.id_of(i)));
         let Some(oldest) = matches.into_iter().next() else {
             return Ok(None);
         };
         self.unmark(&oldest).await?;
-        Ok(Some(Identity {
-            id: self.id_of(&oldest).expect("filtered"),
-            labels: labels.clone(),
-        }))
+        Ok(Some(Identity { id: self.id_of(&oldest).expect("filtered"), labels: labels.clone() }))
     }
 
     /// The identity with this ID, if it exists.
     pub async fn lookup_by_id(&self, id: u32) -> Result<Option<Identity>, AllocError> {
-        Ok(self.api.get_opt(&id.to_string()).await?.map(|i| Identity {
-            id,
-            labels: labels_of(&i),
-        }))
+        Ok(self.api.get_opt(&id.to_string()).await?.map(|i| Identity { id, labels: labels_of(&i) }))
     }
 
     fn id_of(&self, i: &CiliumIdentity) -> Option<u32> {
-        i.metadata
-            .name
-            .as_deref()?
-            .parse()
-            .ok()
-            .filter(|id| self.range.contains(id))
+        i.metadata.name.as_deref()?.parse().ok().filter(|id| self.range.contains(id))
     }
 
     /// Removes the GC mark; the resourceVersion change makes a pending
     /// guarded delete by the GC fail.
     async fn unmark(&self, identity: &CiliumIdentity) -> Result<(), AllocError> {
-        let marked = identity
-            .metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION));
+        let marked = identity.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION));
         if !marked {
             return Ok(());
         }
         let name = identity.metadata.name.clone().unwrap_or_default();
         let body = serde_json::json!({ "metadata": { "annotations": { HEARTBEAT_ANNOTATION: null } } });
-        let pp = PatchParams {
-            field_manager: Some(self.field_manager.clone()),
-            ..Default::default()
-        };
+        let pp = PatchParams { field_manager: Some(self.field_manager.clone()), ..Default::default() };
         match self.api.patch(&name, &pp, &Patch::Merge(&body)).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
@@ -233,26 +193,16 @@ mod tests {
         let m = object_labels(&labels);
         assert_eq!(
             m,
-            [
-                ("app".to_string(), "web".to_string()),
-                ("io.kubernetes.pod.namespace".into(), "default".into())
-            ]
-            .into()
+            [("app".to_string(), "web".to_string()), ("io.kubernetes.pod.namespace".into(), "default".into())].into()
         );
     }
 
     #[test]
     fn security_labels_round_trip() {
-        let labels: Labels = [
-            Label::new("k8s", "app", "web"),
-            Label::new("k8s", "io.kubernetes.pod.namespace", "x"),
-        ]
-        .into_iter()
-        .collect();
-        let object = CiliumIdentity {
-            security_labels: labels.security_labels(),
-            ..Default::default()
-        };
+        let labels: Labels = [Label::new("k8s", "app", "web"), Label::new("k8s", "io.kubernetes.pod.namespace", "x")]
+            .into_iter()
+            .collect();
+        let object = CiliumIdentity { security_labels: labels.security_labels(), ..Default::default() };
         assert_eq!(key_of(&object), labels.key_string());
     }
 }

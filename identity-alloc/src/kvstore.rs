@@ -76,13 +76,7 @@ impl KvstoreAllocator {
                 }
             }
         });
-        Ok(KvstoreAllocator {
-            client,
-            range,
-            node: node.to_string(),
-            session,
-            keepalive,
-        })
+        Ok(KvstoreAllocator { client, range, node: node.to_string(), session, keepalive })
     }
 
     pub fn session_lease(&self) -> i64 {
@@ -97,18 +91,12 @@ impl KvstoreAllocator {
         let key = labels.key_string();
         if let Some(id) = self.lookup_value(&key).await? {
             self.put_value(&key, id).await?;
-            return Ok(Identity {
-                id,
-                labels: labels.clone(),
-            });
+            return Ok(Identity { id, labels: labels.clone() });
         }
         let mut c = self.client.clone();
         let lock_lease = c.lease_grant(LOCK_TTL, None).await.map_err(kv)?.id();
         let result = async {
-            let lock = c
-                .lock(lock_name(&key), Some(LockOptions::new().with_lease(lock_lease)))
-                .await
-                .map_err(kv)?;
+            let lock = c.lock(lock_name(&key), Some(LockOptions::new().with_lease(lock_lease))).await.map_err(kv)?;
             let outcome = self.allocate_locked(labels, &key).await;
             let _ = c.clone().unlock(lock.key().to_vec()).await;
             outcome
@@ -121,10 +109,7 @@ impl KvstoreAllocator {
     async fn allocate_locked(&self, labels: &Labels, key: &str) -> Result<Identity, AllocError> {
         if let Some(id) = self.lookup_value(key).await? {
             self.put_value(key, id).await?;
-            return Ok(Identity {
-                id,
-                labels: labels.clone(),
-            });
+            return Ok(Identity { id, labels: labels.clone() });
         }
         let mut c = self.client.clone();
         for id in probe_order(labels, &self.range) {
@@ -133,10 +118,7 @@ impl KvstoreAllocator {
                 .and_then([TxnOp::put(id_key(id), key, None)]);
             if c.txn(txn).await.map_err(kv)?.succeeded() {
                 self.put_value(key, id).await?;
-                return Ok(Identity {
-                    id,
-                    labels: labels.clone(),
-                });
+                return Ok(Identity { id, labels: labels.clone() });
             }
         }
         Err(AllocError::RangeFull(self.range.clone()))
@@ -145,13 +127,8 @@ impl KvstoreAllocator {
     /// The ID any value key of these labels names.
     pub async fn lookup_value(&self, labels_key: &str) -> Result<Option<u32>, AllocError> {
         let mut c = self.client.clone();
-        let resp = c
-            .get(
-                value_prefix(labels_key),
-                Some(GetOptions::new().with_prefix().with_limit(1)),
-            )
-            .await
-            .map_err(kv)?;
+        let resp =
+            c.get(value_prefix(labels_key), Some(GetOptions::new().with_prefix().with_limit(1))).await.map_err(kv)?;
         Ok(resp.kvs().first().and_then(|kv| kv.value_str().ok()?.parse().ok()))
     }
 
@@ -165,9 +142,7 @@ impl KvstoreAllocator {
     async fn put_value(&self, labels_key: &str, id: u32) -> Result<(), AllocError> {
         let mut c = self.client.clone();
         let key = format!("{}{}", value_prefix(labels_key), self.node);
-        c.put(key, id.to_string(), Some(PutOptions::new().with_lease(self.session)))
-            .await
-            .map_err(kv)?;
+        c.put(key, id.to_string(), Some(PutOptions::new().with_lease(self.session))).await.map_err(kv)?;
         Ok(())
     }
 

@@ -56,10 +56,7 @@ mod tests {
         let top = top_label_keys(&sets, 2);
         assert_eq!(top, vec![("k8s:build-id".to_string(), 20), ("k8s:tier".to_string(), 2)]);
         assert_eq!(exclusion_for("k8s:build-id"), r"k8s:!build-id$");
-        assert_eq!(
-            exclusion_for("k8s:app.kubernetes.io/version"),
-            r"k8s:!app\.kubernetes\.io/version$"
-        );
+        assert_eq!(exclusion_for("k8s:app.kubernetes.io/version"), r"k8s:!app\.kubernetes\.io/version$");
         let f = crate::LabelFilter::new(&[&exclusion_for("k8s:build-id")]).unwrap();
         assert!(!f.is_relevant(&crate::Label::new("k8s", "build-id", "b1")));
         assert!(f.is_relevant(&crate::Label::new("k8s", "build-id-extra", "x")));

@@ -60,10 +60,7 @@ struct Pattern {
 
 impl Pattern {
     fn parse(text: &str) -> Result<Pattern, FilterError> {
-        let bad = |reason: String| FilterError::BadPattern {
-            pattern: text.to_string(),
-            reason,
-        };
+        let bad = |reason: String| FilterError::BadPattern { pattern: text.to_string(), reason };
         // A source prefix is a leading word before ':' ("k8s:", "any:").
         let (source, rest) = match text.split_once(':') {
             Some((src, rest)) if !src.is_empty() && src.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
@@ -79,13 +76,7 @@ impl Pattern {
             return Err(bad("empty regular expression".into()));
         }
         let regex = Regex::new(&format!("^(?:{body})")).map_err(|e| bad(e.to_string()))?;
-        Ok(Pattern {
-            source,
-            regex,
-            exclude,
-            len: body.len(),
-            text: text.to_string(),
-        })
+        Ok(Pattern { source, regex, exclude, len: body.len(), text: text.to_string() })
     }
 
     fn matches(&self, l: &Label) -> bool {
@@ -141,11 +132,7 @@ impl LabelFilter {
     pub fn split(&self, labels: &Labels) -> (Labels, Labels) {
         let (mut relevant, mut other) = (Labels::new(), Labels::new());
         for l in labels.iter() {
-            if self.is_relevant(l) {
-                relevant.insert(l.clone())
-            } else {
-                other.insert(l.clone())
-            }
+            if self.is_relevant(l) { relevant.insert(l.clone()) } else { other.insert(l.clone()) }
         }
         (relevant, other)
     }
@@ -205,10 +192,7 @@ mod tests {
         assert!(f.is_relevant(&k8s("team")));
         assert!(f.is_relevant(&k8s("teams")), "patterns are prefixes");
         assert!(!f.is_relevant(&k8s("env")));
-        assert!(
-            f.is_relevant(&k8s("io.kubernetes.pod.namespace")),
-            "default inclusions stay"
-        );
+        assert!(f.is_relevant(&k8s("io.kubernetes.pod.namespace")), "default inclusions stay");
         let exact = LabelFilter::new(&["kind$"]).unwrap();
         assert!(exact.is_relevant(&k8s("kind")) && !exact.is_relevant(&k8s("kinder")));
     }

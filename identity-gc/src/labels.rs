@@ -20,11 +20,7 @@ pub struct Label {
 
 impl Label {
     pub fn new(source: &str, key: &str, value: &str) -> Label {
-        Label {
-            source: source.into(),
-            key: key.into(),
-            value: value.into(),
-        }
+        Label { source: source.into(), key: key.into(), value: value.into() }
     }
 
     /// Parses `source:key=value` (`key=value` gets source `any`; a missing
@@ -108,10 +104,7 @@ impl Labels {
 
     /// The CiliumIdentity `security-labels` map: `"source:key" -> value`.
     pub fn security_labels(&self) -> BTreeMap<String, String> {
-        self.0
-            .values()
-            .map(|l| (format!("{}:{}", l.source, l.key), l.value.clone()))
-            .collect()
+        self.0.values().map(|l| (format!("{}:{}", l.source, l.key), l.value.clone())).collect()
     }
 }
 
@@ -155,9 +148,6 @@ mod tests {
         let l = Labels::from_k8s("ns1", [("app", "web")]);
         let m = l.security_labels();
         assert_eq!(m.get("k8s:app").map(String::as_str), Some("web"));
-        assert_eq!(
-            m.get("k8s:io.kubernetes.pod.namespace").map(String::as_str),
-            Some("ns1")
-        );
+        assert_eq!(m.get("k8s:io.kubernetes.pod.namespace").map(String::as_str), Some("ns1"));
     }
 }

@@ -46,11 +46,7 @@ pub fn cluster_range(cluster_id: u32, max_connected_clusters: u32) -> Result<Ran
             clusters: max_connected_clusters,
         });
     }
-    let first = if cluster_id == 0 {
-        MAX_RESERVED + 1
-    } else {
-        cluster_id << shift
-    };
+    let first = if cluster_id == 0 { MAX_RESERVED + 1 } else { cluster_id << shift };
     let last = ((cluster_id + 1) << shift) - 1;
     Ok(first..=last)
 }

@@ -5,11 +5,7 @@ use cilium_identity::{Label, Labels};
 use proptest::prelude::*;
 
 fn label() -> impl Strategy<Value = Label> {
-    (
-        prop_oneof![Just("k8s"), Just("reserved"), Just("container")],
-        "[a-z][a-z0-9./-]{0,20}",
-        "[a-zA-Z0-9._-]{0,12}",
-    )
+    (prop_oneof![Just("k8s"), Just("reserved"), Just("container")], "[a-z][a-z0-9./-]{0,20}", "[a-zA-Z0-9._-]{0,12}")
         .prop_map(|(s, k, v)| Label::new(s, &k, &v))
 }
 

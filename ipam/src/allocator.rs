@@ -64,12 +64,7 @@ impl Pool {
     fn new(cidr: Cidr, mask: u8) -> Pool {
         let bits = mask - cidr.prefix_len();
         let capacity = if bits >= 128 { u128::MAX } else { 1u128 << bits };
-        Pool {
-            cidr,
-            capacity,
-            allocated: BTreeSet::new(),
-            lowest_maybe_free: 0,
-        }
+        Pool { cidr, capacity, allocated: BTreeSet::new(), lowest_maybe_free: 0 }
     }
 
     fn is_full(&self) -> bool {
@@ -113,11 +108,7 @@ impl CidrAllocator {
     /// An allocator over `pools` (validated: family, no overlap, mask size).
     pub fn new(family: Family, pools: &[Cidr], mask: u8) -> Result<CidrAllocator, AllocError> {
         validate_pools(family, pools, mask)?;
-        Ok(CidrAllocator {
-            family,
-            mask,
-            pools: pools.iter().map(|c| Pool::new(*c, mask)).collect(),
-        })
+        Ok(CidrAllocator { family, mask, pools: pools.iter().map(|c| Pool::new(*c, mask)).collect() })
     }
 
     pub fn family(&self) -> Family {
@@ -146,29 +137,18 @@ impl CidrAllocator {
     fn locate(&self, cidr: &Cidr) -> Result<(usize, u128), AllocError> {
         let near_a_pool = |c: &Cidr| self.pools.iter().any(|p| p.cidr.contains(c) || c.contains(&p.cidr));
         if cidr.family() == self.family && cidr.prefix_len() != self.mask && near_a_pool(cidr) {
-            return Err(AllocError::WrongMask {
-                cidr: *cidr,
-                mask: self.mask,
-            });
+            return Err(AllocError::WrongMask { cidr: *cidr, mask: self.mask });
         }
         let shift = self.family.bits() - self.mask;
         self.pools
             .iter()
             .position(|p| p.cidr.contains(cidr) && cidr.prefix_len() == self.mask)
             .map(|i| (i, (cidr.first() - self.pools[i].cidr.first()) >> shift))
-            .ok_or_else(|| AllocError::NotInPool {
-                cidr: *cidr,
-                family: self.family,
-                pools: self.pool_list(),
-            })
+            .ok_or_else(|| AllocError::NotInPool { cidr: *cidr, family: self.family, pools: self.pool_list() })
     }
 
     fn pool_list(&self) -> String {
-        self.pools
-            .iter()
-            .map(|p| p.cidr.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.pools.iter().map(|p| p.cidr.to_string()).collect::<Vec<_>>().join(", ")
     }
 
     /// The lowest free subnet of the first non-full pool.
@@ -214,8 +194,7 @@ impl CidrAllocator {
     }
 
     pub fn is_allocated(&self, cidr: &Cidr) -> bool {
-        self.locate(cidr)
-            .is_ok_and(|(pool, index)| self.pools[pool].allocated.contains(&index))
+        self.locate(cidr).is_ok_and(|(pool, index)| self.pools[pool].allocated.contains(&index))
     }
 
     /// Moves to a new pool list, which must keep every current pool in
@@ -225,10 +204,7 @@ impl CidrAllocator {
         validate_pools(self.family, pools, self.mask)?;
         for p in &self.pools {
             if !pools.contains(&p.cidr) && !p.allocated.is_empty() {
-                return Err(AllocError::PoolInUse {
-                    cidr: p.cidr,
-                    used: p.allocated.len() as u128,
-                });
+                return Err(AllocError::PoolInUse { cidr: p.cidr, used: p.allocated.len() as u128 });
             }
         }
         let mut next: Vec<Pool> = Vec::with_capacity(pools.len());
@@ -246,11 +222,7 @@ impl CidrAllocator {
     pub fn usage(&self) -> Vec<PoolUsage> {
         self.pools
             .iter()
-            .map(|p| PoolUsage {
-                cidr: p.cidr,
-                capacity: p.capacity,
-                used: p.allocated.len() as u128,
-            })
+            .map(|p| PoolUsage { cidr: p.cidr, capacity: p.capacity, used: p.allocated.len() as u128 })
             .collect()
     }
 }
@@ -279,19 +251,13 @@ mod tests {
     fn occupy_refuses_duplicates_and_outsiders() {
         let mut a = CidrAllocator::new(Family::V4, &[c("10.0.0.0/16")], 24).unwrap();
         a.occupy(&c("10.0.5.0/24")).unwrap();
-        assert_eq!(
-            a.occupy(&c("10.0.5.0/24")),
-            Err(AllocError::AlreadyAllocated { cidr: c("10.0.5.0/24") })
-        );
+        assert_eq!(a.occupy(&c("10.0.5.0/24")), Err(AllocError::AlreadyAllocated { cidr: c("10.0.5.0/24") }));
         assert!(matches!(a.occupy(&c("10.9.0.0/24")), Err(AllocError::NotInPool { .. })));
         assert!(matches!(a.occupy(&c("10.0.6.0/25")), Err(AllocError::WrongMask { .. })));
         assert!(matches!(a.occupy(&c("fd00::/120")), Err(AllocError::NotInPool { .. })));
         assert_eq!(a.allocate().unwrap(), c("10.0.0.0/24"));
         assert!(a.is_allocated(&c("10.0.5.0/24")));
-        assert_eq!(
-            a.release(&c("10.0.7.0/24")),
-            Err(AllocError::NotAllocated { cidr: c("10.0.7.0/24") })
-        );
+        assert_eq!(a.release(&c("10.0.7.0/24")), Err(AllocError::NotAllocated { cidr: c("10.0.7.0/24") }));
     }
 
     #[test]
@@ -310,13 +276,7 @@ mod tests {
         a.update_pools(&[c("10.0.0.0/24"), c("10.0.1.0/24")]).unwrap();
         assert_eq!(a.allocate().unwrap(), c("10.0.1.0/24"));
         assert!(a.is_allocated(&first), "existing allocations survive the update");
-        assert!(matches!(
-            a.update_pools(&[c("10.0.1.0/24")]),
-            Err(AllocError::PoolInUse { .. })
-        ));
-        assert!(matches!(
-            a.update_pools(&[c("10.0.0.0/24"), c("10.0.0.0/16")]),
-            Err(AllocError::Config(_))
-        ));
+        assert!(matches!(a.update_pools(&[c("10.0.1.0/24")]), Err(AllocError::PoolInUse { .. })));
+        assert!(matches!(a.update_pools(&[c("10.0.0.0/24"), c("10.0.0.0/16")]), Err(AllocError::Config(_))));
     }
 }

@@ -75,16 +75,9 @@ impl Cidr {
         if prefix > family.bits() {
             return Err(CidrError::Malformed(format!("{ip}/{prefix}")));
         }
-        let c = Cidr {
-            family,
-            addr: addr & mask(family, prefix),
-            prefix,
-        };
+        let c = Cidr { family, addr: addr & mask(family, prefix), prefix };
         if c.addr != addr {
-            return Err(CidrError::HostBits {
-                input: format!("{ip}/{prefix}"),
-                canonical: c,
-            });
+            return Err(CidrError::HostBits { input: format!("{ip}/{prefix}"), canonical: c });
         }
         Ok(c)
     }
@@ -135,11 +128,7 @@ fn family_all(f: Family) -> u128 {
 
 fn mask(f: Family, prefix: u8) -> u128 {
     let bits = f.bits();
-    if prefix == 0 {
-        0
-    } else {
-        (family_all(f) << (bits - prefix)) & family_all(f)
-    }
+    if prefix == 0 { 0 } else { (family_all(f) << (bits - prefix)) & family_all(f) }
 }
 
 impl FromStr for Cidr {
@@ -173,12 +162,7 @@ pub fn validate_pools(family: Family, pools: &[Cidr], mask_size: u8) -> Result<(
             return Err(CidrError::WrongFamily { cidr: *c, family });
         }
         if mask_size < c.prefix || mask_size > family.bits() {
-            return Err(CidrError::MaskSize {
-                mask: mask_size,
-                prefix: c.prefix,
-                cidr: *c,
-                max: family.bits(),
-            });
+            return Err(CidrError::MaskSize { mask: mask_size, prefix: c.prefix, cidr: *c, max: family.bits() });
         }
         if let Some(b) = pools[..i].iter().find(|b| b.overlaps(c)) {
             return Err(CidrError::Overlap { a: *c, b: *b });
@@ -199,24 +183,13 @@ mod tests {
     fn parses_both_families() {
         assert_eq!(c("10.0.0.0/8").to_string(), "10.0.0.0/8");
         assert_eq!(c("fd00::/104").to_string(), "fd00::/104");
-        assert_eq!(
-            c("10.1.2.0/24").last(),
-            u32::from(std::net::Ipv4Addr::new(10, 1, 2, 255)) as u128
-        );
+        assert_eq!(c("10.1.2.0/24").last(), u32::from(std::net::Ipv4Addr::new(10, 1, 2, 255)) as u128);
         assert_eq!(c("0.0.0.0/0").last(), u32::MAX as u128);
     }
 
     #[test]
     fn refuses_malformed() {
-        for bad in [
-            "10.0.0.0",
-            "10.0.0.0/33",
-            "10.0.0/8",
-            "fd00::/129",
-            "x/8",
-            "10.0.0.0/",
-            "10.0.0.0/-1",
-        ] {
+        for bad in ["10.0.0.0", "10.0.0.0/33", "10.0.0/8", "fd00::/129", "x/8", "10.0.0.0/", "10.0.0.0/-1"] {
             assert!(matches!(bad.parse::<Cidr>(), Err(CidrError::Malformed(_))), "{bad}");
         }
         assert!(matches!("10.0.0.1/8".parse::<Cidr>(), Err(CidrError::HostBits { .. })));
@@ -234,26 +207,14 @@ mod tests {
 
     #[test]
     fn validates_pools() {
-        assert_eq!(
-            validate_pools(Family::V4, &[c("10.0.0.0/8"), c("11.0.0.0/16")], 24),
-            Ok(())
-        );
+        assert_eq!(validate_pools(Family::V4, &[c("10.0.0.0/8"), c("11.0.0.0/16")], 24), Ok(()));
         assert!(matches!(
             validate_pools(Family::V4, &[c("10.0.0.0/8"), c("10.1.0.0/16")], 24),
             Err(CidrError::Overlap { .. })
         ));
-        assert!(matches!(
-            validate_pools(Family::V4, &[c("fd00::/104")], 24),
-            Err(CidrError::WrongFamily { .. })
-        ));
-        assert!(matches!(
-            validate_pools(Family::V4, &[c("10.0.0.0/24")], 16),
-            Err(CidrError::MaskSize { .. })
-        ));
-        assert!(matches!(
-            validate_pools(Family::V4, &[c("10.0.0.0/8")], 33),
-            Err(CidrError::MaskSize { .. })
-        ));
+        assert!(matches!(validate_pools(Family::V4, &[c("fd00::/104")], 24), Err(CidrError::WrongFamily { .. })));
+        assert!(matches!(validate_pools(Family::V4, &[c("10.0.0.0/24")], 16), Err(CidrError::MaskSize { .. })));
+        assert!(matches!(validate_pools(Family::V4, &[c("10.0.0.0/8")], 33), Err(CidrError::MaskSize { .. })));
         assert_eq!(validate_pools(Family::V6, &[c("fd00::/104")], 120), Ok(()));
     }
 }

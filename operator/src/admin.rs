@@ -39,20 +39,12 @@ async fn healthz(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
 }
 
 /// Binds a listener, with the address in the error.
 pub async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))
+    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} for {what}: {e}"))
 }
 
 /// Serves `/healthz` (and, on the same listener, nothing else).
@@ -62,13 +54,8 @@ pub async fn serve_health(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .with_state(AppState { health, metrics });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
+    let app = Router::new().route("/healthz", get(healthz)).with_state(AppState { health, metrics });
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::error!(error = %e, "health server failed");
     }
 }
@@ -80,13 +67,8 @@ pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let app = Router::new()
-        .route("/metrics", get(self::metrics))
-        .with_state(AppState { health, metrics });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
+    let app = Router::new().route("/metrics", get(self::metrics)).with_state(AppState { health, metrics });
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         tracing::error!(error = %e, "metrics server failed");
     }
 }

@@ -35,153 +35,48 @@ pub struct OptSpec {
 }
 
 const fn opt(name: &'static str, default: &'static str, kind: Kind, help: &'static str) -> OptSpec {
-    OptSpec {
-        name,
-        default,
-        kind,
-        help,
-    }
+    OptSpec { name, default, kind, help }
 }
 
 /// Every option the operator reads, with upstream names and defaults.
 pub const OPTIONS: &[OptSpec] = &[
-    opt(
-        "config-dir",
-        "",
-        Kind::Value,
-        "Directory holding one file per option (a mounted cilium-config ConfigMap)",
-    ),
+    opt("config-dir", "", Kind::Value, "Directory holding one file per option (a mounted cilium-config ConfigMap)"),
     opt(
         "k8s-kubeconfig-path",
         "",
         Kind::Value,
         "Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config or in-cluster)",
     ),
-    opt(
-        "k8s-namespace",
-        "kube-system",
-        Kind::Value,
-        "Namespace of the operator (leader-election Lease, Events)",
-    ),
+    opt("k8s-namespace", "kube-system", Kind::Value, "Namespace of the operator (leader-election Lease, Events)"),
     opt("cluster-name", "default", Kind::Value, "Name of the cluster"),
-    opt(
-        "cluster-id",
-        "0",
-        Kind::Value,
-        "Unique identifier of the cluster (0 = single cluster)",
-    ),
-    opt(
-        "max-connected-clusters",
-        "255",
-        Kind::Value,
-        "Maximum number of clusters in a mesh (255 or 511)",
-    ),
-    opt(
-        "identity-allocation-mode",
-        "crd",
-        Kind::Value,
-        "crd, kvstore, doublewrite-readkvstore or doublewrite-readcrd",
-    ),
+    opt("cluster-id", "0", Kind::Value, "Unique identifier of the cluster (0 = single cluster)"),
+    opt("max-connected-clusters", "255", Kind::Value, "Maximum number of clusters in a mesh (255 or 511)"),
+    opt("identity-allocation-mode", "crd", Kind::Value, "crd, kvstore, doublewrite-readkvstore or doublewrite-readcrd"),
     opt("ipam", "cluster-pool", Kind::Value, "IPAM mode (cluster-pool)"),
     opt("enable-ipv4", "true", Kind::Bool, "Allocate IPv4 pod CIDRs"),
     opt("enable-ipv6", "false", Kind::Bool, "Allocate IPv6 pod CIDRs"),
-    opt(
-        "cluster-pool-ipv4-cidr",
-        "",
-        Kind::List,
-        "IPv4 pool CIDRs, in allocation order",
-    ),
-    opt(
-        "cluster-pool-ipv4-mask-size",
-        "24",
-        Kind::Value,
-        "Prefix length of each node's IPv4 pod CIDR",
-    ),
-    opt(
-        "cluster-pool-ipv6-cidr",
-        "",
-        Kind::List,
-        "IPv6 pool CIDRs, in allocation order",
-    ),
-    opt(
-        "cluster-pool-ipv6-mask-size",
-        "112",
-        Kind::Value,
-        "Prefix length of each node's IPv6 pod CIDR",
-    ),
-    opt(
-        "identity-gc-interval",
-        "15m0s",
-        Kind::Value,
-        "Interval between identity GC runs (0 disables CRD identity GC)",
-    ),
-    opt(
-        "identity-heartbeat-timeout",
-        "30m0s",
-        Kind::Value,
-        "Time an unused identity is kept before deletion",
-    ),
-    opt(
-        "identity-gc-rate-interval",
-        "1m0s",
-        Kind::Value,
-        "Window of the identity GC rate limit",
-    ),
-    opt(
-        "identity-gc-rate-limit",
-        "2500",
-        Kind::Value,
-        "Maximum identity deletions per rate interval",
-    ),
+    opt("cluster-pool-ipv4-cidr", "", Kind::List, "IPv4 pool CIDRs, in allocation order"),
+    opt("cluster-pool-ipv4-mask-size", "24", Kind::Value, "Prefix length of each node's IPv4 pod CIDR"),
+    opt("cluster-pool-ipv6-cidr", "", Kind::List, "IPv6 pool CIDRs, in allocation order"),
+    opt("cluster-pool-ipv6-mask-size", "112", Kind::Value, "Prefix length of each node's IPv6 pod CIDR"),
+    opt("identity-gc-interval", "15m0s", Kind::Value, "Interval between identity GC runs (0 disables CRD identity GC)"),
+    opt("identity-heartbeat-timeout", "30m0s", Kind::Value, "Time an unused identity is kept before deletion"),
+    opt("identity-gc-rate-interval", "1m0s", Kind::Value, "Window of the identity GC rate limit"),
+    opt("identity-gc-rate-limit", "2500", Kind::Value, "Maximum identity deletions per rate interval"),
     opt(
         "identity-space-pressure-threshold",
         "0.9",
         Kind::Value,
         "Share of the identity range in use that triggers an immediate GC pass, an Event and a metric",
     ),
-    opt(
-        "nodes-gc-interval",
-        "5m0s",
-        Kind::Value,
-        "Interval between CiliumNode GC runs",
-    ),
-    opt(
-        "cilium-endpoint-gc-interval",
-        "5m0s",
-        Kind::Value,
-        "Interval between CiliumEndpoint GC runs (0 runs once)",
-    ),
-    opt(
-        "operator-api-serve-addr",
-        "localhost:9234",
-        Kind::Value,
-        "Address of the health API (/healthz)",
-    ),
-    opt(
-        "operator-prometheus-serve-addr",
-        ":9963",
-        Kind::Value,
-        "Address of the Prometheus metrics endpoint",
-    ),
+    opt("nodes-gc-interval", "5m0s", Kind::Value, "Interval between CiliumNode GC runs"),
+    opt("cilium-endpoint-gc-interval", "5m0s", Kind::Value, "Interval between CiliumEndpoint GC runs (0 runs once)"),
+    opt("operator-api-serve-addr", "localhost:9234", Kind::Value, "Address of the health API (/healthz)"),
+    opt("operator-prometheus-serve-addr", ":9963", Kind::Value, "Address of the Prometheus metrics endpoint"),
     opt("enable-metrics", "true", Kind::Bool, "Serve Prometheus metrics"),
-    opt(
-        "leader-election-lease-duration",
-        "15s",
-        Kind::Value,
-        "Duration a non-leader waits before taking over a lease",
-    ),
-    opt(
-        "leader-election-renew-deadline",
-        "10s",
-        Kind::Value,
-        "Time the leader keeps trying to renew before giving up",
-    ),
-    opt(
-        "leader-election-retry-period",
-        "2s",
-        Kind::Value,
-        "Interval between leader-election attempts",
-    ),
+    opt("leader-election-lease-duration", "15s", Kind::Value, "Duration a non-leader waits before taking over a lease"),
+    opt("leader-election-renew-deadline", "10s", Kind::Value, "Time the leader keeps trying to renew before giving up"),
+    opt("leader-election-retry-period", "2s", Kind::Value, "Interval between leader-election attempts"),
     opt("kvstore", "", Kind::Value, "Key-value store type: empty (none) or etcd"),
     opt(
         "kvstore-opt",
@@ -189,12 +84,7 @@ pub const OPTIONS: &[OptSpec] = &[
         Kind::List,
         "Key-value store options: etcd.address=<url> or etcd.config=<file with endpoints>",
     ),
-    opt(
-        "kvstore-heartbeat-interval",
-        "1m0s",
-        Kind::Value,
-        "Interval between writes of cilium/.heartbeat",
-    ),
+    opt("kvstore-heartbeat-interval", "1m0s", Kind::Value, "Interval between writes of cilium/.heartbeat"),
     opt("log-format", "text", Kind::Value, "Log format: text or json"),
     opt("debug", "false", Kind::Bool, "Enable debug logging"),
 ];
@@ -235,12 +125,7 @@ pub struct RawConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid value {value:?} for --{name} (from {origin}): {reason}")]
-    Invalid {
-        name: &'static str,
-        value: String,
-        origin: Source,
-        reason: String,
-    },
+    Invalid { name: &'static str, value: String, origin: Source, reason: String },
     #[error("cannot read config directory {}: {reason}", path.display())]
     ConfigDir { path: PathBuf, reason: String },
 }
@@ -273,9 +158,7 @@ impl RawConfig {
             }
         }
         for o in OPTIONS {
-            values
-                .entry(o.name)
-                .or_insert_with(|| (o.default.to_string(), Source::Default));
+            values.entry(o.name).or_insert_with(|| (o.default.to_string(), Source::Default));
         }
         Ok(RawConfig { values })
     }
@@ -284,10 +167,7 @@ impl RawConfig {
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<RawConfig, ConfigError> {
         let mut args = vec!["cilium-operator".to_string()];
         args.extend(pairs.iter().map(|(k, v)| format!("--{k}={v}")));
-        let m = command()
-            .no_binary_name(false)
-            .try_get_matches_from(args)
-            .expect("test flags parse");
+        let m = command().no_binary_name(false).try_get_matches_from(args).expect("test flags parse");
         RawConfig::from_matches(&m)
     }
 }
@@ -299,10 +179,7 @@ impl RawConfig {
 type ConfigDirEntry = (&'static str, (String, PathBuf));
 
 fn read_config_dir(dir: &Path) -> Result<Vec<ConfigDirEntry>, ConfigError> {
-    let err = |reason: String| ConfigError::ConfigDir {
-        path: dir.to_path_buf(),
-        reason,
-    };
+    let err = |reason: String| ConfigError::ConfigDir { path: dir.to_path_buf(), reason };
     let entries = std::fs::read_dir(dir).map_err(|e| err(e.to_string()))?;
     let mut out = Vec::new();
     for entry in entries {
@@ -336,12 +213,7 @@ pub fn command() -> Command {
         .subcommand(
             Command::new("crdgen")
                 .about("Write the CRD manifests generated from the Rust types")
-                .arg(
-                    Arg::new("output-dir")
-                        .long("output-dir")
-                        .default_value("crds")
-                        .help("Directory to write into"),
-                ),
+                .arg(Arg::new("output-dir").long("output-dir").default_value("crds").help("Directory to write into")),
         );
     for o in OPTIONS {
         let mut arg = Arg::new(o.name)
@@ -371,19 +243,12 @@ impl IdentityAllocationMode {
     pub const ALL: [(&'static str, IdentityAllocationMode); 4] = [
         ("crd", IdentityAllocationMode::Crd),
         ("kvstore", IdentityAllocationMode::Kvstore),
-        (
-            "doublewrite-readkvstore",
-            IdentityAllocationMode::DoubleWriteReadKvstore,
-        ),
+        ("doublewrite-readkvstore", IdentityAllocationMode::DoubleWriteReadKvstore),
         ("doublewrite-readcrd", IdentityAllocationMode::DoubleWriteReadCrd),
     ];
 
     pub fn as_str(self) -> &'static str {
-        Self::ALL
-            .iter()
-            .find(|(_, m)| *m == self)
-            .map(|(s, _)| *s)
-            .unwrap_or("crd")
+        Self::ALL.iter().find(|(_, m)| *m == self).map(|(s, _)| *s).unwrap_or("crd")
     }
 }
 
@@ -459,18 +324,8 @@ impl Config {
         let _ = ipam;
         let enable_ipv4 = v.bool("enable-ipv4")?;
         let enable_ipv6 = v.bool("enable-ipv6")?;
-        let ipv4_pool = v.pool(
-            Family::V4,
-            "cluster-pool-ipv4-cidr",
-            "cluster-pool-ipv4-mask-size",
-            enable_ipv4,
-        )?;
-        let ipv6_pool = v.pool(
-            Family::V6,
-            "cluster-pool-ipv6-cidr",
-            "cluster-pool-ipv6-mask-size",
-            enable_ipv6,
-        )?;
+        let ipv4_pool = v.pool(Family::V4, "cluster-pool-ipv4-cidr", "cluster-pool-ipv4-mask-size", enable_ipv4)?;
+        let ipv6_pool = v.pool(Family::V6, "cluster-pool-ipv6-cidr", "cluster-pool-ipv6-mask-size", enable_ipv6)?;
         let leader_election = LeaderElectionConfig {
             lease_duration: v.duration("leader-election-lease-duration")?,
             renew_deadline: v.duration("leader-election-renew-deadline")?,
@@ -491,11 +346,7 @@ impl Config {
         let enable_metrics = v.bool("enable-metrics")?;
         let non_empty = |name: &'static str| -> Result<String, ConfigError> {
             let s = v.raw.get(name).0.trim().to_string();
-            if s.is_empty() {
-                Err(v.invalid(name, "must not be empty".into()))
-            } else {
-                Ok(s)
-            }
+            if s.is_empty() { Err(v.invalid(name, "must not be empty".into())) } else { Ok(s) }
         };
         let kubeconfig = v.raw.get("k8s-kubeconfig-path").0.trim();
         let identity_allocation_mode = v.one_of("identity-allocation-mode", &IdentityAllocationMode::ALL)?;
@@ -523,11 +374,7 @@ impl Config {
             nodes_gc_interval: v.positive_duration("nodes-gc-interval")?,
             endpoint_gc_interval: v.duration("cilium-endpoint-gc-interval")?,
             health_addr: v.addr("operator-api-serve-addr")?,
-            metrics_addr: if enable_metrics {
-                Some(v.addr("operator-prometheus-serve-addr")?)
-            } else {
-                None
-            },
+            metrics_addr: if enable_metrics { Some(v.addr("operator-prometheus-serve-addr")?) } else { None },
             leader_election,
             kvstore,
             kvstore_heartbeat_interval: v.positive_duration("kvstore-heartbeat-interval")?,
@@ -544,12 +391,7 @@ struct Validator<'a> {
 impl Validator<'_> {
     fn invalid(&self, name: &'static str, reason: String) -> ConfigError {
         let (value, source) = self.raw.get(name);
-        ConfigError::Invalid {
-            name,
-            value: value.to_string(),
-            origin: source.clone(),
-            reason,
-        }
+        ConfigError::Invalid { name, value: value.to_string(), origin: source.clone(), reason }
     }
 
     fn duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
@@ -566,13 +408,7 @@ impl Validator<'_> {
     }
 
     fn int(&self, name: &'static str, min: i64, max: i64) -> Result<i64, ConfigError> {
-        let n: i64 = self
-            .raw
-            .get(name)
-            .0
-            .trim()
-            .parse()
-            .map_err(|_| self.invalid(name, "not an integer".into()))?;
+        let n: i64 = self.raw.get(name).0.trim().parse().map_err(|_| self.invalid(name, "not an integer".into()))?;
         if n < min || n > max {
             return Err(self.invalid(name, format!("must be between {min} and {max}")));
         }
@@ -580,13 +416,7 @@ impl Validator<'_> {
     }
 
     fn fraction(&self, name: &'static str) -> Result<f64, ConfigError> {
-        let f: f64 = self
-            .raw
-            .get(name)
-            .0
-            .trim()
-            .parse()
-            .map_err(|_| self.invalid(name, "not a number".into()))?;
+        let f: f64 = self.raw.get(name).0.trim().parse().map_err(|_| self.invalid(name, "not a number".into()))?;
         if !(f > 0.0 && f <= 1.0) {
             return Err(self.invalid(name, "must be greater than 0 and at most 1".into()));
         }
@@ -603,14 +433,10 @@ impl Validator<'_> {
 
     fn one_of<T: Copy>(&self, name: &'static str, choices: &[(&str, T)]) -> Result<T, ConfigError> {
         let value = self.raw.get(name).0.trim();
-        choices
-            .iter()
-            .find(|(s, _)| *s == value)
-            .map(|(_, t)| *t)
-            .ok_or_else(|| {
-                let names: Vec<&str> = choices.iter().map(|(s, _)| *s).collect();
-                self.invalid(name, format!("must be one of {}", names.join(", ")))
-            })
+        choices.iter().find(|(s, _)| *s == value).map(|(_, t)| *t).ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(s, _)| *s).collect();
+            self.invalid(name, format!("must be one of {}", names.join(", ")))
+        })
     }
 
     fn kvstore(&self) -> Result<Option<KvstoreConfig>, ConfigError> {
@@ -620,14 +446,7 @@ impl Validator<'_> {
             _ => return Err(self.invalid("kvstore", "must be empty or etcd".into())),
         }
         let mut endpoints = Vec::new();
-        for opt in self
-            .raw
-            .get("kvstore-opt")
-            .0
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
+        for opt in self.raw.get("kvstore-opt").0.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match opt.split_once('=') {
                 Some(("etcd.address", addr)) => endpoints.extend(addr.split(';').map(|a| a.trim().to_string())),
                 Some(("etcd.config", path)) => endpoints.extend(
@@ -635,28 +454,21 @@ impl Validator<'_> {
                         .map_err(|e| self.invalid("kvstore-opt", format!("etcd.config {path}: {e}")))?,
                 ),
                 _ => {
-                    return Err(self.invalid(
-                        "kvstore-opt",
-                        format!("unknown option {opt:?} (use etcd.address or etcd.config)"),
-                    ));
+                    return Err(self
+                        .invalid("kvstore-opt", format!("unknown option {opt:?} (use etcd.address or etcd.config)")));
                 }
             }
         }
         endpoints.retain(|e| !e.is_empty());
         if endpoints.is_empty() {
-            return Err(self.invalid(
-                "kvstore-opt",
-                "--kvstore=etcd needs etcd.address=<url> or etcd.config=<file>".into(),
-            ));
+            return Err(
+                self.invalid("kvstore-opt", "--kvstore=etcd needs etcd.address=<url> or etcd.config=<file>".into())
+            );
         }
-        if let Some(bad) = endpoints
-            .iter()
-            .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
-        {
-            return Err(self.invalid(
-                "kvstore-opt",
-                format!("etcd endpoint {bad:?} must start with http:// or https://"),
-            ));
+        if let Some(bad) = endpoints.iter().find(|e| !(e.starts_with("http://") || e.starts_with("https://"))) {
+            return Err(
+                self.invalid("kvstore-opt", format!("etcd endpoint {bad:?} must start with http:// or https://"))
+            );
         }
         Ok(Some(KvstoreConfig { endpoints }))
     }
@@ -666,19 +478,14 @@ impl Validator<'_> {
         let (host, port) = value
             .rsplit_once(':')
             .ok_or_else(|| self.invalid(name, "expected host:port, e.g. localhost:9234 or :9963".into()))?;
-        port.parse::<u16>()
-            .map_err(|_| self.invalid(name, format!("bad port {port:?}")))?;
+        port.parse::<u16>().map_err(|_| self.invalid(name, format!("bad port {port:?}")))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let host = match host {
             "" => "0.0.0.0",
             "localhost" => "127.0.0.1",
             h => h,
         };
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
+        let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
         Ok(format!("{host}:{port}"))
     }
 
@@ -690,17 +497,8 @@ impl Validator<'_> {
         enabled: bool,
     ) -> Result<Option<PoolConfig>, ConfigError> {
         let mut cidrs = Vec::new();
-        for item in self
-            .raw
-            .get(cidr_name)
-            .0
-            .split([',', ' '])
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
-            let c: Cidr = item
-                .parse()
-                .map_err(|e: cilium_ipam::CidrError| self.invalid(cidr_name, e.to_string()))?;
+        for item in self.raw.get(cidr_name).0.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()) {
+            let c: Cidr = item.parse().map_err(|e: cilium_ipam::CidrError| self.invalid(cidr_name, e.to_string()))?;
             cidrs.push(c);
         }
         let mask_size = self.int(mask_name, 1, family.bits() as i64)? as u8;
@@ -708,11 +506,7 @@ impl Validator<'_> {
             return Ok(None);
         }
         if cidrs.is_empty() {
-            let flag = if family == Family::V4 {
-                "enable-ipv4"
-            } else {
-                "enable-ipv6"
-            };
+            let flag = if family == Family::V4 { "enable-ipv4" } else { "enable-ipv6" };
             return Err(self.invalid(
                 cidr_name,
                 format!("at least one {family} CIDR is required with --ipam=cluster-pool and --{flag}"),
@@ -787,10 +581,7 @@ mod tests {
             "{e}"
         );
         let e = err(&[("cluster-pool-ipv4-cidr", "10.0.0.0/33")]);
-        assert!(
-            e.contains("--cluster-pool-ipv4-cidr") && e.contains("10.0.0.0/33"),
-            "{e}"
-        );
+        assert!(e.contains("--cluster-pool-ipv4-cidr") && e.contains("10.0.0.0/33"), "{e}");
         let e = err(&[("cluster-pool-ipv4-cidr", "10.0.0.0/8,10.1.0.0/16")]);
         assert!(e.contains("overlaps"), "{e}");
         let e = err(&[("cluster-pool-ipv4-cidr", "fd00::/104")]);
@@ -828,20 +619,13 @@ mod tests {
         std::fs::write(dir.path().join("identity-allocation-mode"), "bogus").unwrap();
         let raw = RawConfig::from_pairs(&[("config-dir", d)]).unwrap();
         let e = Config::from_raw(&raw).unwrap_err().to_string();
-        assert!(
-            e.contains("config file") && e.contains("identity-allocation-mode") && e.contains("bogus"),
-            "{e}"
-        );
+        assert!(e.contains("config file") && e.contains("identity-allocation-mode") && e.contains("bogus"), "{e}");
     }
 
     #[test]
     fn kvstore_options() {
         assert_eq!(cfg(&[]).unwrap().kvstore, None);
-        let c = cfg(&[
-            ("kvstore", "etcd"),
-            ("kvstore-opt", "etcd.address=http://127.0.0.1:2379"),
-        ])
-        .unwrap();
+        let c = cfg(&[("kvstore", "etcd"), ("kvstore-opt", "etcd.address=http://127.0.0.1:2379")]).unwrap();
         assert_eq!(c.kvstore.unwrap().endpoints, vec!["http://127.0.0.1:2379"]);
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("etcd.config");
@@ -853,10 +637,7 @@ mod tests {
         assert!(err(&[("kvstore", "etcd")]).contains("--kvstore-opt"));
         assert!(err(&[("kvstore", "etcd"), ("kvstore-opt", "etcd.address=127.0.0.1:2379")]).contains("http://"));
         let e = err(&[("identity-allocation-mode", "kvstore")]);
-        assert!(
-            e.contains("--identity-allocation-mode") && e.contains("--kvstore=etcd"),
-            "{e}"
-        );
+        assert!(e.contains("--identity-allocation-mode") && e.contains("--kvstore=etcd"), "{e}");
     }
 
     #[test]

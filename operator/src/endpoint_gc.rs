@@ -67,22 +67,14 @@ pub struct EndpointGcMetrics {
 impl EndpointGcMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("endpoint_gc");
-        r.register(
-            "objects",
-            "CiliumEndpoints deleted by GC, by outcome",
-            self.objects.clone(),
-        );
+        r.register("objects", "CiliumEndpoints deleted by GC, by outcome", self.objects.clone());
         r.register("runs", "Completed CiliumEndpoint GC passes", self.runs.clone());
         r.register(
             "last_run_duration_seconds",
             "Duration of the last CiliumEndpoint GC pass",
             self.last_run_duration_seconds.clone(),
         );
-        r.register(
-            "cache_objects",
-            "Objects held in the endpoint GC caches",
-            self.cache_objects.clone(),
-        );
+        r.register("cache_objects", "Objects held in the endpoint GC caches", self.cache_objects.clone());
         r.register(
             "malformed_objects",
             "Objects skipped because they could not be decoded",
@@ -198,11 +190,7 @@ struct Cache<K, V> {
 
 impl<K: Eq + Hash, V> Cache<K, V> {
     fn new() -> Self {
-        Cache {
-            live: HashMap::new(),
-            pending: None,
-            synced: false,
-        }
+        Cache { live: HashMap::new(), pending: None, synced: false }
     }
     fn init(&mut self) {
         self.pending = Some(HashMap::new());
@@ -235,15 +223,12 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
     let metrics = ctx.metrics.endpoint_gc.clone();
     let interval = ctx.config.endpoint_gc_interval;
     let cfg = watcher::Config::default();
-    let mut pod_events = watcher(Api::<DeserializeGuard<LeanPod>>::all(ctx.client.clone()), cfg.clone())
-        .default_backoff()
-        .boxed();
-    let mut cep_events = watcher(Api::<LeanObject<CiliumEndpoint>>::all(ctx.client.clone()), cfg.clone())
-        .default_backoff()
-        .boxed();
-    let mut node_events = watcher(Api::<LeanObject<CiliumNode>>::all(ctx.client.clone()), cfg)
-        .default_backoff()
-        .boxed();
+    let mut pod_events =
+        watcher(Api::<DeserializeGuard<LeanPod>>::all(ctx.client.clone()), cfg.clone()).default_backoff().boxed();
+    let mut cep_events =
+        watcher(Api::<LeanObject<CiliumEndpoint>>::all(ctx.client.clone()), cfg.clone()).default_backoff().boxed();
+    let mut node_events =
+        watcher(Api::<LeanObject<CiliumNode>>::all(ctx.client.clone()), cfg).default_backoff().boxed();
 
     let mut pods: Cache<Uid, PodPhase> = Cache::new();
     let mut ceps: Cache<(Box<str>, Box<str>), CepEntry> = Cache::new();
@@ -302,15 +287,10 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
                 Err(e) => tracing::warn!(error = %e, "endpoint GC: CiliumNode watch error (retrying)"),
             },
         }
-        for (name, len) in [
-            ("pods", pods.live.len()),
-            ("ciliumendpoints", ceps.live.len()),
-            ("ciliumnodes", nodes.live.len()),
-        ] {
-            metrics
-                .cache_objects
-                .get_or_create(&CacheLabels { cache: name.into() })
-                .set(len as i64);
+        for (name, len) in
+            [("pods", pods.live.len()), ("ciliumendpoints", ceps.live.len()), ("ciliumnodes", nodes.live.len())]
+        {
+            metrics.cache_objects.get_or_create(&CacheLabels { cache: name.into() }).set(len as i64);
         }
     }
 }
@@ -332,18 +312,9 @@ fn pod_entry(p: DeserializeGuard<LeanPod>, metrics: &EndpointGcMetrics) -> Optio
 
 fn cep_entry(c: &LeanObject<CiliumEndpoint>) -> ((Box<str>, Box<str>), CepEntry) {
     let m = &c.metadata;
-    let key = (
-        m.namespace.as_deref().unwrap_or_default().into(),
-        m.name.as_deref().unwrap_or_default().into(),
-    );
+    let key = (m.namespace.as_deref().unwrap_or_default().into(), m.name.as_deref().unwrap_or_default().into());
     let uid_text: Box<str> = m.uid.as_deref().unwrap_or_default().into();
-    (
-        key,
-        CepEntry {
-            uid_text,
-            owner: owner_of(m),
-        },
-    )
+    (key, CepEntry { uid_text, owner: owner_of(m) })
 }
 
 /// One pass: judge every cached CEP, delete the orphans concurrently.
@@ -360,12 +331,9 @@ async fn pass(
     let doomed: Vec<(String, String, String, String)> = ceps
         .iter()
         .filter_map(|((ns, name), e)| match decide(e.owner, pods, &node_uids) {
-            Verdict::Delete(reason) => Some((
-                ns.to_string(),
-                name.to_string(),
-                e.uid_text.to_string(),
-                reason.to_string(),
-            )),
+            Verdict::Delete(reason) => {
+                Some((ns.to_string(), name.to_string(), e.uid_text.to_string(), reason.to_string()))
+            }
             _ => None,
         })
         .collect();
@@ -375,32 +343,21 @@ async fn pass(
             let metrics = metrics.clone();
             async move {
                 let dp = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        uid: Some(uid),
-                        resource_version: None,
-                    }),
+                    preconditions: Some(Preconditions { uid: Some(uid), resource_version: None }),
                     propagation_policy: Some(PropagationPolicy::Background),
                     ..Default::default()
                 };
                 match api.delete(&name, &dp).await {
                     Ok(_) => {
                         tracing::debug!(namespace = %ns, name = %name, %reason, "deleted orphaned CiliumEndpoint");
-                        metrics
-                            .objects
-                            .get_or_create(&OutcomeLabels {
-                                outcome: "success".into(),
-                            })
-                            .inc();
+                        metrics.objects.get_or_create(&OutcomeLabels { outcome: "success".into() }).inc();
                         Ok(())
                     }
                     // Gone already, or re-created (new UID): nothing to do.
                     Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
                     Err(e) => {
                         tracing::warn!(namespace = %ns, name = %name, error = %e, "deleting CiliumEndpoint failed");
-                        metrics
-                            .objects
-                            .get_or_create(&OutcomeLabels { outcome: "fail".into() })
-                            .inc();
+                        metrics.objects.get_or_create(&OutcomeLabels { outcome: "fail".into() }).inc();
                         Err(())
                     }
                 }
@@ -442,22 +399,13 @@ mod tests {
         let nodes: HashSet<Uid> = [uid(9)].into();
         assert_eq!(decide(Owner::Pod(uid(1)), &pods, &nodes), Verdict::Keep);
         assert_eq!(decide(Owner::Pod(uid(4)), &pods, &nodes), Verdict::Keep);
-        assert_eq!(
-            decide(Owner::Pod(uid(2)), &pods, &nodes),
-            Verdict::Delete("pod-completed")
-        );
-        assert_eq!(
-            decide(Owner::Pod(uid(3)), &pods, &nodes),
-            Verdict::Delete("pod-completed")
-        );
+        assert_eq!(decide(Owner::Pod(uid(2)), &pods, &nodes), Verdict::Delete("pod-completed"));
+        assert_eq!(decide(Owner::Pod(uid(3)), &pods, &nodes), Verdict::Delete("pod-completed"));
         // Same name, new pod: the CEP still naming the old UID is an orphan;
         // one naming the new UID is kept (compare UIDs, never names).
         assert_eq!(decide(Owner::Pod(uid(5)), &pods, &nodes), Verdict::Delete("pod-gone"));
         assert_eq!(decide(Owner::CiliumNode(uid(9)), &pods, &nodes), Verdict::Keep);
-        assert_eq!(
-            decide(Owner::CiliumNode(uid(8)), &pods, &nodes),
-            Verdict::Delete("ciliumnode-gone")
-        );
+        assert_eq!(decide(Owner::CiliumNode(uid(8)), &pods, &nodes), Verdict::Delete("ciliumnode-gone"));
         assert_eq!(decide(Owner::Other, &pods, &nodes), Verdict::Untouched);
     }
 

@@ -85,33 +85,13 @@ pub struct KeyLabels {
 impl IdentityGcMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("identity_gc");
-        r.register(
-            "entries",
-            "Alive and deleted identities at the end of a GC run",
-            self.entries.clone(),
-        );
+        r.register("entries", "Alive and deleted identities at the end of a GC run", self.entries.clone());
         r.register("runs", "Identity GC runs by outcome", self.runs.clone());
-        r.register(
-            "latency",
-            "Duration of the last identity GC run in seconds",
-            self.latency.clone(),
-        );
-        r.register(
-            "marked",
-            "Unused identities carrying the heartbeat mark after the last run",
-            self.marked.clone(),
-        );
+        r.register("latency", "Duration of the last identity GC run in seconds", self.latency.clone());
+        r.register("marked", "Unused identities carrying the heartbeat mark after the last run", self.marked.clone());
         let r = registry.sub_registry_with_prefix("identity");
-        r.register(
-            "space_used",
-            "Identities of this cluster's range in use",
-            self.space_used.clone(),
-        );
-        r.register(
-            "space_size",
-            "Size of this cluster's identity range",
-            self.space_size.clone(),
-        );
+        r.register("space_used", "Identities of this cluster's range in use", self.space_used.clone());
+        r.register("space_size", "Size of this cluster's identity range", self.space_size.clone());
         r.register(
             "space_pressure",
             "Times identity use crossed identity-space-pressure-threshold",
@@ -168,12 +148,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit: u64, interval: Duration) -> RateLimiter {
-        RateLimiter {
-            limit,
-            interval,
-            window_start: tokio::time::Instant::now(),
-            used: 0,
-        }
+        RateLimiter { limit, interval, window_start: tokio::time::Instant::now(), used: 0 }
     }
 
     /// Waits until a permit is available.
@@ -205,15 +180,10 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
         return Ok(());
     }
     let range = cilium_identity::cluster_range(ctx.config.cluster_id, ctx.config.max_connected_clusters)?;
-    let limiter = SharedLimiter::new(RateLimiter::new(
-        ctx.config.identity_gc_rate_limit,
-        ctx.config.identity_gc_rate_interval,
-    ));
+    let limiter =
+        SharedLimiter::new(RateLimiter::new(ctx.config.identity_gc_rate_limit, ctx.config.identity_gc_rate_interval));
     let mode = ctx.config.identity_allocation_mode;
-    ctx.metrics
-        .identity_gc
-        .space_size
-        .set((*range.end() - *range.start()) as i64 + 1);
+    ctx.metrics.identity_gc.space_size.set((*range.end() - *range.start()) as i64 + 1);
     let wake_crd = tokio::sync::Notify::new();
     let wake_kv = tokio::sync::Notify::new();
     let pressure = watch_pressure(&ctx, &range, &stop, &wake_crd, &wake_kv);
@@ -266,20 +236,10 @@ async fn watch_pressure(
     loop {
         let mut counts: Vec<(usize, &str, &tokio::sync::Notify, Result<u64, String>)> = Vec::new();
         if mode != Mode::Kvstore {
-            counts.push((
-                0,
-                "crd",
-                wake_crd,
-                count_crd(ctx, range).await.map_err(|e| e.to_string()),
-            ));
+            counts.push((0, "crd", wake_crd, count_crd(ctx, range).await.map_err(|e| e.to_string())));
         }
         if let Some(c) = kv_client.as_mut() {
-            counts.push((
-                1,
-                "kvstore",
-                wake_kv,
-                count_kvstore(c, range).await.map_err(|e| e.to_string()),
-            ));
+            counts.push((1, "kvstore", wake_kv, count_kvstore(c, range).await.map_err(|e| e.to_string())));
         }
         for (slot, identity_type, wake, count) in counts {
             let used = match count {
@@ -289,14 +249,8 @@ async fn watch_pressure(
                     continue;
                 }
             };
-            let labels = TypeLabels {
-                identity_type: identity_type.into(),
-            };
-            ctx.metrics
-                .identity_gc
-                .space_used
-                .get_or_create(&labels)
-                .set(used as i64);
+            let labels = TypeLabels { identity_type: identity_type.into() };
+            ctx.metrics.identity_gc.space_used.get_or_create(&labels).set(used as i64);
             let pressured = used as f64 >= threshold * size;
             if pressured && !in_pressure[slot] {
                 ctx.metrics.identity_gc.space_pressure.get_or_create(&labels).inc();
@@ -319,30 +273,19 @@ async fn watch_pressure(
 }
 
 async fn count_crd(ctx: &Context, range: &RangeInclusive<u32>) -> Result<u64, kube::Error> {
-    let list = Api::<CiliumIdentity>::all(ctx.client.clone())
-        .list_metadata(&ListParams::default())
-        .await?;
+    let list = Api::<CiliumIdentity>::all(ctx.client.clone()).list_metadata(&ListParams::default()).await?;
     Ok(list
         .items
         .iter()
         .filter(|i| {
-            i.metadata
-                .name
-                .as_deref()
-                .and_then(|n| n.parse::<u32>().ok())
-                .is_some_and(|id| range.contains(&id))
+            i.metadata.name.as_deref().and_then(|n| n.parse::<u32>().ok()).is_some_and(|id| range.contains(&id))
         })
         .count() as u64)
 }
 
 async fn count_kvstore(c: &mut etcd_client::Client, range: &RangeInclusive<u32>) -> Result<u64, etcd_client::Error> {
     let prefix = format!("{}id/", cilium_identity_alloc::kvstore::PREFIX);
-    let keys = c
-        .get(
-            prefix.as_str(),
-            Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()),
-        )
-        .await?;
+    let keys = c.get(prefix.as_str(), Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
     Ok(keys
         .kvs()
         .iter()
@@ -360,10 +303,7 @@ async fn pressure_event(ctx: &Context, note: &str) {
     use kube::runtime::events::{Event, EventType, Recorder, Reporter};
     let recorder = Recorder::new(
         ctx.client.clone(),
-        Reporter {
-            controller: "cilium-operator".into(),
-            instance: std::env::var("HOSTNAME").ok(),
-        },
+        Reporter { controller: "cilium-operator".into(), instance: std::env::var("HOSTNAME").ok() },
     );
     let reference = k8s_openapi::api::core::v1::ObjectReference {
         api_version: Some("coordination.k8s.io/v1".into()),
@@ -408,16 +348,9 @@ where
                 "failure"
             }
         };
-        let labels = RunLabels {
-            outcome: outcome.into(),
-            identity_type: identity_type.into(),
-        };
+        let labels = RunLabels { outcome: outcome.into(), identity_type: identity_type.into() };
         ctx.metrics.identity_gc.runs.get_or_create(&labels).inc();
-        ctx.metrics
-            .identity_gc
-            .latency
-            .get_or_create(&labels)
-            .set(started.elapsed().as_secs_f64());
+        ctx.metrics.identity_gc.latency.get_or_create(&labels).set(started.elapsed().as_secs_f64());
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(interval.saturating_sub(started.elapsed())) => {}
@@ -440,17 +373,11 @@ async fn kv_pass(
     use cilium_identity_alloc::kvstore::{PREFIX, id_key, value_prefix};
     use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
     let id_prefix = format!("{PREFIX}id/");
-    let ids = client
-        .get(id_prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await?;
+    let ids = client.get(id_prefix.as_str(), Some(GetOptions::new().with_prefix())).await?;
     let (mut alive, mut deleted) = (0i64, 0i64);
     let mut present = HashSet::new();
     for kv in ids.kvs() {
-        let Some(id) = kv
-            .key_str()
-            .ok()
-            .and_then(|k| k.strip_prefix(&id_prefix))
-            .and_then(|s| s.parse::<u32>().ok())
+        let Some(id) = kv.key_str().ok().and_then(|k| k.strip_prefix(&id_prefix)).and_then(|s| s.parse::<u32>().ok())
         else {
             continue;
         };
@@ -460,10 +387,7 @@ async fn kv_pass(
         present.insert(id);
         let labels_key = kv.value_str().unwrap_or_default().to_string();
         let users = client
-            .get(
-                value_prefix(&labels_key),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
+            .get(value_prefix(&labels_key), Some(GetOptions::new().with_prefix().with_count_only()))
             .await?
             .count();
         if users > 0 {
@@ -493,18 +417,8 @@ async fn kv_pass(
     }
     seen.retain(|id, _| present.contains(id));
     let m = &ctx.metrics.identity_gc;
-    m.entries
-        .get_or_create(&EntryLabels {
-            status: "alive".into(),
-            identity_type: "kvstore".into(),
-        })
-        .set(alive);
-    m.entries
-        .get_or_create(&EntryLabels {
-            status: "deleted".into(),
-            identity_type: "kvstore".into(),
-        })
-        .set(deleted);
+    m.entries.get_or_create(&EntryLabels { status: "alive".into(), identity_type: "kvstore".into() }).set(alive);
+    m.entries.get_or_create(&EntryLabels { status: "deleted".into(), identity_type: "kvstore".into() }).set(deleted);
     tracing::info!(alive, deleted, "kvstore identity GC run done");
     Ok(())
 }
@@ -525,19 +439,12 @@ async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimite
         .collect();
     let now = jiff::Timestamp::now();
     let timeout = ctx.config.identity_heartbeat_timeout;
-    let pp = PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
+    let pp = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     let (mut alive, mut deleted, mut marked) = (0i64, 0i64, 0i64);
     report_label_explosion(
         ctx,
         all.items.iter().filter(|i| {
-            i.metadata
-                .name
-                .as_deref()
-                .and_then(|n| n.parse::<u32>().ok())
-                .is_some_and(|id| range.contains(&id))
+            i.metadata.name.as_deref().and_then(|n| n.parse::<u32>().ok()).is_some_and(|id| range.contains(&id))
         }),
     );
     for identity in all.items {
@@ -547,12 +454,7 @@ async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimite
         let Some(id) = name.parse::<u32>().ok().filter(|id| range.contains(id)) else {
             continue;
         };
-        let mark = identity
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(HEARTBEAT_ANNOTATION))
-            .map(String::as_str);
+        let mark = identity.metadata.annotations.as_ref().and_then(|a| a.get(HEARTBEAT_ANNOTATION)).map(String::as_str);
         let rv = identity.metadata.resource_version.clone();
         match decide(used.contains(&id), mark, now, timeout) {
             Action::Keep => alive += 1,
@@ -578,10 +480,7 @@ async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimite
             Action::Delete => {
                 limiter.lock().await.acquire().await;
                 let dp = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        uid: identity.metadata.uid.clone(),
-                        resource_version: rv,
-                    }),
+                    preconditions: Some(Preconditions { uid: identity.metadata.uid.clone(), resource_version: rv }),
                     ..Default::default()
                 };
                 match identities.delete(&name, &dp).await {
@@ -597,18 +496,8 @@ async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimite
         }
     }
     let m = &ctx.metrics.identity_gc;
-    m.entries
-        .get_or_create(&EntryLabels {
-            status: "alive".into(),
-            identity_type: "crd".into(),
-        })
-        .set(alive);
-    m.entries
-        .get_or_create(&EntryLabels {
-            status: "deleted".into(),
-            identity_type: "crd".into(),
-        })
-        .set(deleted);
+    m.entries.get_or_create(&EntryLabels { status: "alive".into(), identity_type: "crd".into() }).set(alive);
+    m.entries.get_or_create(&EntryLabels { status: "deleted".into(), identity_type: "crd".into() }).set(deleted);
     m.marked.set(marked);
     tracing::info!(alive, deleted, marked, "identity GC run done");
     Ok(())
@@ -623,9 +512,7 @@ fn report_label_explosion<'a>(ctx: &Context, identities: impl Iterator<Item = &'
     let family = &ctx.metrics.identity_gc.label_key_values;
     family.clear();
     for (key, values) in &top {
-        family
-            .get_or_create(&KeyLabels { label_key: key.clone() })
-            .set(*values as i64);
+        family.get_or_create(&KeyLabels { label_key: key.clone() }).set(*values as i64);
     }
     if let Some((key, values)) = top.first()
         && *values >= 50
@@ -663,15 +550,9 @@ mod tests {
         assert_eq!(decide(true, Some("2026-11-23T11:00:00Z"), now, t), Action::Unmark);
         assert_eq!(decide(false, None, now, t), Action::Mark);
         assert_eq!(decide(false, Some("garbage"), now, t), Action::Mark);
-        assert_eq!(
-            decide(false, Some("2026-11-23T11:45:00.123456789Z"), now, t),
-            Action::Wait
-        );
+        assert_eq!(decide(false, Some("2026-11-23T11:45:00.123456789Z"), now, t), Action::Wait);
         assert_eq!(decide(false, Some("2026-11-23T11:30:00Z"), now, t), Action::Delete);
-        assert_eq!(
-            decide(false, Some("2026-11-23T12:00:00Z"), now, Duration::ZERO),
-            Action::Delete
-        );
+        assert_eq!(decide(false, Some("2026-11-23T12:00:00Z"), now, Duration::ZERO), Action::Delete);
     }
 
     #[tokio::test(start_paused = true)]

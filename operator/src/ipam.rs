@@ -88,26 +88,10 @@ pub struct IpamMetrics {
 impl IpamMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("ipam");
-        r.register(
-            "pool_capacity",
-            "Pod CIDRs the pool can hand out",
-            self.pool_capacity.clone(),
-        );
-        r.register(
-            "pool_used",
-            "Pod CIDRs of the pool held by nodes",
-            self.pool_used.clone(),
-        );
-        r.register(
-            "pool_available",
-            "Pod CIDRs of the pool still free",
-            self.pool_available.clone(),
-        );
-        r.register(
-            "exhausted",
-            "Allocations that found every pool of the family full",
-            self.exhausted.clone(),
-        );
+        r.register("pool_capacity", "Pod CIDRs the pool can hand out", self.pool_capacity.clone());
+        r.register("pool_used", "Pod CIDRs of the pool held by nodes", self.pool_used.clone());
+        r.register("pool_available", "Pod CIDRs of the pool still free", self.pool_available.clone());
+        r.register("exhausted", "Allocations that found every pool of the family full", self.exhausted.clone());
         r.register(
             "nodes_waiting",
             "Nodes waiting for a pod CIDR because the pools are full",
@@ -115,21 +99,9 @@ impl IpamMetrics {
         );
         r.register("allocations", "Pod CIDRs assigned to nodes", self.allocations.clone());
         r.register("releases", "Pod CIDRs released by deleted nodes", self.releases.clone());
-        r.register(
-            "node_errors",
-            "Nodes whose pod CIDRs were refused, by reason",
-            self.node_errors.clone(),
-        );
-        r.register(
-            "malformed_nodes",
-            "CiliumNode objects that could not be decoded",
-            self.malformed_nodes.clone(),
-        );
-        r.register(
-            "nodes_gc_deleted",
-            "CiliumNodes deleted because their Node is gone",
-            self.nodes_gc_deleted.clone(),
-        );
+        r.register("node_errors", "Nodes whose pod CIDRs were refused, by reason", self.node_errors.clone());
+        r.register("malformed_nodes", "CiliumNode objects that could not be decoded", self.malformed_nodes.clone());
+        r.register("nodes_gc_deleted", "CiliumNodes deleted because their Node is gone", self.nodes_gc_deleted.clone());
     }
 }
 
@@ -161,10 +133,7 @@ impl Book {
         if let Some(p) = &cfg.ipv6_pool {
             allocators.push(CidrAllocator::new(Family::V6, &p.cidrs, p.mask_size)?);
         }
-        Ok(Book {
-            allocators,
-            held: BTreeMap::new(),
-        })
+        Ok(Book { allocators, held: BTreeMap::new() })
     }
 
     pub fn allocators(&self) -> &[CidrAllocator] {
@@ -176,10 +145,7 @@ impl Book {
     }
 
     fn holder_of(&self, cidr: &Cidr) -> Option<&str> {
-        self.held
-            .iter()
-            .find(|(_, cs)| cs.contains(cidr))
-            .map(|(n, _)| n.as_str())
+        self.held.iter().find(|(_, cs)| cs.contains(cidr)).map(|(n, _)| n.as_str())
     }
 
     fn allocator(&mut self, family: Family) -> Option<&mut CidrAllocator> {
@@ -200,10 +166,7 @@ impl Book {
                 Ok(c) => c,
                 Err(e) => {
                     let error = format!("pod CIDR {raw:?} is malformed: {e}");
-                    return Decision::Refuse {
-                        error,
-                        reason: "malformed",
-                    };
+                    return Decision::Refuse { error, reason: "malformed" };
                 }
             };
             if prev.contains(&cidr) || shown.contains(&cidr) {
@@ -212,36 +175,22 @@ impl Book {
             }
             if let Some(other) = self.holder_of(&cidr) {
                 let error = format!("pod CIDR {cidr} is already allocated to node {other}; not re-assigning it");
-                return Decision::Refuse {
-                    error,
-                    reason: "duplicate",
-                };
+                return Decision::Refuse { error, reason: "duplicate" };
             }
             let Some(alloc) = self.allocator(cidr.family()) else {
-                let error = format!(
-                    "pod CIDR {cidr} is {} but that family is not enabled in the operator",
-                    cidr.family()
-                );
-                return Decision::Refuse {
-                    error,
-                    reason: "family-disabled",
-                };
+                let error =
+                    format!("pod CIDR {cidr} is {} but that family is not enabled in the operator", cidr.family());
+                return Decision::Refuse { error, reason: "family-disabled" };
             };
             if let Err(e) = alloc.check_free(&cidr) {
-                return Decision::Refuse {
-                    error: format!("pod CIDR {cidr} refused: {e}"),
-                    reason: e.reason(),
-                };
+                return Decision::Refuse { error: format!("pod CIDR {cidr} refused: {e}"), reason: e.reason() };
             }
             shown.push(cidr);
         }
         shown.dedup();
         // 2. Commit: occupy what is new.
         for c in shown.iter().filter(|c| !prev.contains(c)) {
-            self.allocator(c.family())
-                .expect("checked")
-                .occupy(c)
-                .expect("checked free");
+            self.allocator(c.family()).expect("checked").occupy(c).expect("checked free");
         }
         // 3. Earlier assignments the node does not show: keep them for the
         //    families it shows nothing of, release the others.
@@ -255,12 +204,8 @@ impl Book {
         }
         keep.sort_by_key(|c| c.family());
         self.held.insert(node.to_string(), keep.clone());
-        let missing: Vec<Family> = self
-            .allocators
-            .iter()
-            .map(|a| a.family())
-            .filter(|f| !keep.iter().any(|c| c.family() == *f))
-            .collect();
+        let missing: Vec<Family> =
+            self.allocators.iter().map(|a| a.family()).filter(|f| !keep.iter().any(|c| c.family() == *f)).collect();
         if missing.is_empty() || !may_allocate {
             return if keep.len() == shown.len() && current.len() == shown.len() {
                 Decision::Ok
@@ -320,10 +265,7 @@ pub async fn run(ctx: Context, metrics: IpamMetrics, stop: CancellationToken) ->
     let api: Api<DeserializeGuard<CiliumNode>> = Api::all(ctx.client.clone());
     let recorder = Recorder::new(
         ctx.client.clone(),
-        Reporter {
-            controller: "cilium-operator".into(),
-            instance: std::env::var("HOSTNAME").ok(),
-        },
+        Reporter { controller: "cilium-operator".into(), instance: std::env::var("HOSTNAME").ok() },
     );
     let mut ctl = Controller {
         book: Book::new(&ctx.config)?,
@@ -402,17 +344,11 @@ fn trim(n: CiliumNode) -> CiliumNode {
             ..Default::default()
         },
         spec: cilium_crds::node::NodeSpec {
-            ipam: n.spec.ipam.map(|i| cilium_crds::node::IpamSpec {
-                pod_cidrs: i.pod_cidrs,
-                ..Default::default()
-            }),
+            ipam: n.spec.ipam.map(|i| cilium_crds::node::IpamSpec { pod_cidrs: i.pod_cidrs, ..Default::default() }),
             ..Default::default()
         },
         status: operator_status.map(|o| cilium_crds::node::NodeStatus {
-            ipam: Some(cilium_crds::node::IpamStatus {
-                operator_status: Some(o),
-                ..Default::default()
-            }),
+            ipam: Some(cilium_crds::node::IpamStatus { operator_status: Some(o), ..Default::default() }),
             ..Default::default()
         }),
         ..Default::default()
@@ -511,16 +447,10 @@ impl Controller {
     fn publish_pool_metrics(&self) {
         for a in self.book.allocators() {
             for u in a.usage() {
-                let labels = PoolLabels {
-                    pool: u.cidr.to_string(),
-                    family: family_label(a.family()).into(),
-                };
+                let labels = PoolLabels { pool: u.cidr.to_string(), family: family_label(a.family()).into() };
                 self.metrics.pool_capacity.get_or_create(&labels).set(u.capacity as f64);
                 self.metrics.pool_used.get_or_create(&labels).set(u.used as f64);
-                self.metrics
-                    .pool_available
-                    .get_or_create(&labels)
-                    .set((u.capacity - u.used) as f64);
+                self.metrics.pool_available.get_or_create(&labels).set((u.capacity - u.used) as f64);
             }
         }
         self.metrics.nodes_waiting.set(self.waiting.len() as i64);
@@ -581,21 +511,13 @@ impl Controller {
                         .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
                         .await
                         .map(|_| ());
-                    WriteDone {
-                        name,
-                        before,
-                        cidrs,
-                        result,
-                    }
+                    WriteDone { name, before, cidrs, result }
                 });
             }
             Decision::Refuse { error, reason } => {
                 self.waiting.remove(name);
                 if self.errors.get(name) != Some(&error) {
-                    self.metrics
-                        .node_errors
-                        .get_or_create(&ReasonLabels { reason: reason.into() })
-                        .inc();
+                    self.metrics.node_errors.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
                     tracing::warn!(node = %name, %error, "pod CIDRs refused");
                     self.event(&node, EventType::Warning, "PodCIDRRefused", &error).await;
                 }
@@ -603,12 +525,7 @@ impl Controller {
             }
             Decision::Full { family } => {
                 let newly = self.waiting.insert(name.to_string());
-                self.metrics
-                    .exhausted
-                    .get_or_create(&FamilyLabels {
-                        family: family_label(family).into(),
-                    })
-                    .inc();
+                self.metrics.exhausted.get_or_create(&FamilyLabels { family: family_label(family).into() }).inc();
                 if newly {
                     let pools: Vec<String> = self
                         .book
@@ -624,8 +541,7 @@ impl Controller {
                         if family == Family::V4 { "ipv4" } else { "ipv6" }
                     );
                     tracing::warn!(node = %name, %family, pools = ?pools, "{note}");
-                    self.event(&node, EventType::Warning, "PodCIDRPoolExhausted", &note)
-                        .await;
+                    self.event(&node, EventType::Warning, "PodCIDRPoolExhausted", &note).await;
                 }
                 self.set_error(&node, Some(AllocError::Full.to_string())).await;
             }
@@ -693,10 +609,7 @@ impl Controller {
         // `operator-status`, which the 1.20 API server stores as null and then
         // refuses. `null` in a merge patch removes the key (no "" is written).
         let body = json!({ "status": { "ipam": { "operator-status": { "error": error } } } });
-        let pp = PatchParams {
-            field_manager: Some(STATUS_FIELD_MANAGER.into()),
-            ..Default::default()
-        };
+        let pp = PatchParams { field_manager: Some(STATUS_FIELD_MANAGER.into()), ..Default::default() };
         match self.nodes.patch_status(&name, &pp, &Patch::Merge(&body)).await {
             Ok(_) => match error {
                 Some(e) => {
@@ -761,10 +674,7 @@ mod tests {
 
     #[test]
     fn occupies_before_allocating_and_never_duplicates() {
-        let mut b = book(&[
-            ("cluster-pool-ipv4-cidr", "10.0.0.0/30"),
-            ("cluster-pool-ipv4-mask-size", "31"),
-        ]);
+        let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/30"), ("cluster-pool-ipv4-mask-size", "31")]);
         // Sync phase: n2 already holds the first subnet.
         assert_eq!(b.decide("n1", &[], false), Decision::Ok);
         assert_eq!(b.decide("n2", &s(&["10.0.0.0/31"]), false), Decision::Ok);
@@ -773,10 +683,7 @@ mod tests {
         assert_eq!(b.decide("n3", &[], true), Decision::Full { family: Family::V4 });
         // A node claiming another's CIDR is refused and records nothing.
         let d = b.decide("n4", &s(&["10.0.0.0/31"]), true);
-        assert!(
-            matches!(&d, Decision::Refuse { error, reason: "duplicate" } if error.contains("node n2")),
-            "{d:?}"
-        );
+        assert!(matches!(&d, Decision::Refuse { error, reason: "duplicate" } if error.contains("node n2")), "{d:?}");
         assert_eq!(b.held("n4"), &[] as &[Cidr]);
         // Release makes it available again.
         assert_eq!(b.release("n2"), vec![c("10.0.0.0/31")]);
@@ -792,27 +699,9 @@ mod tests {
             "{d:?}"
         );
         let d = b.decide("n2", &s(&["10.0.1.0/25"]), true);
-        assert!(
-            matches!(
-                &d,
-                Decision::Refuse {
-                    reason: "wrong-mask",
-                    ..
-                }
-            ),
-            "{d:?}"
-        );
+        assert!(matches!(&d, Decision::Refuse { reason: "wrong-mask", .. }), "{d:?}");
         let d = b.decide("n3", &s(&["bogus"]), true);
-        assert!(
-            matches!(
-                &d,
-                Decision::Refuse {
-                    reason: "malformed",
-                    ..
-                }
-            ),
-            "{d:?}"
-        );
+        assert!(matches!(&d, Decision::Refuse { reason: "malformed", .. }), "{d:?}");
     }
 
     #[test]
@@ -823,10 +712,7 @@ mod tests {
             ("cluster-pool-ipv6-cidr", "fd00::/104"),
             ("cluster-pool-ipv6-mask-size", "120"),
         ]);
-        assert_eq!(
-            b.decide("n1", &[], true),
-            Decision::Assign(vec![c("10.0.0.0/24"), c("fd00::/120")])
-        );
+        assert_eq!(b.decide("n1", &[], true), Decision::Assign(vec![c("10.0.0.0/24"), c("fd00::/120")]));
         assert_eq!(b.decide("n1", &s(&["10.0.0.0/24", "fd00::/120"]), true), Decision::Ok);
         assert_eq!(
             b.decide("n2", &s(&["10.0.5.0/24"]), true),
@@ -851,29 +737,15 @@ mod tests {
     fn partial_refusal_occupies_nothing() {
         let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
         let d = b.decide("n1", &s(&["10.0.0.0/24", "192.168.0.0/24"]), true);
-        assert!(
-            matches!(
-                d,
-                Decision::Refuse {
-                    reason: "not-in-pool",
-                    ..
-                }
-            ),
-            "{d:?}"
-        );
-        assert!(
-            !b.allocators()[0].is_allocated(&c("10.0.0.0/24")),
-            "refused node leaked a CIDR"
-        );
+        assert!(matches!(d, Decision::Refuse { reason: "not-in-pool", .. }), "{d:?}");
+        assert!(!b.allocators()[0].is_allocated(&c("10.0.0.0/24")), "refused node leaked a CIDR");
         assert_eq!(b.decide("n2", &[], true), Decision::Assign(vec![c("10.0.0.0/24")]));
     }
 
     #[test]
     fn rollback_returns_new_cidrs_only() {
         let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
-        let Decision::Assign(cidrs) = b.decide("n1", &[], true) else {
-            panic!()
-        };
+        let Decision::Assign(cidrs) = b.decide("n1", &[], true) else { panic!() };
         b.rollback("n1", &[]);
         assert!(!b.allocators()[0].is_allocated(&cidrs[0]));
         assert_eq!(b.decide("n2", &[], true), Decision::Assign(cidrs));

@@ -46,16 +46,8 @@ impl KvstoreMetrics {
             "Unix time of the last successful cilium/.heartbeat write",
             self.heartbeat_last_success_seconds.clone(),
         );
-        r.register(
-            "heartbeat_errors",
-            "Failed cilium/.heartbeat writes",
-            self.heartbeat_errors.clone(),
-        );
-        r.register(
-            "heartbeat_writes",
-            "Successful cilium/.heartbeat writes",
-            self.heartbeat_writes.clone(),
-        );
+        r.register("heartbeat_errors", "Failed cilium/.heartbeat writes", self.heartbeat_errors.clone());
+        r.register("heartbeat_writes", "Successful cilium/.heartbeat writes", self.heartbeat_writes.clone());
     }
 }
 
@@ -90,20 +82,15 @@ pub async fn run_heartbeat(ctx: Context, stop: CancellationToken) -> anyhow::Res
         match result {
             Ok(Ok(())) => {
                 metrics.heartbeat_writes.inc();
-                metrics
-                    .heartbeat_last_success_seconds
-                    .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
+                metrics.heartbeat_last_success_seconds.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
                 if let Some(since) = failing_since.take() {
                     tracing::info!(after = ?since.elapsed(), "kvstore heartbeat written again");
                 }
             }
             Ok(Err(e)) => heartbeat_failed(&metrics, &mut failing_since, &mut lease, e.to_string()),
-            Err(_) => heartbeat_failed(
-                &metrics,
-                &mut failing_since,
-                &mut lease,
-                format!("timed out after {WRITE_TIMEOUT:?}"),
-            ),
+            Err(_) => {
+                heartbeat_failed(&metrics, &mut failing_since, &mut lease, format!("timed out after {WRITE_TIMEOUT:?}"))
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -146,12 +133,7 @@ async fn write_once(
         }
         None => grant(c, lease).await?,
     };
-    c.put(
-        HEARTBEAT_KEY,
-        heartbeat_value(jiff::Timestamp::now()),
-        Some(PutOptions::new().with_lease(id)),
-    )
-    .await?;
+    c.put(HEARTBEAT_KEY, heartbeat_value(jiff::Timestamp::now()), Some(PutOptions::new().with_lease(id))).await?;
     Ok(())
 }
 
@@ -169,10 +151,6 @@ mod tests {
     fn heartbeat_value_is_rfc3339() {
         let t: jiff::Timestamp = "2026-11-23T18:01:02.345Z".parse().unwrap();
         assert_eq!(heartbeat_value(t), "2026-11-23T18:01:02Z");
-        assert!(
-            heartbeat_value(jiff::Timestamp::now())
-                .parse::<jiff::Timestamp>()
-                .is_ok()
-        );
+        assert!(heartbeat_value(jiff::Timestamp::now()).parse::<jiff::Timestamp>().is_ok());
     }
 }

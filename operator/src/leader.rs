@@ -66,9 +66,7 @@ pub fn decide(me: &str, record: Option<&Record>, observed_at: Instant, now: Inst
     match &r.holder {
         Some(h) if h == me => Decision::Renew,
         Some(h) if now < observed_at + r.lease_duration => Decision::Wait { holder: h.clone() },
-        _ => Decision::Acquire {
-            transitions: r.transitions + 1,
-        },
+        _ => Decision::Acquire { transitions: r.transitions + 1 },
     }
 }
 
@@ -102,13 +100,7 @@ pub struct Elector {
 
 impl Elector {
     pub fn new(client: kube::Client, namespace: &str, me: String, cfg: LeaderElectionConfig) -> Elector {
-        Elector {
-            api: Api::namespaced(client, namespace),
-            me,
-            cfg,
-            observed: None,
-            last_poll: None,
-        }
+        Elector { api: Api::namespaced(client, namespace), me, cfg, observed: None, last_poll: None }
     }
 
     pub fn identity(&self) -> &str {
@@ -169,11 +161,7 @@ impl Elector {
         LeaseSpec {
             holder_identity: Some(self.me.clone()),
             lease_duration_seconds: Some(self.cfg.lease_duration.as_secs() as i32),
-            acquire_time: if acquire {
-                Some(now.clone())
-            } else {
-                old.and_then(|o| o.acquire_time.clone())
-            },
+            acquire_time: if acquire { Some(now.clone()) } else { old.and_then(|o| o.acquire_time.clone()) },
             renew_time: Some(now),
             lease_transitions: Some(transitions),
             ..Default::default()
@@ -197,10 +185,7 @@ impl Elector {
         if let (Some(lease), Some(rec)) = (current.clone(), record.clone()) {
             self.observed = Some((lease, rec, observed_at));
         }
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
+        let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         let (transitions, acquire) = match decide(&self.me, record.as_ref(), observed_at, now) {
             Decision::Wait { holder } => {
                 tracing::debug!(%holder, "lease held by another replica");
@@ -208,10 +193,7 @@ impl Elector {
             }
             Decision::Create => {
                 let lease = Lease {
-                    metadata: ObjectMeta {
-                        name: Some(LEASE_NAME.into()),
-                        ..Default::default()
-                    },
+                    metadata: ObjectMeta { name: Some(LEASE_NAME.into()), ..Default::default() },
                     spec: Some(self.spec(0, true, None)),
                 };
                 return match self.api.create(&pp, &lease).await {
@@ -260,10 +242,7 @@ impl Elector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
+        let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         match tokio::time::timeout(Duration::from_secs(5), self.api.replace(LEASE_NAME, &pp, &lease)).await {
             Ok(Ok(_)) => tracing::info!(identity = %self.me, "released the lease"),
             Ok(Err(e)) => tracing::warn!(error = %e, "failed to release the lease"),
@@ -277,11 +256,7 @@ mod tests {
     use super::*;
 
     fn rec(holder: Option<&str>, secs: u64) -> Record {
-        Record {
-            holder: holder.map(String::from),
-            lease_duration: Duration::from_secs(secs),
-            transitions: 3,
-        }
+        Record { holder: holder.map(String::from), lease_duration: Duration::from_secs(secs), transitions: 3 }
     }
 
     #[test]
@@ -289,10 +264,7 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(decide("me", None, t0, t0), Decision::Create);
         assert_eq!(decide("me", Some(&rec(Some("me"), 15)), t0, t0), Decision::Renew);
-        assert_eq!(
-            decide("me", Some(&rec(None, 15)), t0, t0),
-            Decision::Acquire { transitions: 4 }
-        );
+        assert_eq!(decide("me", Some(&rec(None, 15)), t0, t0), Decision::Acquire { transitions: 4 });
         assert_eq!(
             decide("me", Some(&rec(Some("other"), 15)), t0, t0 + Duration::from_secs(14)),
             Decision::Wait { holder: "other".into() }

@@ -28,11 +28,8 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cfg);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     match runtime.block_on(cilium_operator::run::run(cfg)) {
         Ok(code) => code,
         Err(e) => {
@@ -43,16 +40,10 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cfg: &Config) {
-    let default = if cfg.debug {
-        "debug,hyper=info,rustls=info,tower=info"
-    } else {
-        "info"
-    };
+    let default = if cfg.debug { "debug,hyper=info,rustls=info,tower=info" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CILIUM_LOG_FILTER")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

@@ -29,11 +29,7 @@ pub struct ProcessMetrics {
 
 impl ProcessMetrics {
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "is_leader",
-            "Whether this replica is the leader (1) or not (0)",
-            self.is_leader.clone(),
-        );
+        registry.register("is_leader", "Whether this replica is the leader (1) or not (0)", self.is_leader.clone());
         registry.register(
             "build_info",
             "Build information of the running operator (always 1)",
@@ -44,11 +40,7 @@ impl ProcessMetrics {
             "Unix time when the operator last confirmed its CRDs Established",
             self.crds_established_time.clone(),
         );
-        self.build_info
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION").into(),
-            })
-            .set(1);
+        self.build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
     }
 }
 
@@ -75,14 +67,7 @@ impl Metrics {
         identity_gc.register(&mut registry);
         let kvstore = crate::kvstore::KvstoreMetrics::default();
         kvstore.register(&mut registry);
-        Metrics {
-            registry: Arc::new(registry),
-            process,
-            ipam,
-            endpoint_gc,
-            identity_gc,
-            kvstore,
-        }
+        Metrics { registry: Arc::new(registry), process, ipam, endpoint_gc, identity_gc, kvstore }
     }
 
     /// The exposition text.

@@ -62,13 +62,8 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
 async fn pass(ctx: &Context, previous: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, kube::Error> {
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let cilium_nodes: Api<CiliumNode> = Api::all(ctx.client.clone());
-    let names: BTreeSet<String> = nodes
-        .list_metadata(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|n| n.metadata.name)
-        .collect();
+    let names: BTreeSet<String> =
+        nodes.list_metadata(&ListParams::default()).await?.items.into_iter().filter_map(|n| n.metadata.name).collect();
     let cns: Vec<Candidate> = cilium_nodes
         .list_metadata(&ListParams::default())
         .await?
@@ -91,10 +86,7 @@ async fn pass(ctx: &Context, previous: &BTreeMap<String, String>) -> Result<BTre
     }
     for cn in delete {
         let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: Some(cn.uid.clone()),
-                resource_version: None,
-            }),
+            preconditions: Some(Preconditions { uid: Some(cn.uid.clone()), resource_version: None }),
             ..Default::default()
         };
         match cilium_nodes.delete(&cn.name, &dp).await {
@@ -114,11 +106,7 @@ mod tests {
     use super::*;
 
     fn cn(name: &str, uid: &str, owned: bool) -> Candidate {
-        Candidate {
-            name: name.into(),
-            uid: uid.into(),
-            owned_by_node: owned,
-        }
+        Candidate { name: name.into(), uid: uid.into(), owned_by_node: owned }
     }
 
     #[test]

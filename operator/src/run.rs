@@ -54,20 +54,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let (health_tx, health_rx) = watch::channel(Health::default());
 
     let health_listener = admin::bind(&cfg.health_addr, "the health API (--operator-api-serve-addr)").await?;
-    let mut servers = vec![tokio::spawn(admin::serve_health(
-        health_listener,
-        health_rx.clone(),
-        metrics.clone(),
-        shutdown.clone(),
-    ))];
+    let mut servers =
+        vec![tokio::spawn(admin::serve_health(health_listener, health_rx.clone(), metrics.clone(), shutdown.clone()))];
     if let Some(addr) = &cfg.metrics_addr {
         let l = admin::bind(addr, "metrics (--operator-prometheus-serve-addr)").await?;
-        servers.push(tokio::spawn(admin::serve_metrics(
-            l,
-            health_rx.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        )));
+        servers.push(tokio::spawn(admin::serve_metrics(l, health_rx.clone(), metrics.clone(), shutdown.clone())));
     }
     tracing::info!(
         health = %cfg.health_addr,
@@ -88,17 +79,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
-    metrics
-        .process
-        .crds_established_time
-        .set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
+    metrics.process.crds_established_time.set(jiff::Timestamp::now().as_millisecond() as f64 / 1000.0);
     health_tx.send_modify(|h| h.started = true);
 
-    let ctx = Context {
-        client: client.clone(),
-        metrics: metrics.clone(),
-        config: Arc::new(cfg.clone()),
-    };
+    let ctx = Context { client: client.clone(), metrics: metrics.clone(), config: Arc::new(cfg.clone()) };
     let elector = Elector::new(client, &cfg.namespace, leader::holder_identity(), cfg.leader_election);
     tracing::info!(identity = elector.identity(), lease = leader::LEASE_NAME, namespace = %cfg.namespace, "campaigning for leadership");
     let (leading_tx, leading_rx) = watch::channel(false);

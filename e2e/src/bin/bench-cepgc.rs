@@ -20,26 +20,17 @@ const NS: &str = "bench";
 const CONCURRENCY: usize = 32;
 
 fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(20_000);
+    let n: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(20_000);
     let orphans = n / 4;
     eprintln!("bench-cepgc: {n} pods + {n} CiliumEndpoints, {orphans} orphans");
     let cp = ControlPlane::start(Options::default())?;
-    let flags = [
-        "--cilium-endpoint-gc-interval=1h".to_string(),
-        "--nodes-gc-interval=1h".to_string(),
-    ];
+    let flags = ["--cilium-endpoint-gc-interval=1h".to_string(), "--nodes-gc-interval=1h".to_string()];
 
     // 1. Empty cluster.
     let mut op = Operator::start(&cp, "bench-empty", "kube-system", &flags)?;
     let empty_kib = settle(&mut op)?;
     op.proc.signal(libc::SIGTERM);
-    op.proc
-        .wait_exit(Duration::from_secs(15))
-        .context("operator did not stop")?;
+    op.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
 
     // 2. Fill: N pods, N CEPs owned by them.
     let t = Instant::now();
@@ -51,9 +42,7 @@ fn main() -> anyhow::Result<()> {
     let full_kib = settle(&mut op)?;
     let full_peak_kib = status_kib(op.proc.pid(), "VmHWM")?;
     op.proc.signal(libc::SIGTERM);
-    op.proc
-        .wait_exit(Duration::from_secs(15))
-        .context("operator did not stop")?;
+    op.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
 
     // 4. Orphans: delete a quarter of the pods, then one pass.
     e2e::block_on(delete_pods(&cp, &uids[..orphans]))?;
@@ -61,11 +50,7 @@ fn main() -> anyhow::Result<()> {
     op.wait_healthy(Duration::from_secs(60))?;
     let pass = wait_pass_seconds(&op, 1.0)?;
     let remaining = e2e::block_on(count_ceps(&cp))?;
-    ensure!(
-        remaining == n - orphans,
-        "{remaining} CEPs left, expected {}",
-        n - orphans
-    );
+    ensure!(remaining == n - orphans, "{remaining} CEPs left, expected {}", n - orphans);
     ensure!(!op.proc.log_text().contains("panicked"));
     drop(op);
 
@@ -74,10 +59,7 @@ fn main() -> anyhow::Result<()> {
 
     let per_pod = (full_kib.saturating_sub(empty_kib)) as f64 * 1024.0 / n as f64;
     println!("\nEndpoint GC benchmark ({n} pods, {n} CEPs, {orphans} orphans)");
-    println!(
-        "operator RSS empty cluster        {:>10.1} MiB",
-        empty_kib as f64 / 1024.0
-    );
+    println!("operator RSS empty cluster        {:>10.1} MiB", empty_kib as f64 / 1024.0);
     println!(
         "operator RSS {n} pods + CEPs   {:>10.1} MiB (peak {:.1} MiB)",
         full_kib as f64 / 1024.0,
@@ -114,10 +96,7 @@ fn settle(op: &mut Operator) -> anyhow::Result<u64> {
 
 fn metric(op: &Operator, name: &str) -> Option<f64> {
     let text = op.metrics().ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
 /// Waits until `runs` passes are done; returns the last pass's duration.
@@ -146,9 +125,7 @@ fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
 async fn fill(cp: &ControlPlane, n: usize) -> anyhow::Result<Vec<(String, String)>> {
     let client = cp.client().await?;
     let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
     let created: Vec<anyhow::Result<(String, String)>> = futures::stream::iter(0..n)
@@ -181,23 +158,17 @@ async fn fill(cp: &ControlPlane, n: usize) -> anyhow::Result<Vec<(String, String
 
 async fn delete_pods(cp: &ControlPlane, which: &[(String, String)]) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(cp.client().await?, NS);
-    let results: Vec<Result<_, kube::Error>> = futures::stream::iter(which.iter().cloned())
-        .map(|(name, _)| {
-            let pods = pods.clone();
-            async move {
-                pods.delete(
-                    &name,
-                    &DeleteParams {
-                        grace_period_seconds: Some(0),
-                        ..Default::default()
-                    },
-                )
-                .await
-            }
-        })
-        .buffer_unordered(CONCURRENCY)
-        .collect()
-        .await;
+    let results: Vec<Result<_, kube::Error>> =
+        futures::stream::iter(which.iter().cloned())
+            .map(|(name, _)| {
+                let pods = pods.clone();
+                async move {
+                    pods.delete(&name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
     for r in results {
         r?;
     }
@@ -214,11 +185,8 @@ async fn count_ceps(cp: &ControlPlane) -> anyhow::Result<usize> {
 async fn raw_deletes(cp: &ControlPlane, which: &[(String, String)]) -> anyhow::Result<f64> {
     let ceps: Api<CiliumEndpoint> = Api::namespaced(cp.client().await?, NS);
     let list = ceps.list_metadata(&ListParams::default()).await?;
-    let uids: std::collections::HashMap<String, String> = list
-        .items
-        .into_iter()
-        .filter_map(|c| Some((c.metadata.name?, c.metadata.uid?)))
-        .collect();
+    let uids: std::collections::HashMap<String, String> =
+        list.items.into_iter().filter_map(|c| Some((c.metadata.name?, c.metadata.uid?))).collect();
     let started = Instant::now();
     let results: Vec<Result<_, kube::Error>> = futures::stream::iter(which.iter().cloned())
         .map(|(name, _)| {
@@ -226,10 +194,7 @@ async fn raw_deletes(cp: &ControlPlane, which: &[(String, String)]) -> anyhow::R
             let uid = uids.get(&name).cloned();
             async move {
                 let dp = DeleteParams {
-                    preconditions: Some(kube::api::Preconditions {
-                        uid,
-                        resource_version: None,
-                    }),
+                    preconditions: Some(kube::api::Preconditions { uid, resource_version: None }),
                     propagation_policy: Some(kube::api::PropagationPolicy::Background),
                     ..Default::default()
                 };

@@ -39,10 +39,7 @@ fn main() -> anyhow::Result<()> {
         &cp,
         "bench-operator",
         "kube-system",
-        &[
-            "--cluster-pool-ipv4-cidr=10.0.0.0/8".into(),
-            "--cluster-pool-ipv4-mask-size=24".into(),
-        ],
+        &["--cluster-pool-ipv4-cidr=10.0.0.0/8".into(), "--cluster-pool-ipv4-mask-size=24".into()],
     )?;
     op.wait_healthy(Duration::from_secs(60))?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -114,25 +111,10 @@ impl Run {
 
 fn apply_crds(cp: &ControlPlane) -> anyhow::Result<()> {
     let dir = e2e::tools::workspace_root().join("crds");
-    let out = cp
-        .kubectl()?
-        .args(["apply", "--server-side", "-f"])
-        .arg(&dir)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "applying CRDs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cp
-        .kubectl()?
-        .args(["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "waiting for CRDs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cp.kubectl()?.args(["apply", "--server-side", "-f"]).arg(&dir).output()?;
+    ensure!(out.status.success(), "applying CRDs: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cp.kubectl()?.args(["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).output()?;
+    ensure!(out.status.success(), "waiting for CRDs: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 
@@ -155,12 +137,7 @@ async fn baseline(cp: &ControlPlane, n: usize) -> anyhow::Result<Run> {
                     "metadata": { "name": name },
                     "spec": { "ipam": { "podCIDRs": [cidr] } },
                 }));
-                api.patch(
-                    &name,
-                    &PatchParams::apply("bench-baseline").force(),
-                    &Patch::Apply(&body),
-                )
-                .await?;
+                api.patch(&name, &PatchParams::apply("bench-baseline").force(), &Patch::Apply(&body)).await?;
                 Ok(created.elapsed().as_secs_f64() * 1000.0)
             }
         })
@@ -209,11 +186,7 @@ async fn with_operator(cp: &ControlPlane, n: usize) -> anyhow::Result<Run> {
         if seen.lock().unwrap().len() >= n {
             break;
         }
-        ensure!(
-            Instant::now() < deadline,
-            "only {} of {n} nodes got CIDRs",
-            seen.lock().unwrap().len()
-        );
+        ensure!(Instant::now() < deadline, "only {} of {n} nodes got CIDRs", seen.lock().unwrap().len());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     watch.abort();
@@ -224,10 +197,7 @@ async fn with_operator(cp: &ControlPlane, n: usize) -> anyhow::Result<Run> {
         let got = seen.get(&name).with_context(|| format!("{name} never got a CIDR"))?;
         latencies_ms.push(got.saturating_duration_since(at).as_secs_f64() * 1000.0);
     }
-    Ok(Run {
-        total: last.duration_since(start),
-        latencies_ms,
-    })
+    Ok(Run { total: last.duration_since(start), latencies_ms })
 }
 
 /// VmHWM of a process, in KiB.

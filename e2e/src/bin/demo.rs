@@ -22,13 +22,8 @@ fn step(t0: Instant, msg: &str) {
 fn run() -> anyhow::Result<()> {
     let keep = std::env::args().any(|a| a == "--keep");
     let t0 = Instant::now();
-    step(
-        t0,
-        "starting etcd, kube-apiserver and kube-controller-manager on 127.0.0.1",
-    );
-    let cp = ControlPlane::start(Options {
-        controller_manager: true,
-    })?;
+    step(t0, "starting etcd, kube-apiserver and kube-controller-manager on 127.0.0.1");
+    let cp = ControlPlane::start(Options { controller_manager: true })?;
     step(
         t0,
         "starting two cilium-operator replicas (leader election on Lease kube-system/cilium-operator-resource-lock)",
@@ -48,10 +43,7 @@ fn run() -> anyhow::Result<()> {
     step(t0, "ready\n");
     print_status(&cp, &ops)?;
     if keep {
-        println!(
-            "\nexport KUBECONFIG={}\n(Ctrl-C to stop everything)",
-            cp.kubeconfig.display()
-        );
+        println!("\nexport KUBECONFIG={}\n(Ctrl-C to stop everything)", cp.kubeconfig.display());
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
@@ -61,20 +53,12 @@ fn run() -> anyhow::Result<()> {
 
 fn kubectl(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
     let out = cp.kubectl()?.args(args).output().context("running kubectl")?;
-    ensure!(
-        out.status.success(),
-        "kubectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ensure!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn metric(text: &str, name: &str) -> String {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .unwrap_or("-")
-        .to_string()
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).unwrap_or("-").to_string()
 }
 
 fn print_status(cp: &ControlPlane, ops: &[Operator]) -> anyhow::Result<()> {
@@ -99,27 +83,13 @@ fn print_status(cp: &ControlPlane, ops: &[Operator]) -> anyhow::Result<()> {
     println!();
     let lease: serde_json::Value = serde_json::from_str(&kubectl(
         cp,
-        &[
-            "get",
-            "lease",
-            "-n",
-            "kube-system",
-            "cilium-operator-resource-lock",
-            "-o",
-            "json",
-        ],
+        &["get", "lease", "-n", "kube-system", "cilium-operator-resource-lock", "-o", "json"],
     )?)?;
     println!("Operator replicas");
-    println!(
-        "  {:<20} {:<8} {:<10} {:<22} {:<22}",
-        "NAME", "PID", "ROLE", "HEALTH", "METRICS"
-    );
+    println!("  {:<20} {:<8} {:<10} {:<22} {:<22}", "NAME", "PID", "ROLE", "HEALTH", "METRICS");
     for op in ops {
         let role = if op.is_leader() { "leader" } else { "standby" };
-        let health = op
-            .healthz()
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|| "DOWN".into());
+        let health = op.healthz().map(|h| h.trim().to_string()).unwrap_or_else(|| "DOWN".into());
         println!(
             "  {:<20} {:<8} {:<10} {:<22} {:<22}",
             op.proc.name,
@@ -131,21 +101,16 @@ fn print_status(cp: &ControlPlane, ops: &[Operator]) -> anyhow::Result<()> {
     }
     println!();
     println!("Leader lease kube-system/cilium-operator-resource-lock");
-    println!(
-        "  holder           {}",
-        lease["spec"]["holderIdentity"].as_str().unwrap_or("-")
-    );
+    println!("  holder           {}", lease["spec"]["holderIdentity"].as_str().unwrap_or("-"));
     println!("  duration         {}s", lease["spec"]["leaseDurationSeconds"]);
     println!("  transitions      {}", lease["spec"]["leaseTransitions"]);
     if let Some(leader) = ops.iter().find(|o| o.is_leader()) {
         let text = leader.metrics()?;
         println!();
         println!("Leader metrics (excerpt)");
-        for name in [
-            "cilium_operator_is_leader",
-            "cilium_operator_build_info",
-            "cilium_operator_crds_established_time_seconds",
-        ] {
+        for name in
+            ["cilium_operator_is_leader", "cilium_operator_build_info", "cilium_operator_crds_established_time_seconds"]
+        {
             println!("  {name:<48} {}", metric(&text, name));
         }
     }

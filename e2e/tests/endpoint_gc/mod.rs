@@ -31,23 +31,12 @@ pub fn cep(name: &str, owner: Option<(&str, &str, &str, &str)>) -> CiliumEndpoin
 }
 
 pub async fn set_phase(pods: &Api<Pod>, name: &str, phase: &str) -> anyhow::Result<()> {
-    pods.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": { "phase": phase } })),
-    )
-    .await?;
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({ "status": { "phase": phase } }))).await?;
     Ok(())
 }
 
 async fn cep_names(ceps: &Api<CiliumEndpoint>) -> anyhow::Result<BTreeSet<String>> {
-    Ok(ceps
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|c| c.metadata.name)
-        .collect())
+    Ok(ceps.list(&ListParams::default()).await?.items.into_iter().filter_map(|c| c.metadata.name).collect())
 }
 
 fn gc_runs(op: &Operator) -> f64 {
@@ -62,19 +51,15 @@ fn gc_runs(op: &Operator) -> f64 {
 }
 
 async fn wait_runs(op: &Operator, at_least: f64) -> anyhow::Result<()> {
-    eventually(
-        &format!("{at_least} endpoint GC passes"),
-        Duration::from_secs(30),
-        || async { Ok((gc_runs(op) >= at_least).then_some(())) },
-    )
+    eventually(&format!("{at_least} endpoint GC passes"), Duration::from_secs(30), || async {
+        Ok((gc_runs(op) >= at_least).then_some(()))
+    })
     .await
 }
 
 async fn make_namespace(client: &kube::Client) -> anyhow::Result<()> {
     let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
     Ok(())
 }
 
@@ -84,12 +69,7 @@ async fn make_namespace(client: &kube::Client) -> anyhow::Result<()> {
 /// -> kept.
 pub fn orphans_end_as_specified(_shared: &ControlPlane) -> anyhow::Result<()> {
     let cp = ControlPlane::start(Options::default())?;
-    let mut op = Operator::start(
-        &cp,
-        "operator-cepgc",
-        "kube-system",
-        &["--cilium-endpoint-gc-interval=2s".into()],
-    )?;
+    let mut op = Operator::start(&cp, "operator-cepgc", "kube-system", &["--cilium-endpoint-gc-interval=2s".into()])?;
     op.wait_healthy(Duration::from_secs(60))?;
     let result = block_on(async {
         let client = cp.client().await?;
@@ -106,14 +86,7 @@ pub fn orphans_end_as_specified(_shared: &ControlPlane) -> anyhow::Result<()> {
         set_phase(&pods, "succeeded", "Succeeded").await?;
         set_phase(&pods, "failed", "Failed").await?;
         // Re-create "recreated": its CEP names the new pod's UID.
-        pods.delete(
-            "recreated",
-            &DeleteParams {
-                grace_period_seconds: Some(0),
-                ..Default::default()
-            },
-        )
-        .await?;
+        pods.delete("recreated", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
         eventually("old pod gone", Duration::from_secs(10), || async {
             Ok(pods.get_opt("recreated").await?.is_none().then_some(()))
         })
@@ -127,34 +100,16 @@ pub fn orphans_end_as_specified(_shared: &ControlPlane) -> anyhow::Result<()> {
         let cn = Api::<CiliumNode>::all(client.clone()).create(&pp, &cn).await?;
         let cn_uid = cn.metadata.uid.unwrap_or_default();
         for name in ["running", "succeeded", "failed", "deleted"] {
-            ceps.create(&pp, &cep(name, Some(("v1", "Pod", name, &uids[name]))))
-                .await?;
+            ceps.create(&pp, &cep(name, Some(("v1", "Pod", name, &uids[name])))).await?;
         }
-        ceps.create(&pp, &cep("recreated", Some(("v1", "Pod", "recreated", &new_uid))))
-            .await?;
-        ceps.create(
-            &pp,
-            &cep("node-owned", Some(("cilium.io/v2", "CiliumNode", "node-a", &cn_uid))),
-        )
-        .await?;
-        ceps.create(
-            &pp,
-            &cep("deployment-owned", Some(("apps/v1", "Deployment", "d", "0000"))),
-        )
-        .await?;
+        ceps.create(&pp, &cep("recreated", Some(("v1", "Pod", "recreated", &new_uid)))).await?;
+        ceps.create(&pp, &cep("node-owned", Some(("cilium.io/v2", "CiliumNode", "node-a", &cn_uid)))).await?;
+        ceps.create(&pp, &cep("deployment-owned", Some(("apps/v1", "Deployment", "d", "0000")))).await?;
         ceps.create(&pp, &cep("no-owner", None)).await?;
-        pods.delete(
-            "deleted",
-            &DeleteParams {
-                grace_period_seconds: Some(0),
-                ..Default::default()
-            },
-        )
-        .await?;
+        pods.delete("deleted", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
 
-        let expected: BTreeSet<String> = ["running", "recreated", "node-owned", "deployment-owned", "no-owner"]
-            .map(String::from)
-            .into();
+        let expected: BTreeSet<String> =
+            ["running", "recreated", "node-owned", "deployment-owned", "no-owner"].map(String::from).into();
         eventually("orphans deleted", Duration::from_secs(30), || async {
             Ok((cep_names(&ceps).await? == expected).then_some(()))
         })
@@ -162,16 +117,9 @@ pub fn orphans_end_as_specified(_shared: &ControlPlane) -> anyhow::Result<()> {
         // Several more passes change nothing.
         let runs = gc_runs(&op);
         wait_runs(&op, runs + 2.0).await?;
-        ensure!(
-            cep_names(&ceps).await? == expected,
-            "a kept CEP was deleted later: {:?}",
-            cep_names(&ceps).await?
-        );
+        ensure!(cep_names(&ceps).await? == expected, "a kept CEP was deleted later: {:?}", cep_names(&ceps).await?);
         let text = op.metrics()?;
-        ensure!(
-            text.contains("cilium_operator_endpoint_gc_objects_total{outcome=\"success\"} 3"),
-            "{text}"
-        );
+        ensure!(text.contains("cilium_operator_endpoint_gc_objects_total{outcome=\"success\"} 3"), "{text}");
         anyhow::Ok(())
     });
     result.map_err(|e| e.context(cp.log_tails(20)))
@@ -203,8 +151,7 @@ pub fn survives_apiserver_restart(_shared: &ControlPlane) -> anyhow::Result<()> 
             let p = pods.create(&PostParams::default(), &pod(&name)).await?;
             set_phase(&pods, &name, "Running").await?;
             let uid = p.metadata.uid.unwrap_or_default();
-            ceps.create(&PostParams::default(), &cep(&name, Some(("v1", "Pod", &name, &uid))))
-                .await?;
+            ceps.create(&PostParams::default(), &cep(&name, Some(("v1", "Pod", &name, &uid)))).await?;
         }
         wait_runs(&op, gc_runs(&op) + 2.0).await?;
         ensure!(cep_names(&ceps).await?.len() == 20);
@@ -220,29 +167,16 @@ pub fn survives_apiserver_restart(_shared: &ControlPlane) -> anyhow::Result<()> 
         let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
         // GC resumes (passes continue after the restart) ...
         wait_runs(&op, before + 3.0).await?;
-        ensure!(
-            cep_names(&ceps).await?.len() == 20,
-            "a CEP was deleted wrongly across the restart"
-        );
+        ensure!(cep_names(&ceps).await?.len() == 20, "a CEP was deleted wrongly across the restart");
         // ... and still sees deletions.
         for i in 0..5 {
-            pods.delete(
-                &format!("p{i}"),
-                &DeleteParams {
-                    grace_period_seconds: Some(0),
-                    ..Default::default()
-                },
-            )
-            .await?;
+            pods.delete(&format!("p{i}"), &DeleteParams { grace_period_seconds: Some(0), ..Default::default() })
+                .await?;
         }
-        eventually(
-            "CEPs of the 5 deleted pods collected",
-            Duration::from_secs(30),
-            || async {
-                let names = cep_names(&ceps).await?;
-                Ok((names.len() == 15 && (0..5).all(|i| !names.contains(&format!("p{i}")))).then_some(()))
-            },
-        )
+        eventually("CEPs of the 5 deleted pods collected", Duration::from_secs(30), || async {
+            let names = cep_names(&ceps).await?;
+            Ok((names.len() == 15 && (0..5).all(|i| !names.contains(&format!("p{i}")))).then_some(()))
+        })
         .await?;
         ensure!(op.proc.try_exit().is_none(), "the operator exited across the restart");
         anyhow::Ok(())

@@ -25,12 +25,7 @@ async fn identity_ids(api: &Api<CiliumIdentity>) -> anyhow::Result<BTreeMap<u32,
         .await?
         .items
         .into_iter()
-        .filter_map(|i| {
-            Some((
-                i.metadata.name.as_ref()?.parse().ok()?,
-                cilium_identity_alloc::crd::key_of(&i),
-            ))
-        })
+        .filter_map(|i| Some((i.metadata.name.as_ref()?.parse().ok()?, cilium_identity_alloc::crd::key_of(&i))))
         .collect())
 }
 
@@ -47,17 +42,14 @@ async fn endpoint_using(ceps: &Api<CiliumEndpoint>, name: &str, id: u32) -> anyh
 /// endpoint uses are marked then deleted; used and reused ones survive.
 pub fn crd_allocation_races_and_gc(_shared: &ControlPlane) -> anyhow::Result<()> {
     let cp = ControlPlane::start(Options::default())?;
-    let flags: Vec<String> = ["--identity-gc-interval=2s", "--identity-heartbeat-timeout=4s"]
-        .map(String::from)
-        .to_vec();
+    let flags: Vec<String> =
+        ["--identity-gc-interval=2s", "--identity-heartbeat-timeout=4s"].map(String::from).to_vec();
     let mut op = Operator::start(&cp, "operator-idgc", "kube-system", &flags)?;
     op.wait_healthy(Duration::from_secs(60))?;
     let result = block_on(async {
         let client = cp.client().await?;
         let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
         let ids: Api<CiliumIdentity> = Api::all(client.clone());
         let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
 
@@ -79,11 +71,7 @@ pub fn crd_allocation_races_and_gc(_shared: &ControlPlane) -> anyhow::Result<()>
         let stored = identity_ids(&ids).await?;
         ensure!(stored.len() == 30, "expected 30 identities, found {}", stored.len());
         for (app, id) in &by_app {
-            ensure!(
-                stored.get(id) == Some(&labels(app).key_string()),
-                "identity {id} holds {:?}",
-                stored.get(id)
-            );
+            ensure!(stored.get(id) == Some(&labels(app).key_string()), "identity {id} holds {:?}", stored.get(id));
         }
 
         // Endpoints use the first 10.
@@ -95,36 +83,22 @@ pub fn crd_allocation_races_and_gc(_shared: &ControlPlane) -> anyhow::Result<()>
         let marked = unused[0];
         let mark_seen = eventually("the heartbeat mark", Duration::from_secs(20), || async {
             let i = ids.get(&marked.to_string()).await?;
-            Ok(i.metadata
-                .annotations
-                .and_then(|a| a.get(HEARTBEAT_ANNOTATION).cloned()))
+            Ok(i.metadata.annotations.and_then(|a| a.get(HEARTBEAT_ANNOTATION).cloned()))
         })
         .await?;
-        ensure!(
-            mark_seen.parse::<jiff::Timestamp>().is_ok(),
-            "mark {mark_seen:?} is not an RFC3339 time"
-        );
+        ensure!(mark_seen.parse::<jiff::Timestamp>().is_ok(), "mark {mark_seen:?} is not an RFC3339 time");
         // Reuse one marked identity: the allocator removes the mark and an
         // endpoint starts using it; it must survive.
         let reused_app = &apps[29];
         eventually("app-29 marked", Duration::from_secs(20), || async {
             let i = ids.get(&by_app[reused_app].to_string()).await?;
-            Ok(i.metadata
-                .annotations
-                .is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION))
-                .then_some(()))
+            Ok(i.metadata.annotations.is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION)).then_some(()))
         })
         .await?;
         let again = a.allocate(&labels(reused_app)).await?;
         ensure!(again.id == by_app[reused_app], "reuse gave a new ID");
         let i = ids.get(&again.id.to_string()).await?;
-        ensure!(
-            !i.metadata
-                .annotations
-                .unwrap_or_default()
-                .contains_key(HEARTBEAT_ANNOTATION),
-            "mark not removed"
-        );
+        ensure!(!i.metadata.annotations.unwrap_or_default().contains_key(HEARTBEAT_ANNOTATION), "mark not removed");
         endpoint_using(&ceps, "ep-reused", again.id).await?;
 
         let gone: Vec<u32> = unused.iter().copied().filter(|id| *id != again.id).collect();
@@ -159,34 +133,25 @@ pub fn crd_allocation_races_and_gc(_shared: &ControlPlane) -> anyhow::Result<()>
 pub fn gc_clock_survives_operator_restart(_shared: &ControlPlane) -> anyhow::Result<()> {
     const TIMEOUT: u64 = 12;
     let cp = ControlPlane::start(Options::default())?;
-    let flags: Vec<String> = vec![
-        "--identity-gc-interval=1s".into(),
-        format!("--identity-heartbeat-timeout={TIMEOUT}s"),
-    ];
+    let flags: Vec<String> =
+        vec!["--identity-gc-interval=1s".into(), format!("--identity-heartbeat-timeout={TIMEOUT}s")];
     let mut op = Operator::start(&cp, "operator-clock-1", "kube-system", &flags)?;
     op.wait_healthy(Duration::from_secs(60))?;
     let result = block_on(async {
         let client = cp.client().await?;
         let ids: Api<CiliumIdentity> = Api::all(client.clone());
         let alloc = CrdAllocator::new(client.clone(), 256..=65535, "e2e-allocator");
-        let id = alloc
-            .allocate(&Labels::from_iter([Label::new("k8s", "app", "lonely")]))
-            .await?
-            .id;
+        let id = alloc.allocate(&Labels::from_iter([Label::new("k8s", "app", "lonely")])).await?.id;
         let mark = eventually("the mark", Duration::from_secs(20), || async {
             let i = ids.get(&id.to_string()).await?;
-            Ok(i.metadata
-                .annotations
-                .and_then(|a| a.get(HEARTBEAT_ANNOTATION).cloned()))
+            Ok(i.metadata.annotations.and_then(|a| a.get(HEARTBEAT_ANNOTATION).cloned()))
         })
         .await?;
         let marked_at: jiff::Timestamp = mark.parse()?;
         // Restart the operator well before the timeout.
         tokio::time::sleep(Duration::from_secs(TIMEOUT / 2)).await;
         op.proc.signal(libc::SIGTERM);
-        op.proc
-            .wait_exit(Duration::from_secs(15))
-            .context("operator did not stop")?;
+        op.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
         let restarted_at = jiff::Timestamp::now();
         let mut op2 = Operator::start(&cp, "operator-clock-2", "kube-system", &flags)?;
         op2.wait_healthy(Duration::from_secs(60))?;
@@ -204,10 +169,7 @@ pub fn gc_clock_survives_operator_restart(_shared: &ControlPlane) -> anyhow::Res
             since_restart < TIMEOUT as f64,
             "deleted {since_restart:.1}s after the restart: the clock was reset (mark was {since_mark:.1}s earlier)"
         );
-        ensure!(
-            since_mark >= TIMEOUT as f64,
-            "deleted before the heartbeat timeout ({since_mark:.1}s)"
-        );
+        ensure!(since_mark >= TIMEOUT as f64, "deleted before the heartbeat timeout ({since_mark:.1}s)");
         anyhow::Ok(())
     });
     result.map_err(|e| e.context(cp.log_tails(20)))
@@ -215,22 +177,14 @@ pub fn gc_clock_survives_operator_restart(_shared: &ControlPlane) -> anyhow::Res
 
 fn etcd_get(etcd: &e2e::Etcd, key: &str, format: &str) -> anyhow::Result<String> {
     let out = etcd.etcdctl()?.args(["get", key, "-w", format]).output()?;
-    ensure!(
-        out.status.success(),
-        "etcdctl get {key}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ensure!(out.status.success(), "etcdctl get {key}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn metric_of(op: &Operator, name: &str) -> f64 {
     op.metrics()
         .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        })
+        .and_then(|t| t.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()))
         .unwrap_or(0.0)
 }
 
@@ -250,53 +204,30 @@ pub fn kvstore_heartbeat_layout_and_etcd_restart(cp: &ControlPlane) -> anyhow::R
     let mut op = Operator::start(cp, "operator-heartbeat", ns, &flags)?;
     op.wait_healthy(Duration::from_secs(60))?;
     let value = |etcd: &e2e::Etcd| -> anyhow::Result<String> {
-        let out = etcd
-            .etcdctl()?
-            .args(["get", "cilium/.heartbeat", "--print-value-only"])
-            .output()?;
+        let out = etcd.etcdctl()?.args(["get", "cilium/.heartbeat", "--print-value-only"]).output()?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while value(&etcd)?.is_empty() {
-        ensure!(
-            Instant::now() < deadline,
-            "no heartbeat written:\n{}",
-            op.proc.log_text()
-        );
+        ensure!(Instant::now() < deadline, "no heartbeat written:\n{}", op.proc.log_text());
         std::thread::sleep(Duration::from_millis(200));
     }
     // Layout: exact key, RFC3339 value (Go's time.RFC3339 in UTC), a lease.
-    let keys = etcd
-        .etcdctl()?
-        .args(["get", "cilium/", "--prefix", "--keys-only"])
-        .output()?;
-    let keys: Vec<String> = String::from_utf8_lossy(&keys.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+    let keys = etcd.etcdctl()?.args(["get", "cilium/", "--prefix", "--keys-only"]).output()?;
+    let keys: Vec<String> =
+        String::from_utf8_lossy(&keys.stdout).lines().filter(|l| !l.is_empty()).map(String::from).collect();
     ensure!(keys == ["cilium/.heartbeat"], "unexpected keys {keys:?}");
     let v = value(&etcd)?;
-    ensure!(
-        v.len() == 20 && v.ends_with('Z') && v.parse::<jiff::Timestamp>().is_ok(),
-        "value {v:?} is not RFC3339"
-    );
+    ensure!(v.len() == 20 && v.ends_with('Z') && v.parse::<jiff::Timestamp>().is_ok(), "value {v:?} is not RFC3339");
     let fields = etcd_get(&etcd, "cilium/.heartbeat", "fields")?;
-    let lease = fields
-        .lines()
-        .find(|l| l.starts_with("\"Lease\""))
-        .context("no Lease field")?;
+    let lease = fields.lines().find(|l| l.starts_with("\"Lease\"")).context("no Lease field")?;
     ensure!(!lease.ends_with(" 0"), "heartbeat not on a lease: {lease}");
 
     // etcd down: errors logged and counted.
     etcd.stop();
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric_of(&op, "cilium_operator_kvstore_heartbeat_errors_total") < 1.0 {
-        ensure!(
-            Instant::now() < deadline,
-            "no heartbeat error counted:\n{}",
-            op.proc.log_text()
-        );
+        ensure!(Instant::now() < deadline, "no heartbeat error counted:\n{}", op.proc.log_text());
         std::thread::sleep(Duration::from_millis(300));
     }
     ensure!(op.proc.log_text().contains("cannot write the kvstore heartbeat"));
@@ -305,18 +236,11 @@ pub fn kvstore_heartbeat_layout_and_etcd_restart(cp: &ControlPlane) -> anyhow::R
     let before = metric_of(&op, "cilium_operator_kvstore_heartbeat_writes_total");
     let deadline = Instant::now() + Duration::from_secs(40);
     while metric_of(&op, "cilium_operator_kvstore_heartbeat_writes_total") < before + 2.0 {
-        ensure!(
-            Instant::now() < deadline,
-            "heartbeat did not resume:\n{}",
-            op.proc.log_text()
-        );
+        ensure!(Instant::now() < deadline, "heartbeat did not resume:\n{}", op.proc.log_text());
         std::thread::sleep(Duration::from_millis(300));
     }
     let after = value(&etcd)?;
-    ensure!(
-        after.parse::<jiff::Timestamp>()? > v.parse::<jiff::Timestamp>()?,
-        "heartbeat value did not advance"
-    );
+    ensure!(after.parse::<jiff::Timestamp>()? > v.parse::<jiff::Timestamp>()?, "heartbeat value did not advance");
     ensure!(op.proc.try_exit().is_none(), "operator exited");
     Ok(())
 }
@@ -357,42 +281,28 @@ pub fn kvstore_allocation_layout_and_races(_shared: &ControlPlane) -> anyhow::Re
         };
         ensure!(get(format!("{PREFIX}id/{id}"))? == key_string, "id key value");
         for node in ["192.0.2.1", "192.0.2.2"] {
-            ensure!(
-                get(format!("{PREFIX}value/{key_string}/{node}"))? == id.to_string(),
-                "value key of {node}"
-            );
+            ensure!(get(format!("{PREFIX}value/{key_string}/{node}"))? == id.to_string(), "value key of {node}");
         }
         let fields = |key: String| -> anyhow::Result<String> {
             let out = etcd.etcdctl()?.args(["get", &key, "-w", "fields"]).output()?;
             Ok(String::from_utf8(out.stdout)?)
         };
-        ensure!(
-            fields(format!("{PREFIX}id/{id}"))?.contains("\"Lease\" : 0"),
-            "id key must have no lease"
-        );
+        ensure!(fields(format!("{PREFIX}id/{id}"))?.contains("\"Lease\" : 0"), "id key must have no lease");
         let v = fields(format!("{PREFIX}value/{key_string}/192.0.2.1"))?;
-        ensure!(
-            v.contains(&format!("\"Lease\" : {}", a.session_lease())),
-            "value key not on the session lease: {v}"
-        );
-        let all = etcd
-            .etcdctl()?
-            .args(["get", PREFIX, "--prefix", "--keys-only"])
-            .output()?;
+        ensure!(v.contains(&format!("\"Lease\" : {}", a.session_lease())), "value key not on the session lease: {v}");
+        let all = etcd.etcdctl()?.args(["get", PREFIX, "--prefix", "--keys-only"]).output()?;
         let all = String::from_utf8(all.stdout)?;
         let (ids, values, other): (usize, usize, Vec<&str>) =
-            all.lines()
-                .filter(|l| !l.is_empty())
-                .fold((0, 0, Vec::new()), |(i, v, mut o), k| {
-                    if k.starts_with(&format!("{PREFIX}id/")) {
-                        (i + 1, v, o)
-                    } else if k.starts_with(&format!("{PREFIX}value/")) {
-                        (i, v + 1, o)
-                    } else {
-                        o.push(k);
-                        (i, v, o)
-                    }
-                });
+            all.lines().filter(|l| !l.is_empty()).fold((0, 0, Vec::new()), |(i, v, mut o), k| {
+                if k.starts_with(&format!("{PREFIX}id/")) {
+                    (i + 1, v, o)
+                } else if k.starts_with(&format!("{PREFIX}value/")) {
+                    (i, v + 1, o)
+                } else {
+                    o.push(k);
+                    (i, v, o)
+                }
+            });
         ensure!(
             ids == 25 && values == 50 && other.is_empty(),
             "keys: {ids} id, {values} value, other {other:?} (locks must be gone)"
@@ -400,10 +310,7 @@ pub fn kvstore_allocation_layout_and_races(_shared: &ControlPlane) -> anyhow::Re
 
         // Release removes our value key only; the ID stays for the other node.
         a.release(&labels(app)).await?;
-        ensure!(
-            get(format!("{PREFIX}value/{key_string}/192.0.2.1"))?.is_empty(),
-            "value key not released"
-        );
+        ensure!(get(format!("{PREFIX}value/{key_string}/192.0.2.1"))?.is_empty(), "value key not released");
         ensure!(get(format!("{PREFIX}value/{key_string}/192.0.2.2"))? == id.to_string());
         ensure!(b.allocate(&labels(app)).await?.id == id);
         anyhow::Ok(())
@@ -419,10 +326,7 @@ pub fn kvstore_gc_two_rounds(cp: &ControlPlane) -> anyhow::Result<()> {
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let etcd = e2e::Etcd::start()?;
     // An identity of another cluster (cluster-id 1 range) must survive.
-    let out = etcd
-        .etcdctl()?
-        .args(["put", &format!("{PREFIX}id/70000"), "k8s:app=elsewhere;"])
-        .output()?;
+    let out = etcd.etcdctl()?.args(["put", &format!("{PREFIX}id/70000"), "k8s:app=elsewhere;"]).output()?;
     ensure!(out.status.success());
     let result = block_on(async {
         let alloc = KvstoreAllocator::new(
@@ -448,21 +352,12 @@ pub fn kvstore_gc_two_rounds(cp: &ControlPlane) -> anyhow::Result<()> {
         let mut op = Operator::start(cp, "operator-kvgc", ns, &flags)?;
         op.wait_healthy(Duration::from_secs(60))?;
         let exists = |id: u32| -> anyhow::Result<bool> {
-            let out = etcd
-                .etcdctl()?
-                .args(["get", &format!("{PREFIX}id/{id}"), "--keys-only"])
-                .output()?;
+            let out = etcd.etcdctl()?.args(["get", &format!("{PREFIX}id/{id}"), "--keys-only"]).output()?;
             Ok(!String::from_utf8_lossy(&out.stdout).trim().is_empty())
         };
-        eventually(
-            "released kvstore identities deleted",
-            Duration::from_secs(20),
-            || async {
-                Ok((0..5)
-                    .all(|i| !exists(ids[&format!("kv-{i}")]).unwrap_or(true))
-                    .then_some(()))
-            },
-        )
+        eventually("released kvstore identities deleted", Duration::from_secs(20), || async {
+            Ok((0..5).all(|i| !exists(ids[&format!("kv-{i}")]).unwrap_or(true)).then_some(()))
+        })
         .await?;
         for i in 5..10 {
             ensure!(exists(ids[&format!("kv-{i}")])?, "kv-{i} is in use but was deleted");
@@ -473,10 +368,7 @@ pub fn kvstore_gc_two_rounds(cp: &ControlPlane) -> anyhow::Result<()> {
             text.contains("cilium_operator_identity_gc_entries{status=\"alive\",identity_type=\"kvstore\"} 5"),
             "{text}"
         );
-        ensure!(
-            !text.contains("identity_type=\"crd\""),
-            "CRD GC ran in kvstore mode: {text}"
-        );
+        ensure!(!text.contains("identity_type=\"crd\""), "CRD GC ran in kvstore mode: {text}");
         anyhow::Ok(())
     });
     result.map_err(|e| e.context(cp.log_tails(10)))
@@ -488,26 +380,18 @@ pub fn kvstore_gc_two_rounds(cp: &ControlPlane) -> anyhow::Result<()> {
 pub fn space_pressure_and_label_explosion(_shared: &ControlPlane) -> anyhow::Result<()> {
     let cp = ControlPlane::start(Options::default())?;
     // 0.001 of the 65280-ID range: pressure from 66 identities on.
-    let flags: Vec<String> = [
-        "--identity-gc-interval=1h",
-        "--identity-heartbeat-timeout=1h",
-        "--identity-space-pressure-threshold=0.001",
-    ]
-    .map(String::from)
-    .to_vec();
+    let flags: Vec<String> =
+        ["--identity-gc-interval=1h", "--identity-heartbeat-timeout=1h", "--identity-space-pressure-threshold=0.001"]
+            .map(String::from)
+            .to_vec();
     let mut op = Operator::start(&cp, "operator-pressure", "kube-system", &flags)?;
     op.wait_healthy(Duration::from_secs(60))?;
     let result = block_on(async {
         let runs = |op: &Operator| {
-            metric_of(
-                op,
-                "cilium_operator_identity_gc_runs_total{outcome=\"success\",identity_type=\"crd\"}",
-            )
+            metric_of(op, "cilium_operator_identity_gc_runs_total{outcome=\"success\",identity_type=\"crd\"}")
         };
-        eventually("the first GC run", Duration::from_secs(20), || async {
-            Ok((runs(&op) >= 1.0).then_some(()))
-        })
-        .await?;
+        eventually("the first GC run", Duration::from_secs(20), || async { Ok((runs(&op) >= 1.0).then_some(())) })
+            .await?;
         let client = cp.client().await?;
         let alloc = CrdAllocator::new(client.clone(), 256..=65535, "e2e-allocator");
         let mut ids = Vec::new();
@@ -517,46 +401,26 @@ pub fn space_pressure_and_label_explosion(_shared: &ControlPlane) -> anyhow::Res
         }
         // Woken by pressure: a second run marks the unused identities.
         let api: Api<CiliumIdentity> = Api::all(client.clone());
-        eventually(
-            "identities marked by a pressure-triggered run",
-            Duration::from_secs(30),
-            || async {
-                let i = api.get(&ids[0].to_string()).await?;
-                Ok(i.metadata
-                    .annotations
-                    .is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION))
-                    .then_some(()))
-            },
-        )
+        eventually("identities marked by a pressure-triggered run", Duration::from_secs(30), || async {
+            let i = api.get(&ids[0].to_string()).await?;
+            Ok(i.metadata.annotations.is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION)).then_some(()))
+        })
         .await?;
-        eventually(
-            "the pressure-triggered run to finish",
-            Duration::from_secs(20),
-            || async { Ok((runs(&op) >= 2.0).then_some(())) },
-        )
+        eventually("the pressure-triggered run to finish", Duration::from_secs(20), || async {
+            Ok((runs(&op) >= 2.0).then_some(()))
+        })
         .await?;
         ensure!(metric_of(&op, "cilium_operator_identity_space_used{identity_type=\"crd\"}") == 70.0);
-        ensure!(
-            metric_of(
-                &op,
-                "cilium_operator_identity_space_pressure_total{identity_type=\"crd\"}"
-            ) >= 1.0
-        );
+        ensure!(metric_of(&op, "cilium_operator_identity_space_pressure_total{identity_type=\"crd\"}") >= 1.0);
         ensure!(metric_of(&op, "cilium_operator_identity_space_size") == 65280.0);
         let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
         eventually("an IdentitySpacePressure Event", Duration::from_secs(10), || async {
             let list = events.list(&ListParams::default()).await?;
-            Ok(list
-                .items
-                .into_iter()
-                .find(|e| e.reason.as_deref() == Some("IdentitySpacePressure")))
+            Ok(list.items.into_iter().find(|e| e.reason.as_deref() == Some("IdentitySpacePressure")))
         })
         .await?;
         ensure!(
-            metric_of(
-                &op,
-                "cilium_operator_identity_label_key_values{label_key=\"k8s:build-id\"}"
-            ) == 70.0,
+            metric_of(&op, "cilium_operator_identity_label_key_values{label_key=\"k8s:build-id\"}") == 70.0,
             "{}",
             op.metrics()?
         );

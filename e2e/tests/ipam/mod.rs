@@ -25,14 +25,7 @@ pub fn cilium_node(name: &str, pod_cidrs: &[&str]) -> CiliumNode {
 }
 
 fn operator_error(n: &CiliumNode) -> Option<String> {
-    n.status
-        .as_ref()?
-        .ipam
-        .as_ref()?
-        .operator_status
-        .as_ref()?
-        .error
-        .clone()
+    n.status.as_ref()?.ipam.as_ref()?.operator_status.as_ref()?.error.clone()
 }
 
 /// Pod CIDRs of every CiliumNode.
@@ -67,19 +60,14 @@ async fn wait_cidr(api: &Api<CiliumNode>, name: &str) -> anyhow::Result<String> 
 }
 
 async fn wait_error(api: &Api<CiliumNode>, name: &str, needle: &str) -> anyhow::Result<String> {
-    eventually(
-        &format!("an IPAM error containing {needle:?} on {name}"),
-        Duration::from_secs(30),
-        || async { Ok(operator_error(&api.get(name).await?).filter(|e| e.contains(needle))) },
-    )
+    eventually(&format!("an IPAM error containing {needle:?} on {name}"), Duration::from_secs(30), || async {
+        Ok(operator_error(&api.get(name).await?).filter(|e| e.contains(needle)))
+    })
     .await
 }
 
 fn metric_value(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
 /// Nodes get CIDRs; exhaustion is loud (status, Event, metric); extending
@@ -87,13 +75,8 @@ fn metric_value(text: &str, prefix: &str) -> Option<f64> {
 /// twice are refused precisely; a deleted Node's CiliumNode is collected
 /// and its CIDR reused.
 pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow::Result<()> {
-    let cp = ControlPlane::start(Options {
-        controller_manager: true,
-    })?;
-    let small_pool = [
-        "--cluster-pool-ipv4-cidr=10.10.0.0/23".to_string(),
-        "--cluster-pool-ipv4-mask-size=24".into(),
-    ];
+    let cp = ControlPlane::start(Options { controller_manager: true })?;
+    let small_pool = ["--cluster-pool-ipv4-cidr=10.10.0.0/23".to_string(), "--cluster-pool-ipv4-mask-size=24".into()];
     let gc = "--nodes-gc-interval=2s".to_string();
     let mut op = Operator::start(
         &cp,
@@ -117,26 +100,19 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
         let c2 = wait_cidr(&cns, "n2").await?;
         ensure!(c1 != c2, "n1 and n2 both got {c1}");
         let both: BTreeSet<&str> = [c1.as_str(), c2.as_str()].into();
-        ensure!(
-            both == ["10.10.0.0/24", "10.10.1.0/24"].into(),
-            "unexpected CIDRs {both:?}"
-        );
+        ensure!(both == ["10.10.0.0/24", "10.10.1.0/24"].into(), "unexpected CIDRs {both:?}");
 
         // Exhaustion: status, Event, metric, log.
         ensure!(wait_error(&cns, "n3", "allocator full").await? == "allocator full");
         ensure!(cns.get("n3").await?.pod_cidrs().is_empty());
         let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
-        eventually(
-            "a PodCIDRPoolExhausted Event for n3",
-            Duration::from_secs(15),
-            || async {
-                let list = events.list(&ListParams::default()).await?;
-                Ok(list.items.into_iter().find(|e| {
-                    e.reason.as_deref() == Some("PodCIDRPoolExhausted")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("n3")
-                }))
-            },
-        )
+        eventually("a PodCIDRPoolExhausted Event for n3", Duration::from_secs(15), || async {
+            let list = events.list(&ListParams::default()).await?;
+            Ok(list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("PodCIDRPoolExhausted")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("n3")
+            }))
+        })
         .await?;
         let text = op.metrics()?;
         ensure!(
@@ -144,35 +120,21 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
             "{text}"
         );
         ensure!(
-            metric_value(
-                &text,
-                "cilium_operator_ipam_pool_available{pool=\"10.10.0.0/23\",family=\"ipv4\"}"
-            ) == Some(0.0),
+            metric_value(&text, "cilium_operator_ipam_pool_available{pool=\"10.10.0.0/23\",family=\"ipv4\"}")
+                == Some(0.0),
             "{text}"
         );
-        ensure!(
-            metric_value(&text, "cilium_operator_ipam_nodes_waiting") == Some(1.0),
-            "{text}"
-        );
-        ensure!(
-            op.proc.log_text().contains("allocator full"),
-            "no exhaustion warning in the log"
-        );
+        ensure!(metric_value(&text, "cilium_operator_ipam_nodes_waiting") == Some(1.0), "{text}");
+        ensure!(op.proc.log_text().contains("allocator full"), "no exhaustion warning in the log");
 
         // Extend the pool list (append) and restart: n3 recovers.
         op.proc.signal(libc::SIGTERM);
-        op.proc
-            .wait_exit(Duration::from_secs(15))
-            .context("operator did not stop")?;
+        op.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
         let mut op2 = Operator::start(
             &cp,
             "operator-ipam-2",
             "kube-system",
-            &[
-                "--cluster-pool-ipv4-cidr=10.10.0.0/23,10.20.0.0/24".into(),
-                small_pool[1].clone(),
-                gc.clone(),
-            ],
+            &["--cluster-pool-ipv4-cidr=10.10.0.0/23,10.20.0.0/24".into(), small_pool[1].clone(), gc.clone()],
         )?;
         op2.wait_healthy(Duration::from_secs(60))?;
         ensure!(wait_cidr(&cns, "n3").await? == "10.20.0.0/24");
@@ -180,14 +142,8 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
             Ok(operator_error(&cns.get("n3").await?).is_none().then_some(()))
         })
         .await?;
-        ensure!(
-            cns.get("n1").await?.pod_cidrs() == [c1.clone()],
-            "n1 lost its CIDR across the restart"
-        );
-        ensure!(
-            cns.get("n2").await?.pod_cidrs() == [c2.clone()],
-            "n2 lost its CIDR across the restart"
-        );
+        ensure!(cns.get("n1").await?.pod_cidrs() == [c1.clone()], "n1 lost its CIDR across the restart");
+        ensure!(cns.get("n2").await?.pod_cidrs() == [c2.clone()], "n2 lost its CIDR across the restart");
 
         // Refusals: outside every pool, and a CIDR another node holds.
         cns.create(&pp, &cilium_node("outsider", &["192.168.77.0/24"])).await?;
@@ -197,10 +153,7 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
         let e = wait_error(&cns, "dup", "already allocated").await?;
         ensure!(e.contains("node n2"), "{e}");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        ensure!(
-            cns.get("outsider").await?.pod_cidrs() == ["192.168.77.0/24"],
-            "outsider was re-assigned"
-        );
+        ensure!(cns.get("outsider").await?.pod_cidrs() == ["192.168.77.0/24"], "outsider was re-assigned");
         ensure!(cns.get("dup").await?.pod_cidrs() == [c2.clone()], "dup was re-assigned");
 
         // Node n1 deleted -> CiliumNode GC (two runs) -> CIDR reused by n4.
@@ -212,49 +165,27 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
         cns.create(&pp, &cilium_node("n4", &[])).await?;
         let c4 = wait_cidr(&cns, "n4").await?;
         ensure!(c4 == c1, "n4 got {c4}, expected n1's released {c1}");
-        assert_no_duplicates(
-            &all_pod_cidrs(&cns)
-                .await?
-                .into_iter()
-                .filter(|(n, _)| n != "dup")
-                .collect(),
-        )?;
+        assert_no_duplicates(&all_pod_cidrs(&cns).await?.into_iter().filter(|(n, _)| n != "dup").collect())?;
         let text = op2.metrics()?;
-        ensure!(
-            metric_value(&text, "cilium_operator_ipam_nodes_gc_deleted_total").unwrap_or(0.0) >= 1.0,
-            "{text}"
-        );
+        ensure!(metric_value(&text, "cilium_operator_ipam_nodes_gc_deleted_total").unwrap_or(0.0) >= 1.0, "{text}");
         ensure!(!op2.proc.log_text().contains("panicked"), "operator panicked");
 
         // Removing a pool in use is refused: n2 keeps 10.10.x, gets an error
         // naming it, and the operator says why in one log line.
         op2.proc.signal(libc::SIGTERM);
-        op2.proc
-            .wait_exit(Duration::from_secs(15))
-            .context("operator did not stop")?;
+        op2.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
         let mut op3 = Operator::start(
             &cp,
             "operator-ipam-3",
             "kube-system",
-            &[
-                "--cluster-pool-ipv4-cidr=10.20.0.0/24".into(),
-                small_pool[1].clone(),
-                gc.clone(),
-            ],
+            &["--cluster-pool-ipv4-cidr=10.20.0.0/24".into(), small_pool[1].clone(), gc.clone()],
         )?;
         op3.wait_healthy(Duration::from_secs(60))?;
         let e = wait_error(&cns, "n2", &c2).await?;
         ensure!(e.contains("not inside any IPv4 pool"), "{e}");
-        ensure!(
-            cns.get("n2").await?.pod_cidrs() == [c2.clone()],
-            "n2 was re-assigned after its pool was removed"
-        );
+        ensure!(cns.get("n2").await?.pod_cidrs() == [c2.clone()], "n2 was re-assigned after its pool was removed");
         eventually("the removed-pool log line", Duration::from_secs(10), || async {
-            Ok(op3
-                .proc
-                .log_text()
-                .contains("pools can only be extended by appending")
-                .then_some(()))
+            Ok(op3.proc.log_text().contains("pools can only be extended by appending").then_some(()))
         })
         .await?;
         anyhow::Ok(())
@@ -310,14 +241,10 @@ pub fn failover_chaos_burst(_shared: &ControlPlane) -> anyhow::Result<()> {
         for kill in 0..KILLS {
             // Let some allocation happen under this leader, then kill it.
             let target = (kill + 1) * NODES / (KILLS + 2);
-            eventually(
-                &format!("{target} nodes with CIDRs"),
-                Duration::from_secs(60),
-                || async {
-                    let n = all_pod_cidrs(&cns).await?.values().filter(|c| !c.is_empty()).count();
-                    Ok((n >= target).then_some(()))
-                },
-            )
+            eventually(&format!("{target} nodes with CIDRs"), Duration::from_secs(60), || async {
+                let n = all_pod_cidrs(&cns).await?.values().filter(|c| !c.is_empty()).count();
+                Ok((n >= target).then_some(()))
+            })
             .await?;
             let leader = eventually("a leader", Duration::from_secs(30), || {
                 let idx = replicas.iter().position(|r| r.is_leader());
@@ -325,10 +252,7 @@ pub fn failover_chaos_burst(_shared: &ControlPlane) -> anyhow::Result<()> {
             })
             .await?;
             replicas[leader].proc.signal(libc::SIGKILL);
-            replicas[leader]
-                .proc
-                .wait_exit(Duration::from_secs(5))
-                .context("killed leader still running")?;
+            replicas[leader].proc.wait_exit(Duration::from_secs(5)).context("killed leader still running")?;
             let old = replicas.remove(leader);
             ensure!(!old.proc.log_text().contains("panicked"), "{} panicked", old.proc.name);
             let mut fresh = Operator::start(&cp, &format!("chaos-{started}"), "kube-system", &flags)?;
@@ -337,10 +261,7 @@ pub fn failover_chaos_burst(_shared: &ControlPlane) -> anyhow::Result<()> {
             replicas.push(fresh);
         }
         let created = creator.await?;
-        let failed: Vec<String> = created
-            .into_iter()
-            .filter_map(|r| r.err().map(|e| e.to_string()))
-            .collect();
+        let failed: Vec<String> = created.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect();
         ensure!(failed.is_empty(), "creating CiliumNodes failed: {failed:?}");
         let final_state = eventually("every node with a CIDR", Duration::from_secs(120), || async {
             let all = all_pod_cidrs(&cns).await?;

@@ -48,36 +48,17 @@ fn yaml_files(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
 pub fn crds_and_policy_fixtures(cp: &ControlPlane) -> anyhow::Result<()> {
     let root = workspace_root();
     let crds = yaml_files(&root.join("crds"))?;
-    ensure!(
-        crds.len() == 5,
-        "expected 5 CRD manifests in crds/, found {}",
-        crds.len()
-    );
+    ensure!(crds.len() == 5, "expected 5 CRD manifests in crds/, found {}", crds.len());
     for f in &crds {
-        kubectl_ok(
-            cp,
-            &[
-                "apply",
-                "--server-side",
-                "--field-manager=e2e",
-                "-f",
-                f.to_str().unwrap(),
-            ],
-        )?;
+        kubectl_ok(cp, &["apply", "--server-side", "--field-manager=e2e", "-f", f.to_str().unwrap()])?;
     }
-    kubectl_ok(
-        cp,
-        &["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"],
-    )?;
+    kubectl_ok(cp, &["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"])?;
     // Discovery must have caught up before dry runs resolve the kinds.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !kubectl_ok(cp, &["api-resources", "--api-group=cilium.io"])
         .is_ok_and(|o| o.contains("ciliumnetworkpolicies"))
     {
-        ensure!(
-            Instant::now() < deadline,
-            "cilium.io resources never appeared in discovery"
-        );
+        ensure!(Instant::now() < deadline, "cilium.io resources never appeared in discovery");
         std::thread::sleep(Duration::from_millis(300));
     }
     let fixtures = root.join("e2e/fixtures/policies");
@@ -91,25 +72,15 @@ pub fn crds_and_policy_fixtures(cp: &ControlPlane) -> anyhow::Result<()> {
     );
     let mut failures = Vec::new();
     for f in &valid {
-        let (ok, _, err) = run(cp.kubectl()?.args([
-            "apply",
-            "--dry-run=server",
-            "--validate=false",
-            "-f",
-            f.to_str().unwrap(),
-        ]))?;
+        let (ok, _, err) =
+            run(cp.kubectl()?.args(["apply", "--dry-run=server", "--validate=false", "-f", f.to_str().unwrap()]))?;
         if !ok {
             failures.push(format!("valid fixture rejected: {}: {}", f.display(), err.trim()));
         }
     }
     for f in &invalid {
-        let (ok, out, err) = run(cp.kubectl()?.args([
-            "apply",
-            "--dry-run=server",
-            "--validate=false",
-            "-f",
-            f.to_str().unwrap(),
-        ]))?;
+        let (ok, out, err) =
+            run(cp.kubectl()?.args(["apply", "--dry-run=server", "--validate=false", "-f", f.to_str().unwrap()]))?;
         if ok {
             failures.push(format!("invalid fixture accepted: {}: {}", f.display(), out.trim()));
         } else if !(err.contains("Invalid value")
@@ -117,19 +88,11 @@ pub fn crds_and_policy_fixtures(cp: &ControlPlane) -> anyhow::Result<()> {
             || err.contains("invalid")
             || err.contains("Required value"))
         {
-            failures.push(format!(
-                "invalid fixture failed for an unexpected reason: {}: {}",
-                f.display(),
-                err.trim()
-            ));
+            failures.push(format!("invalid fixture failed for an unexpected reason: {}: {}", f.display(), err.trim()));
         }
     }
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
-    eprintln!(
-        "policy fixtures: {} valid accepted, {} invalid rejected",
-        valid.len(),
-        invalid.len()
-    );
+    eprintln!("policy fixtures: {} valid accepted, {} invalid rejected", valid.len(), invalid.len());
     Ok(())
 }
 
@@ -144,37 +107,12 @@ pub fn bad_config_exits_with_one_line(cp: &ControlPlane) -> anyhow::Result<()> {
     // (arguments, environment, option named in the error, value named)
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str, &'a str);
     let cases: &[Case] = &[
-        (
-            &["--identity-allocation-mode=foo"],
-            &[],
-            "--identity-allocation-mode",
-            "foo",
-        ),
-        (
-            &[],
-            &[("CILIUM_IDENTITY_ALLOCATION_MODE", "bar")],
-            "CILIUM_IDENTITY_ALLOCATION_MODE",
-            "bar",
-        ),
+        (&["--identity-allocation-mode=foo"], &[], "--identity-allocation-mode", "foo"),
+        (&[], &[("CILIUM_IDENTITY_ALLOCATION_MODE", "bar")], "CILIUM_IDENTITY_ALLOCATION_MODE", "bar"),
         (&[&cfg_dir_arg], &[], "--identity-allocation-mode", "etcd-please"),
-        (
-            &["--cluster-pool-ipv4-cidr=10.0.0.0/33"],
-            &[],
-            "--cluster-pool-ipv4-cidr",
-            "10.0.0.0/33",
-        ),
-        (
-            &["--cluster-pool-ipv4-cidr=10.0.0.0/8,10.20.0.0/16"],
-            &[],
-            "--cluster-pool-ipv4-cidr",
-            "overlaps",
-        ),
-        (
-            &["--cluster-pool-ipv4-cidr=fd00::/104"],
-            &[],
-            "--cluster-pool-ipv4-cidr",
-            "fd00::/104",
-        ),
+        (&["--cluster-pool-ipv4-cidr=10.0.0.0/33"], &[], "--cluster-pool-ipv4-cidr", "10.0.0.0/33"),
+        (&["--cluster-pool-ipv4-cidr=10.0.0.0/8,10.20.0.0/16"], &[], "--cluster-pool-ipv4-cidr", "overlaps"),
+        (&["--cluster-pool-ipv4-cidr=fd00::/104"], &[], "--cluster-pool-ipv4-cidr", "fd00::/104"),
         (
             &["--cluster-pool-ipv4-cidr=10.0.0.0/8", "--cluster-pool-ipv4-mask-size=7"],
             &[],
@@ -182,20 +120,12 @@ pub fn bad_config_exits_with_one_line(cp: &ControlPlane) -> anyhow::Result<()> {
             "7",
         ),
         (
-            &[
-                "--cluster-pool-ipv4-cidr=10.0.0.0/8",
-                "--identity-gc-interval=15minutes",
-            ],
+            &["--cluster-pool-ipv4-cidr=10.0.0.0/8", "--identity-gc-interval=15minutes"],
             &[],
             "--identity-gc-interval",
             "15minutes",
         ),
-        (
-            &["--cluster-pool-ipv4-cidr=10.0.0.0/8", "--nodes-gc-interval=-5m"],
-            &[],
-            "--nodes-gc-interval",
-            "-5m",
-        ),
+        (&["--cluster-pool-ipv4-cidr=10.0.0.0/8", "--nodes-gc-interval=-5m"], &[], "--nodes-gc-interval", "-5m"),
         (
             &["--cluster-pool-ipv4-cidr=10.0.0.0/8", "--identity-heartbeat-timeout=30"],
             &[],
@@ -203,10 +133,7 @@ pub fn bad_config_exits_with_one_line(cp: &ControlPlane) -> anyhow::Result<()> {
             "30",
         ),
         (
-            &[
-                "--cluster-pool-ipv4-cidr=10.0.0.0/8",
-                "--leader-election-lease-duration=5s",
-            ],
+            &["--cluster-pool-ipv4-cidr=10.0.0.0/8", "--leader-election-lease-duration=5s"],
             &[],
             "--leader-election-renew-deadline",
             "10s",
@@ -226,16 +153,9 @@ pub fn bad_config_exits_with_one_line(cp: &ControlPlane) -> anyhow::Result<()> {
         let out = cmd.output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(!out.status.success(), "{args:?} {env:?}: exited 0, expected an error");
-        ensure!(
-            started.elapsed() < Duration::from_secs(5),
-            "{args:?}: took {:?} to refuse",
-            started.elapsed()
-        );
+        ensure!(started.elapsed() < Duration::from_secs(5), "{args:?}: took {:?} to refuse", started.elapsed());
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        ensure!(
-            lines.len() == 1,
-            "{args:?} {env:?}: expected one error line, got:\n{stderr}"
-        );
+        ensure!(lines.len() == 1, "{args:?} {env:?}: expected one error line, got:\n{stderr}");
         ensure!(
             lines[0].contains(flag) && lines[0].contains(value),
             "{args:?} {env:?}: {flag} / {value} not named in: {}",
@@ -248,9 +168,7 @@ pub fn bad_config_exits_with_one_line(cp: &ControlPlane) -> anyhow::Result<()> {
 
 fn lease_holder(cp: &ControlPlane, ns: &str) -> anyhow::Result<Option<String>> {
     let (ok, out, err) =
-        run(cp
-            .kubectl()?
-            .args(["get", "lease", "-n", ns, "cilium-operator-resource-lock", "-o", "json"]))?;
+        run(cp.kubectl()?.args(["get", "lease", "-n", ns, "cilium-operator-resource-lock", "-o", "json"]))?;
     if !ok {
         if err.contains("NotFound") {
             return Ok(None);
@@ -258,10 +176,7 @@ fn lease_holder(cp: &ControlPlane, ns: &str) -> anyhow::Result<Option<String>> {
         bail!("reading lease: {err}");
     }
     let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(v["spec"]["holderIdentity"]
-        .as_str()
-        .filter(|s| !s.is_empty())
-        .map(String::from))
+    Ok(v["spec"]["holderIdentity"].as_str().filter(|s| !s.is_empty()).map(String::from))
 }
 
 /// Two replicas: exactly one leads; `kill -9` of the leader hands the lease
@@ -278,12 +193,7 @@ pub fn leader_election_failover_and_release(cp: &ControlPlane) -> anyhow::Result
     // Exactly one leader, stable for a few renewals.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(a.is_leader() || b.is_leader()) {
-        ensure!(
-            Instant::now() < deadline,
-            "no leader after 30s:\n{}\n{}",
-            a.proc.log_text(),
-            b.proc.log_text()
-        );
+        ensure!(Instant::now() < deadline, "no leader after 30s:\n{}\n{}", a.proc.log_text(), b.proc.log_text());
         std::thread::sleep(Duration::from_millis(200));
     }
     for _ in 0..15 {
@@ -293,24 +203,15 @@ pub fn leader_election_failover_and_release(cp: &ControlPlane) -> anyhow::Result
     }
     let (mut leader, mut standby) = if a.is_leader() { (a, b) } else { (b, a) };
     let holder = lease_holder(cp, ns)?.context("lease has no holder")?;
-    ensure!(
-        leader.proc.log_text().contains(&holder),
-        "lease holder {holder} is not the leading replica"
-    );
+    ensure!(leader.proc.log_text().contains(&holder), "lease holder {holder} is not the leading replica");
     let leader_metrics = leader.metrics()?;
-    ensure!(
-        leader_metrics.contains("cilium_operator_is_leader 1"),
-        "leader metrics: {leader_metrics}"
-    );
+    ensure!(leader_metrics.contains("cilium_operator_is_leader 1"), "leader metrics: {leader_metrics}");
     ensure!(standby.metrics()?.contains("cilium_operator_is_leader 0"));
 
     // kill -9 the leader: the standby must lead within 15s + 2s.
     let killed_at = Instant::now();
     leader.proc.signal(libc::SIGKILL);
-    leader
-        .proc
-        .wait_exit(Duration::from_secs(5))
-        .context("killed leader did not exit")?;
+    leader.proc.wait_exit(Duration::from_secs(5)).context("killed leader did not exit")?;
     let budget = Duration::from_secs(15 + 2);
     while !standby.is_leader() {
         ensure!(
@@ -321,25 +222,15 @@ pub fn leader_election_failover_and_release(cp: &ControlPlane) -> anyhow::Result
         std::thread::sleep(Duration::from_millis(100));
     }
     let takeover = killed_at.elapsed();
-    ensure!(
-        takeover <= budget + Duration::from_millis(500),
-        "takeover took {takeover:?}, budget {budget:?}"
-    );
+    ensure!(takeover <= budget + Duration::from_millis(500), "takeover took {takeover:?}, budget {budget:?}");
     let new_holder = lease_holder(cp, ns)?.context("lease has no holder after takeover")?;
     ensure!(new_holder != holder, "lease still held by the killed replica");
 
     // SIGTERM: clean exit and the lease released.
     let term_at = Instant::now();
     standby.proc.signal(libc::SIGTERM);
-    let status = standby
-        .proc
-        .wait_exit(Duration::from_secs(15))
-        .context("no exit 15s after SIGTERM")?;
-    ensure!(
-        status.success(),
-        "exit after SIGTERM: {status}\n{}",
-        standby.proc.log_text()
-    );
+    let status = standby.proc.wait_exit(Duration::from_secs(15)).context("no exit 15s after SIGTERM")?;
+    ensure!(status.success(), "exit after SIGTERM: {status}\n{}", standby.proc.log_text());
     ensure!(lease_holder(cp, ns)?.is_none(), "lease not released after SIGTERM");
     ensure!(standby.proc.log_text().contains("released the lease"));
     eprintln!(
@@ -353,10 +244,7 @@ pub fn leader_election_failover_and_release(cp: &ControlPlane) -> anyhow::Result
     c.wait_healthy(Duration::from_secs(60))?;
     let started = Instant::now();
     while !c.is_leader() {
-        ensure!(
-            started.elapsed() < Duration::from_secs(5),
-            "released lease not taken within 5s"
-        );
+        ensure!(started.elapsed() < Duration::from_secs(5), "released lease not taken within 5s");
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
@@ -379,10 +267,7 @@ pub fn prometheus_scrapes_operator(cp: &ControlPlane) -> anyhow::Result<()> {
         if up.first().is_some_and(|s| s["value"][1] == "1") && !info.is_empty() && !leader.is_empty() {
             break;
         }
-        ensure!(
-            Instant::now() < deadline,
-            "series never appeared: up={up:?} build_info={info:?}"
-        );
+        ensure!(Instant::now() < deadline, "series never appeared: up={up:?} build_info={info:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
 
@@ -399,24 +284,12 @@ pub fn prometheus_scrapes_operator(cp: &ControlPlane) -> anyhow::Result<()> {
     use std::io::Write;
     child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
     let out = child.wait_with_output()?;
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let code = out.status.code().unwrap_or(-1);
-    let parse_error = report
-        .lines()
-        .any(|l| l.contains("error while linting") || l.contains("parse"));
-    ensure!(
-        !parse_error && (code == 0 || code == 3),
-        "promtool check metrics exit {code}: {report}"
-    );
+    let parse_error = report.lines().any(|l| l.contains("error while linting") || l.contains("parse"));
+    ensure!(!parse_error && (code == 0 || code == 3), "promtool check metrics exit {code}: {report}");
     let lint_findings: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
-    ensure!(
-        lint_findings.iter().all(|l| l.contains("no help text")),
-        "unexpected promtool findings: {report}"
-    );
+    ensure!(lint_findings.iter().all(|l| l.contains("no help text")), "unexpected promtool findings: {report}");
     eprintln!(
         "prometheus: target up, series queryable; promtool exit {code} ({} known no-help lint lines)",
         lint_findings.len()
