@@ -40,6 +40,7 @@ fn main() {
         ("identity::kvstore_allocation_layout_and_races", identity::kvstore_allocation_layout_and_races),
         ("identity::kvstore_gc_two_rounds", identity::kvstore_gc_two_rounds),
         ("identity::space_pressure_and_label_explosion", identity::space_pressure_and_label_explosion),
+        ("identity::migration_kvstore_to_crd", identity::migration_kvstore_to_crd),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -70,7 +70,53 @@ pub fn object_labels(labels: &Labels) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The CiliumIdentity object of an identity.
+pub fn identity_object(id: u32, labels: &Labels) -> CiliumIdentity {
+    CiliumIdentity {
+        metadata: ObjectMeta { name: Some(id.to_string()), labels: Some(object_labels(labels)), ..Default::default() },
+        security_labels: labels.security_labels(),
+        ..Default::default()
+    }
+}
+
+/// Outcome of [`CrdAllocator::create_with_id`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Created {
+    /// We created it.
+    New,
+    /// It existed with these labels already.
+    Existing,
+    /// The ID holds other labels.
+    Taken,
+}
+
 impl CrdAllocator {
+    /// Creates the identity `id` for `labels` unless it exists.
+    pub async fn create_with_id(&self, id: u32, labels: &Labels) -> Result<Created, AllocError> {
+        let pp = PostParams { field_manager: Some(self.field_manager.clone()), ..Default::default() };
+        match self.api.create(&pp, &identity_object(id, labels)).await {
+            Ok(_) => Ok(Created::New),
+            Err(kube::Error::Api(s)) if s.code == 409 => match self.api.get_opt(&id.to_string()).await? {
+                Some(found) if key_of(&found) == labels.key_string() => {
+                    self.unmark(&found).await?;
+                    Ok(Created::Existing)
+                }
+                _ => Ok(Created::Taken),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes identity `id` (undo of a double-write whose kvstore half
+    /// failed).
+    pub async fn delete(&self, id: u32) -> Result<(), AllocError> {
+        match self.api.delete(&id.to_string(), &Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn new(client: kube::Client, range: RangeInclusive<u32>, field_manager: &str) -> CrdAllocator {
         CrdAllocator { api: Api::all(client), range, field_manager: field_manager.into() }
     }

@@ -93,17 +93,7 @@ impl KvstoreAllocator {
             self.put_value(&key, id).await?;
             return Ok(Identity { id, labels: labels.clone() });
         }
-        let mut c = self.client.clone();
-        let lock_lease = c.lease_grant(LOCK_TTL, None).await.map_err(kv)?.id();
-        let result = async {
-            let lock = c.lock(lock_name(&key), Some(LockOptions::new().with_lease(lock_lease))).await.map_err(kv)?;
-            let outcome = self.allocate_locked(labels, &key).await;
-            let _ = c.clone().unlock(lock.key().to_vec()).await;
-            outcome
-        }
-        .await;
-        let _ = c.lease_revoke(lock_lease).await;
-        result
+        self.with_lock(&key, self.allocate_locked(labels, &key)).await
     }
 
     async fn allocate_locked(&self, labels: &Labels, key: &str) -> Result<Identity, AllocError> {
@@ -111,12 +101,8 @@ impl KvstoreAllocator {
             self.put_value(key, id).await?;
             return Ok(Identity { id, labels: labels.clone() });
         }
-        let mut c = self.client.clone();
         for id in probe_order(labels, &self.range) {
-            let txn = Txn::new()
-                .when([Compare::create_revision(id_key(id), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(id_key(id), key, None)]);
-            if c.txn(txn).await.map_err(kv)?.succeeded() {
+            if self.create_id(id, key).await? {
                 self.put_value(key, id).await?;
                 return Ok(Identity { id, labels: labels.clone() });
             }
@@ -139,7 +125,44 @@ impl KvstoreAllocator {
         Ok(resp.kvs().first().and_then(|kv| kv.value_str().ok().map(String::from)))
     }
 
-    async fn put_value(&self, labels_key: &str, id: u32) -> Result<(), AllocError> {
+    /// Creates `id/<ID>` for these labels if absent; returns whether it now
+    /// holds exactly these labels (created, or already theirs).
+    pub async fn create_id(&self, id: u32, labels_key: &str) -> Result<bool, AllocError> {
+        let mut c = self.client.clone();
+        let txn = Txn::new().when([Compare::create_revision(id_key(id), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            id_key(id),
+            labels_key,
+            None,
+        )]);
+        if c.txn(txn).await.map_err(kv)?.succeeded() {
+            return Ok(true);
+        }
+        Ok(self.lookup_by_id(id).await?.as_deref() == Some(labels_key))
+    }
+
+    /// Runs `f` holding the per-labels lock (upstream: locks always live in
+    /// the kvstore, whatever the allocation mode).
+    pub async fn with_lock<T, F: std::future::Future<Output = Result<T, AllocError>>>(
+        &self,
+        labels_key: &str,
+        f: F,
+    ) -> Result<T, AllocError> {
+        let mut c = self.client.clone();
+        let lock_lease = c.lease_grant(LOCK_TTL, None).await.map_err(kv)?.id();
+        let result = async {
+            let lock =
+                c.lock(lock_name(labels_key), Some(LockOptions::new().with_lease(lock_lease))).await.map_err(kv)?;
+            let outcome = f.await;
+            let _ = c.clone().unlock(lock.key().to_vec()).await;
+            outcome
+        }
+        .await;
+        let _ = c.lease_revoke(lock_lease).await;
+        result
+    }
+
+    /// Writes our `value/<labels>/<node>` key for `id`.
+    pub async fn put_value(&self, labels_key: &str, id: u32) -> Result<(), AllocError> {
         let mut c = self.client.clone();
         let key = format!("{}{}", value_prefix(labels_key), self.node);
         c.put(key, id.to_string(), Some(PutOptions::new().with_lease(self.session))).await.map_err(kv)?;

@@ -4,6 +4,7 @@
 //! labels get the same ID; a full range is an error, never a wrap-around.
 
 pub mod crd;
+pub mod doublewrite;
 pub mod kvstore;
 
 use std::ops::RangeInclusive;

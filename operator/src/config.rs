@@ -77,6 +77,12 @@ pub const OPTIONS: &[OptSpec] = &[
     opt("leader-election-lease-duration", "15s", Kind::Value, "Duration a non-leader waits before taking over a lease"),
     opt("leader-election-renew-deadline", "10s", Kind::Value, "Time the leader keeps trying to renew before giving up"),
     opt("leader-election-retry-period", "2s", Kind::Value, "Interval between leader-election attempts"),
+    opt(
+        "double-write-metric-reporter-interval",
+        "1m0s",
+        Kind::Value,
+        "Interval of the double-write identity comparison (doublewrite_* gauges)",
+    ),
     opt("kvstore", "", Kind::Value, "Key-value store type: empty (none) or etcd"),
     opt(
         "kvstore-opt",
@@ -297,6 +303,7 @@ pub struct Config {
     /// etcd endpoints when `--kvstore=etcd`.
     pub kvstore: Option<KvstoreConfig>,
     pub kvstore_heartbeat_interval: Duration,
+    pub double_write_reporter_interval: Duration,
     pub log_format: LogFormat,
     pub debug: bool,
 }
@@ -378,6 +385,7 @@ impl Config {
             leader_election,
             kvstore,
             kvstore_heartbeat_interval: v.positive_duration("kvstore-heartbeat-interval")?,
+            double_write_reporter_interval: v.positive_duration("double-write-metric-reporter-interval")?,
             log_format: v.one_of("log-format", &[("text", LogFormat::Text), ("json", LogFormat::Json)])?,
             debug: v.bool("debug")?,
         })

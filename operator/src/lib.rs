@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod config;
 pub mod crds;
+pub mod doublewrite;
 pub mod duration;
 pub mod endpoint_gc;
 pub mod identity_gc;

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub endpoint_gc: crate::endpoint_gc::EndpointGcMetrics,
     pub identity_gc: crate::identity_gc::IdentityGcMetrics,
     pub kvstore: crate::kvstore::KvstoreMetrics,
+    pub doublewrite: crate::doublewrite::DoubleWriteMetrics,
 }
 
 impl Metrics {
@@ -67,7 +68,9 @@ impl Metrics {
         identity_gc.register(&mut registry);
         let kvstore = crate::kvstore::KvstoreMetrics::default();
         kvstore.register(&mut registry);
-        Metrics { registry: Arc::new(registry), process, ipam, endpoint_gc, identity_gc, kvstore }
+        let doublewrite = crate::doublewrite::DoubleWriteMetrics::default();
+        doublewrite.register(&mut registry);
+        Metrics { registry: Arc::new(registry), process, ipam, endpoint_gc, identity_gc, kvstore, doublewrite }
     }
 
     /// The exposition text.

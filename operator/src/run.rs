@@ -143,6 +143,11 @@ async fn run_duties(
         let stop = stop.clone();
         async move { crate::kvstore::run_heartbeat(ctx, stop).await }
     }));
+    duties.spawn(supervise("doublewrite-reporter", stop.clone(), {
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        async move { crate::doublewrite::run(ctx, stop).await }
+    }));
     duties.spawn(supervise("nodes-gc", stop.clone(), {
         let ctx = ctx.clone();
         let stop = stop.clone();

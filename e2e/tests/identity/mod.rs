@@ -433,3 +433,115 @@ pub fn space_pressure_and_label_explosion(_shared: &ControlPlane) -> anyhow::Res
     });
     result.map_err(|e| e.context(cp.log_tails(10)))
 }
+
+/// The full migration kvstore -> doublewrite-readkvstore ->
+/// doublewrite-readcrd -> crd with live allocators: no identity renumbered
+/// or lost, the doublewrite gauges converge to zero difference.
+pub fn migration_kvstore_to_crd(_shared: &ControlPlane) -> anyhow::Result<()> {
+    use cilium_identity_alloc::doublewrite::{DoubleWriteAllocator, ReadFrom};
+    use cilium_identity_alloc::kvstore::KvstoreAllocator;
+    let cp = ControlPlane::start(Options::default())?;
+    let etcd = e2e::Etcd::start()?;
+    let kv_flags = |mode: &str| -> Vec<String> {
+        vec![
+            format!("--identity-allocation-mode={mode}"),
+            "--kvstore=etcd".into(),
+            format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
+            "--double-write-metric-reporter-interval=1s".into(),
+        ]
+    };
+    let result = block_on(async {
+        let client = cp.client().await?;
+        let etcd_client = || etcd_client::Client::connect([etcd.endpoint.as_str()], None);
+        let range = 256..=65535;
+        let apps = |n: usize| -> Vec<Labels> { (0..n).map(|i| labels(&format!("mig-{i}"))).collect() };
+        let mut ids: BTreeMap<String, u32> = BTreeMap::new();
+        let mut check = |phase: &str, got: Vec<(Labels, u32)>| -> anyhow::Result<()> {
+            for (l, id) in got {
+                let prev = ids.entry(l.key_string()).or_insert(id);
+                ensure!(*prev == id, "{phase}: {} renumbered {prev} -> {id}", l.key_string());
+            }
+            Ok(())
+        };
+
+        // 1. kvstore mode.
+        let mut op = Operator::start(&cp, "op-kvstore", "kube-system", &kv_flags("kvstore"))?;
+        op.wait_healthy(Duration::from_secs(60))?;
+        let kv = KvstoreAllocator::new(etcd_client().await?, range.clone(), "192.0.2.1").await?;
+        let mut got = Vec::new();
+        for l in apps(20) {
+            got.push((l.clone(), kv.allocate(&l).await?.id));
+        }
+        check("kvstore", got)?;
+        op.proc.signal(libc::SIGTERM);
+        op.proc.wait_exit(Duration::from_secs(15)).context("stop")?;
+
+        // 2. doublewrite-readkvstore: allocators re-allocate (restart) and add new ones.
+        let mut op = Operator::start(&cp, "op-dw-kv", "kube-system", &kv_flags("doublewrite-readkvstore"))?;
+        op.wait_healthy(Duration::from_secs(60))?;
+        let crd = || CrdAllocator::new(client.clone(), range.clone(), "e2e-allocator");
+        let dw = DoubleWriteAllocator::new(
+            crd(),
+            KvstoreAllocator::new(etcd_client().await?, range.clone(), "192.0.2.1").await?,
+            ReadFrom::Kvstore,
+        );
+        let mut got = Vec::new();
+        for l in apps(30) {
+            got.push((l.clone(), dw.allocate(&l).await?.id));
+        }
+        check("doublewrite-readkvstore", got)?;
+        let gauges = |op: &Operator| {
+            [
+                "cilium_operator_doublewrite_crd_identities",
+                "cilium_operator_doublewrite_kvstore_identities",
+                "cilium_operator_doublewrite_crd_only_identities",
+                "cilium_operator_doublewrite_kvstore_only_identities",
+            ]
+            .map(|n| metric_of(op, n))
+        };
+        eventually("gauges in sync (30/30/0/0)", Duration::from_secs(20), || async {
+            Ok((gauges(&op) == [30.0, 30.0, 0.0, 0.0]).then_some(()))
+        })
+        .await?;
+        ensure!(op.proc.log_text().contains("in sync"));
+        op.proc.signal(libc::SIGTERM);
+        op.proc.wait_exit(Duration::from_secs(15)).context("stop")?;
+
+        // 3. doublewrite-readcrd.
+        let mut op = Operator::start(&cp, "op-dw-crd", "kube-system", &kv_flags("doublewrite-readcrd"))?;
+        op.wait_healthy(Duration::from_secs(60))?;
+        let dw = DoubleWriteAllocator::new(
+            crd(),
+            KvstoreAllocator::new(etcd_client().await?, range.clone(), "192.0.2.1").await?,
+            ReadFrom::Crd,
+        );
+        let mut got = Vec::new();
+        for l in apps(35) {
+            got.push((l.clone(), dw.allocate(&l).await?.id));
+        }
+        check("doublewrite-readcrd", got)?;
+        eventually("gauges in sync (35/35/0/0)", Duration::from_secs(20), || async {
+            Ok((gauges(&op) == [35.0, 35.0, 0.0, 0.0]).then_some(()))
+        })
+        .await?;
+        op.proc.signal(libc::SIGTERM);
+        op.proc.wait_exit(Duration::from_secs(15)).context("stop")?;
+
+        // 4. crd: agents first, then the operator; etcd no longer needed.
+        let c = crd();
+        let mut got = Vec::new();
+        for l in apps(35) {
+            got.push((l.clone(), c.allocate(&l).await?.id));
+        }
+        check("crd", got)?;
+        let mut op = Operator::start(&cp, "op-crd", "kube-system", &[])?;
+        op.wait_healthy(Duration::from_secs(60))?;
+        let stored = identity_ids(&Api::<CiliumIdentity>::all(client.clone())).await?;
+        ensure!(stored.len() == 35, "{} CiliumIdentities after migration, expected 35", stored.len());
+        for (key, id) in &ids {
+            ensure!(stored.get(id) == Some(key), "identity {id} lost or changed in the CRD store");
+        }
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(10)))
+}
