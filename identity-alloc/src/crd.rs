@@ -97,8 +97,7 @@ impl CrdAllocator {
         match self.api.create(&pp, &identity_object(id, labels)).await {
             Ok(_) => Ok(Created::New),
             Err(kube::Error::Api(s)) if s.code == 409 => match self.api.get_opt(&id.to_string()).await? {
-                Some(found) if key_of(&found) == labels.key_string() => {
-                    self.unmark(&found).await?;
+                Some(found) if key_of(&found) == labels.key_string() && self.unmark(&found).await? => {
                     Ok(Created::Existing)
                 }
                 _ => Ok(Created::Taken),
@@ -130,39 +129,39 @@ impl CrdAllocator {
         if labels.is_empty() {
             return Err(AllocError::EmptyLabels);
         }
+        // The GC may delete a marked identity between our read and our
+        // unmark; then we start over.
+        for _ in 0..5 {
+            if let Some(identity) = self.try_allocate(labels).await? {
+                return Ok(identity);
+            }
+        }
+        Err(AllocError::Contended(labels.key_string()))
+    }
+
+    /// One attempt; `None` when an identity we were about to reuse vanished.
+    async fn try_allocate(&self, labels: &Labels) -> Result<Option<Identity>, AllocError> {
         if let Some(existing) = self.lookup_by_labels(labels).await? {
-            return Ok(existing);
+            return Ok(Some(existing));
         }
         let wanted = labels.key_string();
         let pp = PostParams { field_manager: Some(self.field_manager.clone()), ..Default::default() };
         for id in probe_order(labels, &self.range) {
             let name = id.to_string();
             if let Some(found) = self.api.get_opt(&name).await? {
-                if key_of(&found) == wanted {
-                    self.unmark(&found).await?;
-                    return Ok(Identity { id, labels: labels.clone() });
+                if key_of(&found) != wanted {
+                    continue;
                 }
-                continue;
+                return Ok(self.unmark(&found).await?.then(|| Identity { id, labels: labels.clone() }));
             }
-            let object = CiliumIdentity {
-                metadata: ObjectMeta {
-                    name: Some(name.clone()),
-                    labels: Some(object_labels(labels)),
-                    ..Default::default()
-                },
-                security_labels: labels.security_labels(),
-                ..Default::default()
-            };
-            match self.api.create(&pp, &object).await {
-                Ok(_) => {
-                    return Ok(Identity { id, labels: labels.clone() });
-                }
+            match self.api.create(&pp, &identity_object(id, labels)).await {
+                Ok(_) => return Ok(Some(Identity { id, labels: labels.clone() })),
                 // Someone created this ID first: ours if the labels match.
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     if let Some(found) = self.api.get_opt(&name).await?
                         && key_of(&found) == wanted
                     {
-                        return Ok(Identity { id, labels: labels.clone() });
+                        return Ok(Some(Identity { id, labels: labels.clone() }));
                     }
                 }
                 Err(e) => return Err(e.into()),
@@ -189,7 +188,9 @@ impl CrdAllocator {
         let Some(oldest) = matches.into_iter().next() else {
             return Ok(None);
         };
-        self.unmark(&oldest).await?;
+        if !self.unmark(&oldest).await? {
+            return Ok(None);
+        }
         Ok(Some(Identity { id: self.id_of(&oldest).expect("filtered"), labels: labels.clone() }))
     }
 
@@ -204,17 +205,18 @@ impl CrdAllocator {
 
     /// Removes the GC mark; the resourceVersion change makes a pending
     /// guarded delete by the GC fail.
-    async fn unmark(&self, identity: &CiliumIdentity) -> Result<(), AllocError> {
+    /// Returns false when the identity is gone (the GC deleted it first).
+    async fn unmark(&self, identity: &CiliumIdentity) -> Result<bool, AllocError> {
         let marked = identity.metadata.annotations.as_ref().is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION));
         if !marked {
-            return Ok(());
+            return Ok(true);
         }
         let name = identity.metadata.name.clone().unwrap_or_default();
         let body = serde_json::json!({ "metadata": { "annotations": { HEARTBEAT_ANNOTATION: null } } });
         let pp = PatchParams { field_manager: Some(self.field_manager.clone()), ..Default::default() };
         match self.api.patch(&name, &pp, &Patch::Merge(&body)).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
             Err(e) => Err(e.into()),
         }
     }

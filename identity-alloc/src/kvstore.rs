@@ -89,16 +89,21 @@ impl KvstoreAllocator {
             return Err(AllocError::EmptyLabels);
         }
         let key = labels.key_string();
-        if let Some(id) = self.lookup_value(&key).await? {
-            self.put_value(&key, id).await?;
+        // Fast path: another node's value key names the ID. Our value key is
+        // written only if `id/<ID>` still exists (one transaction), so it can
+        // never outlive an ID the GC just deleted.
+        if let Some(id) = self.lookup_value(&key).await?
+            && self.put_value_if_id_exists(&key, id).await?
+        {
             return Ok(Identity { id, labels: labels.clone() });
         }
         self.with_lock(&key, self.allocate_locked(labels, &key)).await
     }
 
     async fn allocate_locked(&self, labels: &Labels, key: &str) -> Result<Identity, AllocError> {
-        if let Some(id) = self.lookup_value(key).await? {
-            self.put_value(key, id).await?;
+        if let Some(id) = self.lookup_value(key).await?
+            && self.put_value_if_id_exists(key, id).await?
+        {
             return Ok(Identity { id, labels: labels.clone() });
         }
         for id in probe_order(labels, &self.range) {
@@ -159,6 +164,18 @@ impl KvstoreAllocator {
         .await;
         let _ = c.lease_revoke(lock_lease).await;
         result
+    }
+
+    /// Writes our value key for `id` if `id/<ID>` holds these labels.
+    async fn put_value_if_id_exists(&self, labels_key: &str, id: u32) -> Result<bool, AllocError> {
+        let mut c = self.client.clone();
+        let key = format!("{}{}", value_prefix(labels_key), self.node);
+        let txn = Txn::new().when([Compare::value(id_key(id), CompareOp::Equal, labels_key)]).and_then([TxnOp::put(
+            key,
+            id.to_string(),
+            Some(PutOptions::new().with_lease(self.session)),
+        )]);
+        Ok(c.txn(txn).await.map_err(kv)?.succeeded())
     }
 
     /// Writes our `value/<labels>/<node>` key for `id`.

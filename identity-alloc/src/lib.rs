@@ -29,6 +29,8 @@ pub enum AllocError {
     Kube(#[from] kube::Error),
     #[error("kvstore: {0}")]
     Kvstore(String),
+    #[error("allocation for {0} kept racing with identity GC; try again")]
+    Contended(String),
     #[error("identity {id} holds labels {found:?}, not {wanted:?}")]
     Mismatch { id: u32, found: String, wanted: String },
 }
@@ -42,6 +44,7 @@ impl AllocError {
             AllocError::Kube(_) => "kube",
             AllocError::Kvstore(_) => "kvstore",
             AllocError::Mismatch { .. } => "mismatch",
+            AllocError::Contended(_) => "contended",
         }
     }
 }
