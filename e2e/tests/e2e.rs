@@ -41,6 +41,7 @@ fn main() {
         ("identity::kvstore_gc_two_rounds", identity::kvstore_gc_two_rounds),
         ("identity::space_pressure_and_label_explosion", identity::space_pressure_and_label_explosion),
         ("identity::migration_kvstore_to_crd", identity::migration_kvstore_to_crd),
+        ("identity::churn_never_deletes_a_used_identity", identity::churn_never_deletes_a_used_identity),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -545,3 +545,146 @@ pub fn migration_kvstore_to_crd(_shared: &ControlPlane) -> anyhow::Result<()> {
     });
     result.map_err(|e| e.context(cp.log_tails(10)))
 }
+
+/// Safety under churn, both backends at once (double-write operator, both
+/// GCs at a 1 s interval): workers allocate and release identities for
+/// reused label sets, each use backed by a CiliumEndpoint (CRD) and a value
+/// key (kvstore). Throughout, no identity a live endpoint or value key
+/// references is missing; afterwards every unused identity is deleted.
+pub fn churn_never_deletes_a_used_identity(_shared: &ControlPlane) -> anyhow::Result<()> {
+    use cilium_identity_alloc::kvstore::{KvstoreAllocator, PREFIX};
+    let cp = ControlPlane::start(Options::default())?;
+    let etcd = e2e::Etcd::start()?;
+    let flags = vec![
+        "--identity-allocation-mode=doublewrite-readkvstore".to_string(),
+        "--kvstore=etcd".into(),
+        format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
+        "--identity-gc-interval=1s".into(),
+        "--identity-heartbeat-timeout=2s".into(),
+    ];
+    let mut op = Operator::start(&cp, "operator-churn", "kube-system", &flags)?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let result = block_on(async {
+        let client = cp.client().await?;
+        let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+        let ids: Api<CiliumIdentity> = Api::all(client.clone());
+        let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let violations = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let mut workers = Vec::new();
+        for w in 0..4u32 {
+            let (client, ceps, stop) = (client.clone(), ceps.clone(), stop.clone());
+            let endpoint = etcd.endpoint.clone();
+            workers.push(tokio::spawn(async move {
+                let crd = CrdAllocator::new(client, 256..=65535, &format!("churn-{w}"));
+                let kv = KvstoreAllocator::new(
+                    etcd_client::Client::connect([endpoint.as_str()], None).await?,
+                    256..=65535,
+                    &format!("192.0.2.{}", 10 + w),
+                )
+                .await?;
+                let mut held: Vec<(String, Labels)> = Vec::new();
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    let l = labels(&format!("churn-{}", (n * 7 + w * 3) % 12));
+                    if n % 3 != 0 || held.is_empty() {
+                        let a = crd.allocate(&l).await?;
+                        let b = kv.allocate(&l).await?;
+                        let name = format!("w{w}-{n}");
+                        endpoint_using(&ceps, &name, a.id).await?;
+                        held.push((name, l));
+                        let _ = b;
+                    } else {
+                        let (name, l) = held.remove((n as usize * 31) % held.len());
+                        ceps.delete(&name, &Default::default()).await?;
+                        kv.release(&l).await?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                anyhow::Ok(held)
+            }));
+        }
+        // Checker: every live endpoint's identity exists; every live value
+        // key's ID exists with the same labels. A candidate is confirmed by
+        // re-reading both objects, so list skew is not reported.
+        let checker = {
+            let (ids, ceps, stop, violations) = (ids.clone(), ceps.clone(), stop.clone(), violations.clone());
+            let endpoint = etcd.endpoint.clone();
+            tokio::spawn(async move {
+                let mut etcd = etcd_client::Client::connect([endpoint.as_str()], None).await?;
+                let mut checks = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    checks += 1;
+                    for cep in ceps.list(&ListParams::default()).await?.items {
+                        let Some(id) = cep.status.as_ref().and_then(|s| s.identity.as_ref()).and_then(|i| i.id) else {
+                            continue;
+                        };
+                        if ids.get_opt(&id.to_string()).await?.is_none()
+                            && ceps.get_opt(cep.metadata.name.as_deref().unwrap_or_default()).await?.is_some()
+                        {
+                            violations
+                                .lock()
+                                .unwrap()
+                                .push(format!("endpoint {:?} uses deleted CRD identity {id}", cep.metadata.name));
+                        }
+                    }
+                    let values =
+                        etcd.get(format!("{PREFIX}value/"), Some(etcd_client::GetOptions::new().with_prefix())).await?;
+                    for v in values.kvs() {
+                        let key = v.key_str()?.to_string();
+                        let id = v.value_str()?.to_string();
+                        let labels_key = key
+                            .trim_start_matches(&format!("{PREFIX}value/"))
+                            .rsplit_once('/')
+                            .map(|(l, _)| l.to_string())
+                            .unwrap_or_default();
+                        let master = etcd.get(format!("{PREFIX}id/{id}"), None).await?;
+                        let ok = master.kvs().first().is_some_and(|m| m.value_str().ok() == Some(labels_key.as_str()));
+                        if !ok && etcd.get(key.clone(), None).await?.count() > 0 {
+                            violations
+                                .lock()
+                                .unwrap()
+                                .push(format!("value key {key} names missing or foreign id {id}"));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                anyhow::Ok(checks)
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut still_held = Vec::new();
+        for w in workers {
+            still_held.extend(w.await??);
+        }
+        let checks = checker.await??;
+        let v = violations.lock().unwrap().clone();
+        ensure!(v.is_empty(), "{} safety violations, e.g. {:?}", v.len(), &v[..v.len().min(5)]);
+        ensure!(checks >= 5, "checker ran only {checks} times");
+        // Afterwards: identities still referenced stay, all others go.
+        let live: std::collections::BTreeSet<String> = still_held.iter().map(|(_, l)| l.key_string()).collect();
+        eventually("unused CRD identities deleted", Duration::from_secs(30), || async {
+            let now = identity_ids(&ids).await?;
+            Ok((now.values().all(|k| live.contains(k)) && now.len() == live.len()).then_some(()))
+        })
+        .await?;
+        let etcd_client = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+        eventually("unused kvstore identities deleted", Duration::from_secs(30), || {
+            let mut c = etcd_client.clone();
+            let live = live.clone();
+            async move {
+                let keys = c.get(format!("{PREFIX}id/"), Some(etcd_client::GetOptions::new().with_prefix())).await?;
+                let now: std::collections::BTreeSet<String> =
+                    keys.kvs().iter().filter_map(|kv| kv.value_str().ok().map(String::from)).collect();
+                Ok((now == live).then_some(()))
+            }
+        })
+        .await?;
+        eprintln!("churn: {checks} consistency checks, 0 violations, {} identities in use at the end", live.len());
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(10)))
+}
