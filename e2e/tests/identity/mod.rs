@@ -589,7 +589,7 @@ pub fn churn_never_deletes_a_used_identity(_shared: &ControlPlane) -> anyhow::Re
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     n += 1;
                     let l = labels(&format!("churn-{}", (n * 7 + w * 3) % 12));
-                    if n % 3 != 0 || held.is_empty() {
+                    if !n.is_multiple_of(3) || held.is_empty() {
                         let a = crd.allocate(&l).await?;
                         let b = kv.allocate(&l).await?;
                         let name = format!("w{w}-{n}");
