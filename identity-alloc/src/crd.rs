@@ -180,7 +180,10 @@ impl CrdAllocator {
     /// GC mark (the identity is in use again).
     pub async fn lookup_by_labels(&self, labels: &Labels) -> Result<Option<Identity>, AllocError> {
         let selector: Vec<String> = object_labels(labels).iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let list = self.api.list(&ListParams::default().labels(&selector.join(","))).await?;
+        // Served from the API server's watch cache (resourceVersion 0): an
+        // in-memory filter instead of a full etcd read per allocation. A
+        // just-created identity it misses is found by the probe below.
+        let list = self.api.list(&ListParams::default().labels(&selector.join(",")).match_any()).await?;
         let wanted = labels.key_string();
         let mut matches: Vec<CiliumIdentity> =
             list.items.into_iter().filter(|i| key_of(i) == wanted && self.id_of(i).is_some()).collect();

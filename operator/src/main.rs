@@ -43,7 +43,8 @@ fn init_logging(cfg: &Config) {
     let default = if cfg.debug { "debug,hyper=info,rustls=info,tower=info" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CILIUM_LOG_FILTER")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match cfg.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

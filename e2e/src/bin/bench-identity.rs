@@ -1,0 +1,296 @@
+//! Identity benchmarks, each next to a baseline measured in the same run:
+//!
+//! 1. reclaiming N stale CiliumIdentities (unused, marked long ago) with the
+//!    rate limit off: one operator GC pass vs. a minimal client deleting the
+//!    same objects one by one with the same preconditions;
+//! 2. the same for N kvstore identities (the deleting round) vs. raw etcd
+//!    deletes one by one;
+//! 3. with the default rate limit (2500/min), deletions over a two-minute
+//!    window vs. the configured 5000;
+//! 4. allocation throughput of 1,000 distinct label sets per backend vs. raw
+//!    creates (CiliumIdentity objects / etcd puts, with IDs outside the
+//!    cluster range so they never collide) one by one.
+//!
+//! Usage: `cargo run --release -p e2e --bin bench-identity -- [N] [--stages=1,2,3,4]`
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use cilium_crds::CiliumIdentity;
+use cilium_identity::Labels;
+use cilium_identity_alloc::crd::{CrdAllocator, identity_object};
+use cilium_identity_alloc::doublewrite::{DoubleWriteAllocator, ReadFrom};
+use cilium_identity_alloc::kvstore::{KvstoreAllocator, PREFIX};
+use e2e::{ControlPlane, Etcd, Operator, Options};
+use futures::StreamExt;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+
+const ALLOCATIONS: usize = 1000;
+
+fn main() -> anyhow::Result<()> {
+    let n: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    // `--stages=1,2,3,4` (default: all) selects the benchmarks to run.
+    let stages: Vec<u8> = std::env::args()
+        .find_map(|a| a.strip_prefix("--stages=").map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect()))
+        .unwrap_or_else(|| vec![1, 2, 3, 4]);
+    let rate_window = stages.contains(&3) && !std::env::args().any(|a| a == "--skip-rate-window");
+    let mut lines = Vec::new();
+
+    // 1. CRD reclaim.
+    let cp = ControlPlane::start(Options::default())?;
+    let mut boot = Operator::start(&cp, "bench-crds", "kube-system", &["--identity-gc-interval=0".into()])?;
+    boot.wait_healthy(Duration::from_secs(60))?;
+    drop(boot);
+    if stages.contains(&1) {
+        let (crd_gc, crd_base) = e2e::block_on(crd_reclaim(&cp, n))?;
+        eprintln!("CRD reclaim: pass {crd_gc:.2}s, baseline {crd_base:.2}s");
+        lines.push(format!(
+            "- identity-gc: reclaim {n} stale CiliumIdentities (rate limit off) = {crd_gc:.2} s (baseline {crd_base:.2} s raw deletes, ratio {:.2})",
+            crd_gc / crd_base
+        ));
+    }
+
+    // 2. kvstore reclaim.
+    let etcd = Etcd::start()?;
+    if stages.contains(&2) {
+        let (kv_gc, kv_base) = e2e::block_on(kv_reclaim(&cp, &etcd, n))?;
+        eprintln!("kvstore reclaim: round {kv_gc:.2}s, baseline {kv_base:.2}s");
+        lines.push(format!(
+            "- identity-gc: reclaim {n} stale kvstore identities (rate limit off) = {kv_gc:.2} s (baseline {kv_base:.2} s raw etcd deletes, ratio {:.2})",
+            kv_gc / kv_base
+        ));
+    }
+
+    // 3. Default rate limit over two minutes.
+    if rate_window {
+        let deleted = e2e::block_on(rate_window_deletions(&cp))?;
+        eprintln!("rate window: {deleted} deletions in 120 s");
+        lines.push(format!(
+            "- identity-gc: deletions in a 2-minute window at the default limit = {deleted} identities (baseline 5000 configured, ratio {:.3})",
+            deleted as f64 / 5000.0
+        ));
+    }
+
+    // 4. Allocation throughput.
+    let throughput = if stages.contains(&4) { e2e::block_on(allocation_throughput(&cp, &etcd))? } else { Vec::new() };
+    for (backend, ours, base) in throughput {
+        eprintln!("allocation {backend}: {ours:.0}/s, baseline {base:.0}/s");
+        lines.push(format!(
+            "- identity-alloc: {ALLOCATIONS} distinct label sets, {backend} backend = {ours:.0} allocations/s (baseline {base:.0} raw writes/s, ratio {:.2})",
+            ours / base
+        ));
+    }
+    println!("\nFor docs/benchmarks.md:");
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+fn stale_mark() -> String {
+    "2020-01-01T00:00:00Z".into()
+}
+
+async fn create_identities(cp: &ControlPlane, prefix: &str, n: usize, marked: bool) -> anyhow::Result<()> {
+    let api: Api<CiliumIdentity> = Api::all(cp.client().await?);
+    let results: Vec<Result<_, kube::Error>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            let mut obj = identity_object(
+                256 + i as u32,
+                &Labels::from_k8s("bench", [("app", format!("{prefix}-{i}").as_str())]),
+            );
+            if marked {
+                obj.metadata.annotations =
+                    Some([(cilium_identity_alloc::HEARTBEAT_ANNOTATION.to_string(), stale_mark())].into());
+            }
+            async move { api.create(&PostParams::default(), &obj).await }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+/// Waits for the operator's log line of a GC run that deleted `n`
+/// identities (`what` = "identity GC run done" or "kvstore identity GC run
+/// done") and returns its `seconds` field.
+fn wait_run_seconds(op: &Operator, what: &str, n: usize, timeout: Duration) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = op.proc.log_text();
+        let clean: String = strip_ansi(&log);
+        if let Some(line) = clean.lines().find(|l| l.contains(what) && l.contains(&format!(" deleted={n} "))) {
+            let secs = line.split("seconds=").nth(1).context("no seconds field")?;
+            return Ok(secs
+                .trim()
+                .trim_matches('"')
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .trim_matches('"')
+                .parse()?);
+        }
+        ensure!(Instant::now() < deadline, "no GC run deleted {n}:\n{}", &clean[clean.len().saturating_sub(3000)..]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Returns (GC pass seconds, baseline seconds).
+async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<(f64, f64)> {
+    create_identities(cp, "stale", n, true).await?;
+    eprintln!("created {n} stale CiliumIdentities");
+    let op = Operator::start(
+        cp,
+        "bench-crd-gc",
+        "kube-system",
+        &["--identity-gc-interval=1h".into(), "--identity-gc-rate-limit=100000000".into()],
+    )?;
+    let pass = wait_run_seconds(&op, "identity GC run done", n, Duration::from_secs(900))?;
+    drop(op);
+    // Baseline: the same objects again, deleted one by one with uid +
+    // resourceVersion preconditions after one list.
+    create_identities(cp, "stale2", n, true).await?;
+    let api: Api<CiliumIdentity> = Api::all(cp.client().await?);
+    let started = Instant::now();
+    let list = api.list(&ListParams::default()).await?;
+    for i in list.items {
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: i.metadata.uid.clone(),
+                resource_version: i.metadata.resource_version.clone(),
+            }),
+            ..Default::default()
+        };
+        api.delete(i.metadata.name.as_deref().unwrap_or_default(), &dp).await?;
+    }
+    Ok((pass, started.elapsed().as_secs_f64()))
+}
+
+async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<(f64, f64)> {
+    let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+    for i in 0..n {
+        c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=kv-{i};"), None).await?;
+    }
+    eprintln!("created {n} stale kvstore identities");
+    let op = Operator::start(
+        cp,
+        "bench-kv-gc",
+        "kube-system",
+        &[
+            "--identity-allocation-mode=kvstore".into(),
+            "--kvstore=etcd".into(),
+            format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
+            "--identity-gc-interval=5s".into(),
+            "--identity-gc-rate-limit=100000000".into(),
+        ],
+    )?;
+    let round = wait_run_seconds(&op, "kvstore identity GC run done", n, Duration::from_secs(900))?;
+    drop(op);
+    for i in 0..n {
+        c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=kv-{i};"), None).await?;
+    }
+    // Baseline: list, then per key the same two reads the GC makes are not
+    // counted; only one delete per key.
+    let started = Instant::now();
+    let keys =
+        c.get(format!("{PREFIX}id/"), Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
+    let keys: Vec<Vec<u8>> = keys.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+    for k in keys {
+        c.delete(k, None).await?;
+    }
+    Ok((round, started.elapsed().as_secs_f64()))
+}
+
+/// Deletions in the two minutes after the first one, at the default limit.
+async fn rate_window_deletions(cp: &ControlPlane) -> anyhow::Result<usize> {
+    const STALE: usize = 6000;
+    create_identities(cp, "rate", STALE, true).await?;
+    let api: Api<CiliumIdentity> = Api::all(cp.client().await?);
+    let count = || async { anyhow::Ok(api.list_metadata(&ListParams::default()).await?.items.len()) };
+    let op = Operator::start(cp, "bench-rate", "kube-system", &["--identity-gc-interval=10s".into()])?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count().await? == STALE {
+        ensure!(Instant::now() < deadline, "no deletion");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start_count = STALE;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let deleted = start_count - count().await?;
+    drop(op);
+    Ok(deleted)
+}
+
+/// (backend, allocations/s, baseline writes/s).
+async fn allocation_throughput(cp: &ControlPlane, etcd: &Etcd) -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
+    let client = cp.client().await?;
+    let connect = || etcd_client::Client::connect([etcd.endpoint.as_str()], None);
+    let sets = |tag: &str| -> Vec<Labels> {
+        (0..ALLOCATIONS).map(|i| Labels::from_k8s("bench", [("app", format!("{tag}-{i}").as_str())])).collect()
+    };
+    let mut out = Vec::new();
+
+    let crd = CrdAllocator::new(client.clone(), 256..=65535, "bench");
+    let t = Instant::now();
+    for l in sets("crd") {
+        crd.allocate(&l).await?;
+    }
+    let ours = ALLOCATIONS as f64 / t.elapsed().as_secs_f64();
+    let api: Api<CiliumIdentity> = Api::all(client.clone());
+    let t = Instant::now();
+    for (i, l) in sets("crd-raw").iter().enumerate() {
+        api.create(&PostParams::default(), &identity_object(70_000 + i as u32, l)).await?;
+    }
+    out.push(("crd", ours, ALLOCATIONS as f64 / t.elapsed().as_secs_f64()));
+
+    let kv = KvstoreAllocator::new(connect().await?, 256..=65535, "192.0.2.1").await?;
+    let t = Instant::now();
+    for l in sets("kv") {
+        kv.allocate(&l).await?;
+    }
+    let ours = ALLOCATIONS as f64 / t.elapsed().as_secs_f64();
+    let mut c = connect().await?;
+    let t = Instant::now();
+    for (i, l) in sets("kv-raw").iter().enumerate() {
+        c.put(format!("{PREFIX}id/{}", 80_000 + i), l.key_string(), None).await?;
+    }
+    out.push(("kvstore", ours, ALLOCATIONS as f64 / t.elapsed().as_secs_f64()));
+
+    let dw = DoubleWriteAllocator::new(
+        CrdAllocator::new(client.clone(), 256..=65535, "bench-dw"),
+        KvstoreAllocator::new(connect().await?, 256..=65535, "192.0.2.2").await?,
+        ReadFrom::Kvstore,
+    );
+    let t = Instant::now();
+    for l in sets("dw") {
+        dw.allocate(&l).await?;
+    }
+    let ours = ALLOCATIONS as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for (i, l) in sets("dw-raw").iter().enumerate() {
+        api.create(&PostParams::default(), &identity_object(90_000 + i as u32, l)).await?;
+        c.put(format!("{PREFIX}id/{}", 90_000 + i), l.key_string(), None).await?;
+    }
+    out.push(("double-write", ours, ALLOCATIONS as f64 / t.elapsed().as_secs_f64()));
+    Ok(out)
+}
