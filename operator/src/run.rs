@@ -123,36 +123,13 @@ async fn run_duties(
     health.send_modify(|h| h.leader = true);
     tracing::info!("leading: starting duties");
     let mut duties = tokio::task::JoinSet::new();
-    duties.spawn(supervise("ipam", stop.clone(), {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        async move { crate::ipam::run(ctx.clone(), ctx.metrics.ipam.clone(), stop).await }
-    }));
-    duties.spawn(supervise("endpoint-gc", stop.clone(), {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        async move { crate::endpoint_gc::run(ctx, stop).await }
-    }));
-    duties.spawn(supervise("identity-gc", stop.clone(), {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        async move { crate::identity_gc::run(ctx, stop).await }
-    }));
-    duties.spawn(supervise("kvstore-heartbeat", stop.clone(), {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        async move { crate::kvstore::run_heartbeat(ctx, stop).await }
-    }));
-    duties.spawn(supervise("doublewrite-reporter", stop.clone(), {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        async move { crate::doublewrite::run(ctx, stop).await }
-    }));
-    duties.spawn(supervise("nodes-gc", stop.clone(), {
-        let ctx = ctx.clone();
-        let stop = stop.clone();
-        async move { crate::nodes_gc::run(ctx, stop).await }
-    }));
+    let (c, s) = (&ctx, &stop);
+    duties.spawn(supervise("ipam", s.clone(), crate::ipam::run(c.clone(), c.metrics.ipam.clone(), s.clone())));
+    duties.spawn(supervise("endpoint-gc", s.clone(), crate::endpoint_gc::run(c.clone(), s.clone())));
+    duties.spawn(supervise("identity-gc", s.clone(), crate::identity_gc::run(c.clone(), s.clone())));
+    duties.spawn(supervise("kvstore-heartbeat", s.clone(), crate::kvstore::run_heartbeat(c.clone(), s.clone())));
+    duties.spawn(supervise("doublewrite-reporter", s.clone(), crate::doublewrite::run(c.clone(), s.clone())));
+    duties.spawn(supervise("nodes-gc", s.clone(), crate::nodes_gc::run(c.clone(), s.clone())));
     stop.cancelled().await;
     while duties.join_next().await.is_some() {}
     ctx.metrics.process.is_leader.set(0);
