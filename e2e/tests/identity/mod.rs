@@ -70,6 +70,16 @@ pub fn crd_allocation_races_and_gc(_shared: &ControlPlane) -> anyhow::Result<()>
         }
         let stored = identity_ids(&ids).await?;
         ensure!(stored.len() == 30, "expected 30 identities, found {}", stored.len());
+        // A full range is a clear error, never a wrap-around.
+        let tiny = CrdAllocator::new(client.clone(), 60000..=60001, "e2e-tiny");
+        for i in 0..2 {
+            let id = tiny.allocate(&labels(&format!("tiny-{i}"))).await?.id;
+            ensure!((60000..=60001).contains(&id), "tiny range gave {id}");
+        }
+        match tiny.allocate(&labels("tiny-2")).await {
+            Err(e) => ensure!(e.to_string() == "no more available IDs in configured space 60000..=60001", "{e}"),
+            Ok(i) => anyhow::bail!("allocated {} from a full range", i.id),
+        }
         for (app, id) in &by_app {
             ensure!(stored.get(id) == Some(&labels(app).key_string()), "identity {id} holds {:?}", stored.get(id));
         }
@@ -313,6 +323,19 @@ pub fn kvstore_allocation_layout_and_races(_shared: &ControlPlane) -> anyhow::Re
         ensure!(get(format!("{PREFIX}value/{key_string}/192.0.2.1"))?.is_empty(), "value key not released");
         ensure!(get(format!("{PREFIX}value/{key_string}/192.0.2.2"))? == id.to_string());
         ensure!(b.allocate(&labels(app)).await?.id == id);
+
+        // A full range is a clear error, never a wrap-around.
+        let tiny = KvstoreAllocator::new(connect().await?, 300..=301, "192.0.2.3").await?;
+        let mut got = Vec::new();
+        for i in 0..2 {
+            got.push(tiny.allocate(&labels(&format!("tiny-{i}"))).await?.id);
+        }
+        got.sort();
+        ensure!(got == [300, 301], "tiny range gave {got:?}");
+        match tiny.allocate(&labels("tiny-2")).await {
+            Err(e) => ensure!(e.to_string() == "no more available IDs in configured space 300..=301", "{e}"),
+            Ok(i) => anyhow::bail!("allocated {} from a full range", i.id),
+        }
         anyhow::Ok(())
     })
 }
