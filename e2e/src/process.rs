@@ -76,6 +76,12 @@ impl Drop for Process {
     }
 }
 
+/// The value of the first line of an exposition `text` that starts with
+/// `sample`: a metric name, with its `{labels}` when it has any.
+pub fn sample_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(sample))?.rsplit(' ').next()?.parse().ok()
+}
+
 /// A running cilium-operator replica.
 pub struct Operator {
     pub proc: Process,
@@ -112,6 +118,19 @@ impl Operator {
 
     pub fn metrics(&self) -> anyhow::Result<String> {
         http_get_plain(&self.metrics_addr, "/metrics")
+    }
+
+    /// The value of one exposed sample (see [`sample_value`]), if served.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        sample_value(&self.metrics().ok()?, sample)
+    }
+
+    /// SIGTERM, then waits up to 15 s for the exit.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        self.proc.signal(libc::SIGTERM);
+        self.proc
+            .wait_exit(Duration::from_secs(15))
+            .with_context(|| format!("{} did not stop after SIGTERM", self.proc.name))
     }
 
     /// Waits until `/healthz` answers 200.

@@ -29,8 +29,7 @@ fn main() -> anyhow::Result<()> {
     // 1. Empty cluster.
     let mut op = Operator::start(&cp, "bench-empty", "kube-system", &flags)?;
     let empty_kib = settle(&mut op)?;
-    op.proc.signal(libc::SIGTERM);
-    op.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
+    op.stop()?;
 
     // 2. Fill: N pods, N CEPs owned by them.
     let t = Instant::now();
@@ -41,8 +40,7 @@ fn main() -> anyhow::Result<()> {
     let mut op = Operator::start(&cp, "bench-full", "kube-system", &flags)?;
     let full_kib = settle(&mut op)?;
     let full_peak_kib = status_kib(op.proc.pid(), "VmHWM")?;
-    op.proc.signal(libc::SIGTERM);
-    op.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
+    op.stop()?;
 
     // 4. Orphans: delete a quarter of the pods, then one pass.
     e2e::block_on(delete_pods(&cp, &uids[..orphans]))?;
@@ -94,17 +92,12 @@ fn settle(op: &mut Operator) -> anyhow::Result<u64> {
     status_kib(op.proc.pid(), "VmRSS")
 }
 
-fn metric(op: &Operator, name: &str) -> Option<f64> {
-    let text = op.metrics().ok()?;
-    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-}
-
 /// Waits until `runs` passes are done; returns the last pass's duration.
 fn wait_pass_seconds(op: &Operator, runs: f64) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        if metric(op, "cilium_operator_endpoint_gc_runs_total").unwrap_or(0.0) >= runs {
-            return metric(op, "cilium_operator_endpoint_gc_last_run_duration_seconds").context("no duration");
+        if op.metric("cilium_operator_endpoint_gc_runs_total").unwrap_or(0.0) >= runs {
+            return op.metric("cilium_operator_endpoint_gc_last_run_duration_seconds").context("no duration");
         }
         ensure!(Instant::now() < deadline, "no GC pass:\n{}", op.proc.log_text());
         std::thread::sleep(Duration::from_millis(100));

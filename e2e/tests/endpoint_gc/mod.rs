@@ -40,14 +40,7 @@ async fn cep_names(ceps: &Api<CiliumEndpoint>) -> anyhow::Result<BTreeSet<String
 }
 
 fn gc_runs(op: &Operator) -> f64 {
-    op.metrics()
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("cilium_operator_endpoint_gc_runs_total"))
-                .and_then(|l| l.rsplit(' ').next().and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0.0)
+    op.metric("cilium_operator_endpoint_gc_runs_total").unwrap_or(0.0)
 }
 
 async fn wait_runs(op: &Operator, at_least: f64) -> anyhow::Result<()> {

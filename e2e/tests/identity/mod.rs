@@ -160,8 +160,7 @@ pub fn gc_clock_survives_operator_restart(_shared: &ControlPlane) -> anyhow::Res
         let marked_at: jiff::Timestamp = mark.parse()?;
         // Restart the operator well before the timeout.
         tokio::time::sleep(Duration::from_secs(TIMEOUT / 2)).await;
-        op.proc.signal(libc::SIGTERM);
-        op.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
+        op.stop()?;
         let restarted_at = jiff::Timestamp::now();
         let mut op2 = Operator::start(&cp, "operator-clock-2", "kube-system", &flags)?;
         op2.wait_healthy(Duration::from_secs(60))?;
@@ -192,10 +191,7 @@ fn etcd_get(etcd: &e2e::Etcd, key: &str, format: &str) -> anyhow::Result<String>
 }
 
 fn metric_of(op: &Operator, name: &str) -> f64 {
-    op.metrics()
-        .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()))
-        .unwrap_or(0.0)
+    op.metric(name).unwrap_or(0.0)
 }
 
 /// `cilium/.heartbeat` read back with etcdctl has upstream's layout (key,
@@ -496,8 +492,7 @@ pub fn migration_kvstore_to_crd(_shared: &ControlPlane) -> anyhow::Result<()> {
             got.push((l.clone(), kv.allocate(&l).await?.id));
         }
         check("kvstore", got)?;
-        op.proc.signal(libc::SIGTERM);
-        op.proc.wait_exit(Duration::from_secs(15)).context("stop")?;
+        op.stop()?;
 
         // 2. doublewrite-readkvstore: allocators re-allocate (restart) and add new ones.
         let mut op = Operator::start(&cp, "op-dw-kv", "kube-system", &kv_flags("doublewrite-readkvstore"))?;
@@ -527,8 +522,7 @@ pub fn migration_kvstore_to_crd(_shared: &ControlPlane) -> anyhow::Result<()> {
         })
         .await?;
         ensure!(op.proc.log_text().contains("in sync"));
-        op.proc.signal(libc::SIGTERM);
-        op.proc.wait_exit(Duration::from_secs(15)).context("stop")?;
+        op.stop()?;
 
         // 3. doublewrite-readcrd.
         let mut op = Operator::start(&cp, "op-dw-crd", "kube-system", &kv_flags("doublewrite-readcrd"))?;
@@ -547,8 +541,7 @@ pub fn migration_kvstore_to_crd(_shared: &ControlPlane) -> anyhow::Result<()> {
             Ok((gauges(&op) == [35.0, 35.0, 0.0, 0.0]).then_some(()))
         })
         .await?;
-        op.proc.signal(libc::SIGTERM);
-        op.proc.wait_exit(Duration::from_secs(15)).context("stop")?;
+        op.stop()?;
 
         // 4. crd: agents first, then the operator; etcd no longer needed.
         let c = crd();

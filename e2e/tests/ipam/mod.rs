@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use cilium_crds::CiliumNode;
+use e2e::process::sample_value;
 use e2e::{ControlPlane, Operator, Options, block_on, eventually};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -66,10 +67,6 @@ async fn wait_error(api: &Api<CiliumNode>, name: &str, needle: &str) -> anyhow::
     .await
 }
 
-fn metric_value(text: &str, prefix: &str) -> Option<f64> {
-    text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
-}
-
 /// Nodes get CIDRs; exhaustion is loud (status, Event, metric); extending
 /// the pool list recovers the waiting node; CIDRs outside every pool or held
 /// twice are refused precisely; a deleted Node's CiliumNode is collected
@@ -116,20 +113,19 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
         .await?;
         let text = op.metrics()?;
         ensure!(
-            metric_value(&text, "cilium_operator_ipam_exhausted_total{family=\"ipv4\"}").unwrap_or(0.0) >= 1.0,
+            sample_value(&text, "cilium_operator_ipam_exhausted_total{family=\"ipv4\"}").unwrap_or(0.0) >= 1.0,
             "{text}"
         );
         ensure!(
-            metric_value(&text, "cilium_operator_ipam_pool_available{pool=\"10.10.0.0/23\",family=\"ipv4\"}")
+            sample_value(&text, "cilium_operator_ipam_pool_available{pool=\"10.10.0.0/23\",family=\"ipv4\"}")
                 == Some(0.0),
             "{text}"
         );
-        ensure!(metric_value(&text, "cilium_operator_ipam_nodes_waiting") == Some(1.0), "{text}");
+        ensure!(sample_value(&text, "cilium_operator_ipam_nodes_waiting") == Some(1.0), "{text}");
         ensure!(op.proc.log_text().contains("allocator full"), "no exhaustion warning in the log");
 
         // Extend the pool list (append) and restart: n3 recovers.
-        op.proc.signal(libc::SIGTERM);
-        op.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
+        op.stop()?;
         let mut op2 = Operator::start(
             &cp,
             "operator-ipam-2",
@@ -167,13 +163,12 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
         ensure!(c4 == c1, "n4 got {c4}, expected n1's released {c1}");
         assert_no_duplicates(&all_pod_cidrs(&cns).await?.into_iter().filter(|(n, _)| n != "dup").collect())?;
         let text = op2.metrics()?;
-        ensure!(metric_value(&text, "cilium_operator_ipam_nodes_gc_deleted_total").unwrap_or(0.0) >= 1.0, "{text}");
+        ensure!(sample_value(&text, "cilium_operator_ipam_nodes_gc_deleted_total").unwrap_or(0.0) >= 1.0, "{text}");
         ensure!(!op2.proc.log_text().contains("panicked"), "operator panicked");
 
         // Removing a pool in use is refused: n2 keeps 10.10.x, gets an error
         // naming it, and the operator says why in one log line.
-        op2.proc.signal(libc::SIGTERM);
-        op2.proc.wait_exit(Duration::from_secs(15)).context("operator did not stop")?;
+        op2.stop()?;
         let mut op3 = Operator::start(
             &cp,
             "operator-ipam-3",
