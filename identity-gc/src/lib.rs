@@ -2,11 +2,12 @@
 //! labels and the label key string, identity-relevant label filtering with
 //! upstream's defaults, and numeric identity ranges. The operator, the node
 //! agent and the CLI share it.
-//!
-//! Still to come (identity issue): the allocator backends and GC decisions.
+//! GC decisions (`gc`) are here too; the allocator backends are in
+//! `cilium-identity-alloc`.
 
 pub mod explosion;
 pub mod filter;
+pub mod gc;
 pub mod labels;
 pub mod ranges;
 

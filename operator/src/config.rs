@@ -106,6 +106,8 @@ pub enum Source {
     Flag,
     Env(String),
     ConfigDir(PathBuf),
+    /// `<namespace>/<name>` and key of a ConfigMap read through the API.
+    ConfigMap(String),
     Default,
 }
 
@@ -115,6 +117,7 @@ impl fmt::Display for Source {
             Source::Flag => f.write_str("command line"),
             Source::Env(v) => write!(f, "environment variable {v}"),
             Source::ConfigDir(p) => write!(f, "config file {}", p.display()),
+            Source::ConfigMap(k) => write!(f, "ConfigMap {k}"),
             Source::Default => f.write_str("default"),
         }
     }
@@ -169,6 +172,27 @@ impl RawConfig {
         Ok(RawConfig { values })
     }
 
+    /// Builds the values from the data of a `cilium-config` ConfigMap read
+    /// through the API (`what` names it, e.g. `kube-system/cilium-config`),
+    /// as the operator would see them mounted. Keys that are not operator
+    /// options are skipped.
+    pub fn from_config_map(what: &str, data: &BTreeMap<String, String>) -> RawConfig {
+        let mut values = BTreeMap::new();
+        for o in OPTIONS {
+            let value = match data.get(o.name) {
+                Some(v) if o.name != "config-dir" => normalize(o, v),
+                _ => o.default.to_string(),
+            };
+            let source = if data.contains_key(o.name) {
+                Source::ConfigMap(format!("{what} key {}", o.name))
+            } else {
+                Source::Default
+            };
+            values.insert(o.name, (value, source));
+        }
+        RawConfig { values }
+    }
+
     /// Builds the values from `--name=value` style pairs (tests).
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<RawConfig, ConfigError> {
         let mut args = vec!["cilium-operator".to_string()];
@@ -200,13 +224,19 @@ fn read_config_dir(dir: &Path) -> Result<Vec<ConfigDirEntry>, ConfigError> {
             continue;
         }
         let text = std::fs::read_to_string(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-        let mut value = text.trim().to_string();
-        if o.kind == Kind::List {
-            value = value.split_whitespace().collect::<Vec<_>>().join(",");
-        }
-        out.push((o.name, (value, path)));
+        out.push((o.name, (normalize(o, &text), path)));
     }
     Ok(out)
+}
+
+/// A ConfigMap value as a flag value: trimmed; lists space-separated in the
+/// ConfigMap become comma-separated.
+fn normalize(o: &OptSpec, text: &str) -> String {
+    let value = text.trim();
+    match o.kind {
+        Kind::List => value.split_whitespace().collect::<Vec<_>>().join(","),
+        _ => value.to_string(),
+    }
 }
 
 /// The clap command: one `--<name>` per option, each with its env variable.
@@ -646,6 +676,33 @@ mod tests {
         assert!(err(&[("kvstore", "etcd"), ("kvstore-opt", "etcd.address=127.0.0.1:2379")]).contains("http://"));
         let e = err(&[("identity-allocation-mode", "kvstore")]);
         assert!(e.contains("--identity-allocation-mode") && e.contains("--kvstore=etcd"), "{e}");
+    }
+
+    #[test]
+    fn config_map_data_as_the_operator_sees_it() {
+        let data: BTreeMap<String, String> = [
+            ("cluster-pool-ipv4-cidr", "10.0.0.0/16 10.1.0.0/16"),
+            ("identity-allocation-mode", "kvstore"),
+            ("kvstore", "etcd"),
+            ("kvstore-opt", "etcd.address=http://127.0.0.1:2379"),
+            ("enable-l7-proxy", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let raw = RawConfig::from_config_map("kube-system/cilium-config", &data);
+        let c = Config::from_raw(&raw).unwrap();
+        assert_eq!(c.ipv4_pool.unwrap().cidrs.len(), 2);
+        assert_eq!(c.identity_allocation_mode, IdentityAllocationMode::Kvstore);
+        assert_eq!(c.identity_gc_interval, Duration::from_secs(15 * 60), "absent keys keep the default");
+        let mut bad = data.clone();
+        bad.insert("identity-gc-interval".into(), "soon".into());
+        let e = Config::from_raw(&RawConfig::from_config_map("kube-system/cilium-config", &bad)).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("ConfigMap kube-system/cilium-config key identity-gc-interval") && e.contains("soon"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -30,7 +30,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use cilium_identity::gc::{Action, decide};
 
 use crate::lean::LeanEndpoint;
 use crate::run::Context;
@@ -105,38 +108,6 @@ impl IdentityGcMetrics {
     }
 }
 
-/// What a run does with one identity.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    Keep,
-    /// In use but marked: remove the mark.
-    Unmark,
-    /// Unused and unmarked (or the mark is unreadable): mark now.
-    Mark,
-    /// Unused, marked long enough ago: delete.
-    Delete,
-    /// Unused, marked recently: wait.
-    Wait,
-}
-
-/// The GC rule, pure.
-pub fn decide(used: bool, mark: Option<&str>, now: jiff::Timestamp, timeout: Duration) -> Action {
-    let marked_at = mark.and_then(|m| m.parse::<jiff::Timestamp>().ok());
-    match (used, mark, marked_at) {
-        (true, Some(_), _) => Action::Unmark,
-        (true, None, _) => Action::Keep,
-        (false, None, _) | (false, Some(_), None) => Action::Mark,
-        (false, Some(_), Some(t)) => {
-            let age = now.duration_since(t);
-            if age >= jiff::SignedDuration::try_from(timeout).unwrap_or(jiff::SignedDuration::MAX) {
-                Action::Delete
-            } else {
-                Action::Wait
-            }
-        }
-    }
-}
-
 /// At most `limit` permits per `interval`, paced evenly (one every
 /// `interval / limit`, no burst), so every window of any length sees the
 /// configured rate: 2500/min means 5000 in any two minutes, not 2500 at
@@ -170,6 +141,7 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
     let interval = ctx.config.identity_gc_interval;
     if interval.is_zero() {
         tracing::info!("identity GC disabled (identity-gc-interval is 0)");
+        crate::gc_request::serve(&ctx, &stop, Vec::new()).await;
         return Ok(());
     }
     let range = cilium_identity::cluster_range(ctx.config.cluster_id, ctx.config.max_connected_clusters)?;
@@ -179,29 +151,65 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
     ctx.metrics.identity_gc.space_size.set((*range.end() - *range.start()) as i64 + 1);
     let wake_crd = tokio::sync::Notify::new();
     let wake_kv = tokio::sync::Notify::new();
+    let progress_crd = watch::Sender::new(Progress::default());
+    let progress_kv = watch::Sender::new(Progress::default());
+    let with_kvstore = ctx.config.kvstore.clone().filter(|_| mode != Mode::Crd);
+    let mut backends = Vec::new();
+    if mode != Mode::Kvstore {
+        backends.push(Backend { name: "crd", wake: &wake_crd, progress: &progress_crd });
+    }
+    if with_kvstore.is_some() {
+        backends.push(Backend { name: "kvstore", wake: &wake_kv, progress: &progress_kv });
+    }
     let pressure = watch_pressure(&ctx, &range, &stop, &wake_crd, &wake_kv);
+    let requests = crate::gc_request::serve(&ctx, &stop, backends);
     let crd = async {
         if mode == Mode::Kvstore {
             return Ok(());
         }
-        gc_loop(&ctx, "crd", &stop, &wake_crd, || pass(&ctx, &range, &limiter)).await
+        gc_loop(&ctx, "crd", &stop, &wake_crd, &progress_crd, || pass(&ctx, &range, &limiter)).await
     };
     let kv = async {
-        let Some(kv) = ctx.config.kvstore.clone().filter(|_| mode != Mode::Crd) else {
+        let Some(kv) = with_kvstore.clone() else {
             return Ok(());
         };
         let client = crate::kvstore::connect(&kv).await?;
         let mut seen: HashMap<u32, i64> = HashMap::new();
         let seen = tokio::sync::Mutex::new(&mut seen);
-        gc_loop(&ctx, "kvstore", &stop, &wake_kv, || async {
+        gc_loop(&ctx, "kvstore", &stop, &wake_kv, &progress_kv, || async {
             let mut seen = seen.lock().await;
             kv_pass(&ctx, client.clone(), &range, &mut seen, &limiter).await
         })
         .await
     };
-    let (a, b, c): (anyhow::Result<()>, anyhow::Result<()>, ()) = tokio::join!(crd, kv, pressure);
-    let () = c;
+    let (a, b, (), ()) = tokio::join!(crd, kv, pressure, requests);
     a.and(b)
+}
+
+/// Passes started and finished by one GC loop, and how the last one ended:
+/// lets an on-demand request wait for a pass that started after it.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub started: u64,
+    pub finished: u64,
+    pub last: String,
+}
+
+/// One GC loop as seen by the on-demand request server.
+pub struct Backend<'a> {
+    pub name: &'static str,
+    pub wake: &'a tokio::sync::Notify,
+    pub progress: &'a watch::Sender<Progress>,
+}
+
+/// What one pass did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PassStats {
+    pub alive: i64,
+    pub deleted: i64,
+    /// CRD: carrying the heartbeat mark; kvstore: unused, remembered for
+    /// deletion on the next round.
+    pub marked: i64,
 }
 
 /// How often identity use is compared with the pressure threshold.
@@ -324,30 +332,40 @@ async fn gc_loop<F, Fut, E>(
     identity_type: &str,
     stop: &CancellationToken,
     wake: &tokio::sync::Notify,
+    progress: &watch::Sender<Progress>,
     mut pass: F,
 ) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>>,
+    Fut: std::future::Future<Output = Result<PassStats, E>>,
     E: std::fmt::Display,
 {
     let interval = ctx.config.identity_gc_interval;
     loop {
         let started = Instant::now();
-        let outcome = match pass().await {
-            Ok(()) => "success",
+        progress.send_modify(|p| p.started += 1);
+        let (outcome, summary) = match pass().await {
+            Ok(s) => {
+                let what =
+                    if identity_type == "kvstore" { "unused (deleted next round if still unused)" } else { "marked" };
+                ("success", format!("alive={} deleted={} {what}={}", s.alive, s.deleted, s.marked))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, identity_type, "identity GC run failed");
-                "failure"
+                ("failure", format!("failed: {e}"))
             }
         };
+        progress.send_modify(|p| {
+            p.finished += 1;
+            p.last = summary;
+        });
         let labels = RunLabels { outcome: outcome.into(), identity_type: identity_type.into() };
         ctx.metrics.identity_gc.runs.get_or_create(&labels).inc();
         ctx.metrics.identity_gc.latency.get_or_create(&labels).set(started.elapsed().as_secs_f64());
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep(interval.saturating_sub(started.elapsed())) => {}
-            _ = wake.notified() => tracing::info!(identity_type, "identity GC woken by identity-space pressure"),
+            _ = wake.notified() => tracing::info!(identity_type, "identity GC woken (identity-space pressure or an on-demand request)"),
         }
     }
 }
@@ -362,7 +380,7 @@ async fn kv_pass(
     range: &RangeInclusive<u32>,
     seen: &mut HashMap<u32, i64>,
     limiter: &SharedLimiter,
-) -> Result<(), etcd_client::Error> {
+) -> Result<PassStats, etcd_client::Error> {
     use cilium_identity_alloc::kvstore::{PREFIX, id_key, value_prefix};
     use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
     let started = Instant::now();
@@ -378,7 +396,7 @@ async fn kv_pass(
         .iter()
         .filter_map(|kv| kv.key_str().ok()?.strip_prefix(&value_root)?.rsplit_once('/').map(|(l, _)| l.to_string()))
         .collect();
-    let (mut alive, mut deleted) = (0i64, 0i64);
+    let (mut alive, mut deleted, mut remembered) = (0i64, 0i64, 0i64);
     let mut present = HashSet::new();
     for kv in ids.kvs() {
         let Some(id) = kv.key_str().ok().and_then(|k| k.strip_prefix(&id_prefix)).and_then(|s| s.parse::<u32>().ok())
@@ -398,6 +416,7 @@ async fn kv_pass(
         if seen.get(&id) != Some(&kv.mod_revision()) {
             seen.insert(id, kv.mod_revision());
             alive += 1;
+            remembered += 1;
             continue;
         }
         limiter.lock().await.acquire().await;
@@ -425,10 +444,10 @@ async fn kv_pass(
         seconds = format!("{:.3}", started.elapsed().as_secs_f64()),
         "kvstore identity GC run done"
     );
-    Ok(())
+    Ok(PassStats { alive, deleted, marked: remembered })
 }
 
-async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimiter) -> Result<(), kube::Error> {
+async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimiter) -> Result<PassStats, kube::Error> {
     let started = Instant::now();
     let identities: Api<CiliumIdentity> = Api::all(ctx.client.clone());
     // Endpoints after identities: an identity created after the identity
@@ -512,7 +531,7 @@ async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimite
         seconds = format!("{:.3}", started.elapsed().as_secs_f64()),
         "identity GC run done"
     );
-    Ok(())
+    Ok(PassStats { alive, deleted, marked })
 }
 
 /// Exports the label keys with the most distinct values across identities
@@ -553,19 +572,6 @@ fn ignore_gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rules() {
-        let now: jiff::Timestamp = "2026-11-23T12:00:00Z".parse().unwrap();
-        let t = Duration::from_secs(30 * 60);
-        assert_eq!(decide(true, None, now, t), Action::Keep);
-        assert_eq!(decide(true, Some("2026-11-23T11:00:00Z"), now, t), Action::Unmark);
-        assert_eq!(decide(false, None, now, t), Action::Mark);
-        assert_eq!(decide(false, Some("garbage"), now, t), Action::Mark);
-        assert_eq!(decide(false, Some("2026-11-23T11:45:00.123456789Z"), now, t), Action::Wait);
-        assert_eq!(decide(false, Some("2026-11-23T11:30:00Z"), now, t), Action::Delete);
-        assert_eq!(decide(false, Some("2026-11-23T12:00:00Z"), now, Duration::ZERO), Action::Delete);
-    }
 
     #[tokio::test(start_paused = true)]
     async fn rate_limiter_paces_evenly() {

@@ -12,6 +12,7 @@ pub mod crds;
 pub mod doublewrite;
 pub mod duration;
 pub mod endpoint_gc;
+pub mod gc_request;
 pub mod identity_gc;
 pub mod ipam;
 pub mod kvstore;

@@ -1,0 +1,212 @@
+//! ciliumctl: one tool for what the identity-exhaustion troubleshooting
+//! guide does by hand: operator and allocation health, identities,
+//! endpoints, IPAM pools, the kvstore, and `doctor`, which runs every check
+//! and names each problem with its evidence and fix.
+//!
+//! Exit status: 0 success; 1 error (one line on stderr); `doctor` 2 with
+//! warnings, 3 with a critical finding.
+
+mod commands;
+mod ctx;
+mod doctor;
+mod identity;
+mod output;
+mod snapshot;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::ctx::{Ctx, Global};
+use crate::output::{ColorChoice, Format, Output};
+
+#[derive(Parser)]
+#[command(
+    name = "ciliumctl",
+    version,
+    about = "Troubleshoot a Cilium control plane: status, identities, endpoints, IPAM, kvstore, doctor"
+)]
+struct Cli {
+    /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config or in-cluster).
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of the operator, its Lease and the cilium-config ConfigMap.
+    #[arg(long, global = true, env = "CILIUM_NAMESPACE", default_value = "kube-system")]
+    cilium_namespace: String,
+    /// etcd endpoints (comma-separated URLs), overriding kvstore-opt of cilium-config.
+    #[arg(long, global = true, env = "CILIUM_KVSTORE_ENDPOINT")]
+    kvstore_endpoint: Option<String>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    output: Format,
+    /// Colour: auto (only on a terminal), always, never.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    color: ColorChoice,
+    /// Timeout of one API request, in seconds.
+    #[arg(long, global = true, default_value = "30")]
+    request_timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Operator leader, identity use, IPAM pools, endpoints, pods, kvstore.
+    Status,
+    /// Security identities.
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+    /// CiliumEndpoints.
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
+    /// Cluster-pool IPAM.
+    #[command(subcommand)]
+    Ipam(IpamCmd),
+    /// The kvstore (etcd).
+    #[command(subcommand)]
+    Kvstore(KvstoreCmd),
+    /// Run every check and report each problem with its evidence and fix.
+    Doctor,
+}
+
+#[derive(Subcommand)]
+enum IdentityCmd {
+    /// List identities (from the backend the allocation mode reads).
+    List {
+        /// Kubernetes label selector on CiliumIdentity labels (e.g. app=web).
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// Only identities carrying source:key=value (repeatable; k8s: assumed).
+        #[arg(long)]
+        label: Vec<String>,
+        /// crd or kvstore (default: what identity-allocation-mode reads).
+        #[arg(long)]
+        source: Option<String>,
+        /// Only identities without users.
+        #[arg(long)]
+        unused: bool,
+    },
+    /// Show one identity and the endpoints using it.
+    Get {
+        id: String,
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Delete one identity (refused while in use unless --force).
+    Delete {
+        id: String,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Ask the operator leader to run identity GC now, or show what would go.
+    Gc {
+        /// Only list what the GC would mark and delete; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        source: Option<String>,
+        /// Seconds to wait for the leader's answer.
+        #[arg(long, default_value = "120")]
+        timeout: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum EndpointCmd {
+    /// List endpoints (all namespaces unless -n).
+    List {
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// Show one endpoint: NAMESPACE/NAME, or NAME with -n.
+    Get {
+        name: String,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum IpamCmd {
+    /// Pools used/free and each node's pod CIDRs and errors.
+    Status,
+}
+
+#[derive(Subcommand)]
+enum KvstoreCmd {
+    /// Reachability, version, heartbeat age, identity keys and locks.
+    Status,
+    /// Read a key (or every key under a prefix).
+    Get {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+    },
+    /// Identity locks and whether any is stuck.
+    Locks,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let out = Output::new(cli.output, cli.color);
+    let ctx = Ctx::connect(Global {
+        kubeconfig: cli.kubeconfig,
+        namespace: cli.cilium_namespace,
+        kvstore_endpoint: cli.kvstore_endpoint,
+        timeout: Duration::from_secs(cli.request_timeout.max(1)),
+        out,
+    })
+    .await?;
+    if let Some(e) = &ctx.config_error
+        && !matches!(cli.command, Command::Doctor)
+    {
+        eprintln!("warning: {e}; using defaults");
+    }
+    match cli.command {
+        Command::Status => commands::status(&ctx).await?,
+        Command::Doctor => return commands::doctor(&ctx).await,
+        Command::Identity(c) => match c {
+            IdentityCmd::List { selector, label, source, unused } => {
+                identity::list(&ctx, source.as_deref(), selector.as_deref(), &label, unused).await?
+            }
+            IdentityCmd::Get { id, source } => identity::get(&ctx, &id, source.as_deref()).await?,
+            IdentityCmd::Delete { id, source, force } => identity::delete(&ctx, &id, source.as_deref(), force).await?,
+            IdentityCmd::Gc { dry_run: true, source, .. } => identity::gc_dry_run(&ctx, source.as_deref()).await?,
+            IdentityCmd::Gc { dry_run: false, timeout, .. } => {
+                identity::gc_now(&ctx, Duration::from_secs(timeout)).await?
+            }
+        },
+        Command::Endpoint(EndpointCmd::List { namespace }) => {
+            commands::endpoint_list(&ctx, namespace.as_deref()).await?
+        }
+        Command::Endpoint(EndpointCmd::Get { name, namespace }) => {
+            commands::endpoint_get(&ctx, namespace.as_deref(), &name).await?
+        }
+        Command::Ipam(IpamCmd::Status) => commands::ipam_status(&ctx).await?,
+        Command::Kvstore(KvstoreCmd::Status) => commands::kvstore_status(&ctx).await?,
+        Command::Kvstore(KvstoreCmd::Get { key, prefix }) => commands::kvstore_get(&ctx, &key, prefix).await?,
+        Command::Kvstore(KvstoreCmd::Locks) => commands::kvstore_locks(&ctx).await?,
+    }
+    Ok(0)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ciliumctl: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ciliumctl: error: {}", ctx::one_line(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
