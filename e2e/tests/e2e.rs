@@ -9,6 +9,7 @@ use std::sync::Arc;
 use e2e::{ControlPlane, Options};
 use libtest_mimic::{Arguments, Failed, Trial};
 
+mod cli;
 mod endpoint_gc;
 mod identity;
 mod ipam;
@@ -42,6 +43,7 @@ fn main() {
         ("identity::space_pressure_and_label_explosion", identity::space_pressure_and_label_explosion),
         ("identity::migration_kvstore_to_crd", identity::migration_kvstore_to_crd),
         ("identity::churn_never_deletes_a_used_identity", identity::churn_never_deletes_a_used_identity),
+        ("cli::doctor_and_commands_on_seeded_faults", cli::doctor_and_commands_on_seeded_faults),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();
