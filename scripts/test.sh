@@ -23,6 +23,9 @@ cargo build --workspace --bins --tests --locked
 step "unit tests"
 cargo test --workspace --exclude e2e --locked
 
+step "Helm chart checks (helm lint, kubernetes-validate, schema, promtool)"
+bash scripts/chart-check.sh
+
 step "end-to-end tests (real etcd, kube-apiserver, kubectl, Prometheus)"
 cargo test -p e2e --locked -- --test-threads=2
 
