@@ -23,6 +23,9 @@ pub struct Options {
     /// Also run kube-controller-manager (ownerReference garbage collection,
     /// namespace deletion, service-account tokens).
     pub controller_manager: bool,
+    /// Write an audit log (Metadata level, every request) to
+    /// [`ControlPlane::audit_log`]: who was refused what (RBAC tests).
+    pub audit: bool,
 }
 
 /// One running process we started, with its log file.
@@ -197,6 +200,7 @@ pub struct ControlPlane {
     /// Admin kubeconfig (O=system:masters).
     pub kubeconfig: PathBuf,
     apiserver_port: u16,
+    audit: bool,
 }
 
 impl ControlPlane {
@@ -217,6 +221,7 @@ impl ControlPlane {
             apiserver: None,
             kcm: None,
             apiserver_port,
+            audit: opts.audit,
         };
         cp.write_kubeconfig()?;
         cp.start_apiserver()?;
@@ -231,6 +236,27 @@ impl ControlPlane {
             cp.dir.path().display()
         );
         Ok(cp)
+    }
+
+    /// The API server's audit log (JSON lines) when started with `audit`.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    fn audit_args(&self) -> anyhow::Result<Vec<String>> {
+        if !self.audit {
+            return Ok(Vec::new());
+        }
+        let policy = self.dir.path().join("audit-policy.yaml");
+        std::fs::write(
+            &policy,
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+        )?;
+        Ok(vec![
+            format!("--audit-policy-file={}", policy.display()),
+            format!("--audit-log-path={}", self.audit_log().display()),
+            "--audit-log-format=json".into(),
+        ])
     }
 
     /// The directory holding certificates, kubeconfig and logs.
@@ -260,6 +286,7 @@ impl ControlPlane {
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
             .arg("--profiling=false")
+            .args(self.audit_args()?)
             .arg("--v=0");
         let mut proc = Proc::spawn("kube-apiserver", d, &mut cmd)?;
         let kubectl = tools::tool("kubectl")?;
@@ -306,6 +333,19 @@ impl ControlPlane {
             p.stop(Duration::from_secs(10));
         }
         self.start_apiserver()
+    }
+
+    /// A kubeconfig authenticating with a bearer `token` (e.g. a
+    /// ServiceAccount token from the TokenRequest API), written as `<name>.kubeconfig`.
+    pub fn token_kubeconfig(&self, name: &str, token: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
+        let cfg = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context:\n    cluster: local\n    user: {name}\ncurrent-context: local\n",
+            server = self.server,
+            ca = self.dir.path().join("ca.crt").display(),
+        );
+        std::fs::write(&path, cfg)?;
+        Ok(path)
     }
 
     fn write_kubeconfig(&self) -> anyhow::Result<()> {

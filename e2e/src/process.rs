@@ -93,14 +93,27 @@ impl Operator {
     /// Starts `cilium-operator` against `cp` with loopback health/metrics
     /// ports, the given namespace, and extra `--flag=value` arguments.
     pub fn start(cp: &ControlPlane, name: &str, namespace: &str, extra: &[String]) -> anyhow::Result<Operator> {
+        let mut args = vec!["--cluster-pool-ipv4-cidr=10.0.0.0/8".to_string()];
+        args.extend_from_slice(extra);
+        Operator::start_with(cp, name, namespace, &cp.kubeconfig, &args)
+    }
+
+    /// Like [`Operator::start`], authenticated by `kubeconfig` and with no
+    /// default pool (e.g. configured by `--config-dir` only).
+    pub fn start_with(
+        cp: &ControlPlane,
+        name: &str,
+        namespace: &str,
+        kubeconfig: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Operator> {
         let health_addr = format!("127.0.0.1:{}", free_port());
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(tools::workspace_bin("cilium-operator")?);
-        cmd.arg(format!("--k8s-kubeconfig-path={}", cp.kubeconfig.display()))
+        cmd.arg(format!("--k8s-kubeconfig-path={}", kubeconfig.display()))
             .arg(format!("--k8s-namespace={namespace}"))
             .arg(format!("--operator-api-serve-addr={health_addr}"))
             .arg(format!("--operator-prometheus-serve-addr={metrics_addr}"))
-            .arg("--cluster-pool-ipv4-cidr=10.0.0.0/8")
             .args(extra)
             .env("CILIUM_LOG_FILTER", "info");
         let proc = Process::spawn(name, cp.dir(), &mut cmd)?;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use e2e::{ControlPlane, Options};
 use libtest_mimic::{Arguments, Failed, Trial};
 
+mod chart;
 mod cli;
 mod endpoint_gc;
 mod identity;
@@ -44,12 +45,14 @@ fn main() {
         ("identity::migration_kvstore_to_crd", identity::migration_kvstore_to_crd),
         ("identity::churn_never_deletes_a_used_identity", identity::churn_never_deletes_a_used_identity),
         ("cli::doctor_and_commands_on_seeded_faults", cli::doctor_and_commands_on_seeded_faults),
+        ("chart::helm_install_upgrade_uninstall", chart::helm_install_upgrade_uninstall),
+        ("chart::rbac_least_privilege", chart::rbac_least_privilege),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();
         libtest_mimic::run(&args, trials).exit();
     }
-    let cp = match ControlPlane::start(Options { controller_manager: true }) {
+    let cp = match ControlPlane::start(Options { controller_manager: true, ..Default::default() }) {
         Ok(cp) => Arc::new(cp),
         Err(e) => {
             eprintln!("cannot start the test control plane: {e:#}");

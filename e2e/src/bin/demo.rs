@@ -23,7 +23,7 @@ fn run() -> anyhow::Result<()> {
     let keep = std::env::args().any(|a| a == "--keep");
     let t0 = Instant::now();
     step(t0, "starting etcd, kube-apiserver and kube-controller-manager on 127.0.0.1");
-    let cp = ControlPlane::start(Options { controller_manager: true })?;
+    let cp = ControlPlane::start(Options { controller_manager: true, ..Default::default() })?;
     step(
         t0,
         "starting two cilium-operator replicas (leader election on Lease kube-system/cilium-operator-resource-lock)",

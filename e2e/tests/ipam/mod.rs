@@ -72,7 +72,7 @@ async fn wait_error(api: &Api<CiliumNode>, name: &str, needle: &str) -> anyhow::
 /// twice are refused precisely; a deleted Node's CiliumNode is collected
 /// and its CIDR reused.
 pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow::Result<()> {
-    let cp = ControlPlane::start(Options { controller_manager: true })?;
+    let cp = ControlPlane::start(Options { controller_manager: true, ..Default::default() })?;
     let small_pool = ["--cluster-pool-ipv4-cidr=10.10.0.0/23".to_string(), "--cluster-pool-ipv4-mask-size=24".into()];
     let gc = "--nodes-gc-interval=2s".to_string();
     let mut op = Operator::start(

@@ -257,7 +257,9 @@ pub fn prometheus_scrapes_operator(cp: &ControlPlane) -> anyhow::Result<()> {
     create_namespace(cp, ns)?;
     let mut op = Operator::start(cp, "operator-prom", ns, &[])?;
     op.wait_healthy(Duration::from_secs(60))?;
-    let prom = Prometheus::start("cilium-operator", std::slice::from_ref(&op.metrics_addr), &[])?;
+    // The chart's alert and recording rules, evaluated by the real server.
+    let rules = tools::workspace_root().join("charts/cilium/files/prometheus-rules.yaml");
+    let prom = Prometheus::start("cilium-operator", std::slice::from_ref(&op.metrics_addr), &[rules])?;
     prom.wait_targets_up(Duration::from_secs(30))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -268,6 +270,32 @@ pub fn prometheus_scrapes_operator(cp: &ControlPlane) -> anyhow::Result<()> {
             break;
         }
         ensure!(Instant::now() < deadline, "series never appeared: up={up:?} build_info={info:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Recording rules evaluate to the ratios they name.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let identity = prom.query("cilium_operator:identity_space_usage:ratio{identity_type=\"crd\"}")?;
+        let pool = prom.query("cilium_operator:ipam_pool_usage:ratio{pool=\"10.0.0.0/8\"}")?;
+        let family = prom.query("cilium_operator:ipam_family_usage:ratio")?;
+        let value = |v: &[serde_json::Value]| v.first().and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok());
+        if let (Some(i), Some(p), Some(_)) = (value(&identity), value(&pool), value(&family)) {
+            ensure!((0.0..1.0).contains(&i) && (0.0..1.0).contains(&p), "ratios out of range: {i} {p}");
+            let groups = prom.api("/api/v1/rules")?;
+            let bad: Vec<&serde_json::Value> = groups["data"]["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+                .filter(|r| r["health"] != "ok")
+                .collect();
+            ensure!(bad.is_empty(), "rules not healthy: {bad:?}");
+            let firing = prom.query("ALERTS{alertstate=\"firing\"}")?;
+            ensure!(firing.is_empty(), "alerts firing on a healthy operator: {firing:?}");
+            break;
+        }
+        ensure!(Instant::now() < deadline, "recording rules never evaluated: {identity:?} {pool:?} {family:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
 
