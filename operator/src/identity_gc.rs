@@ -341,6 +341,12 @@ where
     E: std::fmt::Display,
 {
     let interval = ctx.config.identity_gc_interval;
+    // Both outcomes exist from the start (at 0), so that `increase()` in an
+    // alert sees the first failure too.
+    for outcome in ["success", "failure"] {
+        let labels = RunLabels { outcome: outcome.into(), identity_type: identity_type.into() };
+        let _ = ctx.metrics.identity_gc.runs.get_or_create(&labels);
+    }
     loop {
         let started = Instant::now();
         progress.send_modify(|p| p.started += 1);

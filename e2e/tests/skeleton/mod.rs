@@ -291,6 +291,11 @@ pub fn prometheus_scrapes_operator(cp: &ControlPlane) -> anyhow::Result<()> {
                 .filter(|r| r["health"] != "ok")
                 .collect();
             ensure!(bad.is_empty(), "rules not healthy: {bad:?}");
+            // The failure counter exists at 0 before any failure, so the
+            // GC-failure alert's increase() sees the first one.
+            let failures =
+                prom.query("cilium_operator_identity_gc_runs_total{outcome=\"failure\",identity_type=\"crd\"}")?;
+            ensure!(value(&failures) == Some(0.0), "failure counter not pre-created: {failures:?}");
             let firing = prom.query("ALERTS{alertstate=\"firing\"}")?;
             ensure!(firing.is_empty(), "alerts firing on a healthy operator: {firing:?}");
             break;
