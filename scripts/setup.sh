@@ -41,6 +41,7 @@ APT_PACKAGES=(
   prometheus
   openssl ca-certificates unzip
   python3-venv
+  clang llvm libbpf-dev bpftool iproute2 gcc-multilib
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,6 @@
+//! cilium-node-agent: one process per node. Registers the node's
+//! CiliumNode, gives local pods a network namespace, an IP, an identity and a
+//! CiliumEndpoint, and enforces CiliumNetworkPolicies in the kernel with the
+//! eBPF programs of `bpf/` (see `datapath`).
+
+pub mod datapath;
