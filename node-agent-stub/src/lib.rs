@@ -4,3 +4,4 @@
 //! eBPF programs of `bpf/` (see `datapath`).
 
 pub mod datapath;
+pub mod policy;
