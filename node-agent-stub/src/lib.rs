@@ -3,5 +3,9 @@
 //! CiliumEndpoint, and enforces CiliumNetworkPolicies in the kernel with the
 //! eBPF programs of `bpf/` (see `datapath`).
 
+pub mod agent;
+pub mod config;
 pub mod datapath;
+pub mod netns;
 pub mod policy;
+pub mod state;

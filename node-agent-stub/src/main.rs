@@ -1,1 +1,113 @@
-fn main() {}
+//! cilium-node-agent: see the crate documentation (src/lib.rs) and README.
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::Parser;
+use node_agent_stub::agent::{Agent, Snapshot};
+use node_agent_stub::config::{Flags, Settings};
+use node_agent_stub::datapath::{DIR_INGRESS, REASON_DENIED_BY_RULE, reason_name};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CILIUM_LOG_FILTER").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let settings = match Settings::from(flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    match rt.block_on(run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(s: Settings) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping (the datapath keeps enforcing)");
+        token.cancel();
+    });
+    let config = match &s.flags.kubeconfig {
+        Some(p) => {
+            kube::Config::from_custom_kubeconfig(kube::config::Kubeconfig::read_from(p)?, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    let client = kube::Client::try_from(config)?;
+    let snapshot = Arc::new(Mutex::new(Snapshot::default()));
+    let addr = s.flags.prometheus_serve_addr.clone();
+    let addr = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr };
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    let snap = snapshot.clone();
+    let app = axum::Router::new().route("/metrics", axum::routing::get(move || metrics(snap.clone()))).route(
+        "/healthz",
+        axum::routing::get({
+            let snap = snapshot.clone();
+            move || async move {
+                if snap.lock().expect("snapshot").ready {
+                    (axum::http::StatusCode::OK, "ok")
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }
+        }),
+    );
+    let server_stop = stop.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await }).await;
+    });
+    tracing::info!(node = %s.flags.node_name, mode = %s.mode, metrics = %addr, "cilium-node-agent starting");
+    let agent = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        a = Agent::start(s, client, snapshot) => a?,
+    };
+    agent.run(stop).await
+}
+
+async fn metrics(snap: Arc<Mutex<Snapshot>>) -> String {
+    let s = snap.lock().expect("snapshot");
+    let mut out = String::new();
+    out.push_str("# HELP cilium_forward_count_total Packets forwarded by the policy datapath\n# TYPE cilium_forward_count_total counter\n");
+    let mut drops = String::from(
+        "# HELP cilium_drop_count_total Packets dropped by the policy datapath\n# TYPE cilium_drop_count_total counter\n",
+    );
+    let mut bytes = String::from(
+        "# HELP cilium_forward_bytes_total Bytes forwarded by the policy datapath\n# TYPE cilium_forward_bytes_total counter\n",
+    );
+    for (k, v) in &s.counters {
+        let ep = s.endpoint_names.get(&k.endpoint_id).cloned().unwrap_or_else(|| k.endpoint_id.to_string());
+        let dir = if k.direction == DIR_INGRESS { "INGRESS" } else { "EGRESS" };
+        let labels = format!("endpoint=\"{ep}\",direction=\"{dir}\",reason=\"{}\"", reason_name(k.reason));
+        if k.reason >= REASON_DENIED_BY_RULE {
+            drops.push_str(&format!("cilium_drop_count_total{{{labels}}} {}\n", v.packets));
+        } else {
+            out.push_str(&format!("cilium_forward_count_total{{{labels}}} {}\n", v.packets));
+            bytes.push_str(&format!("cilium_forward_bytes_total{{{labels}}} {}\n", v.bytes));
+        }
+    }
+    out.push_str(&drops);
+    out.push_str(&bytes);
+    out.push_str(&format!(
+        "# HELP cilium_endpoint_count Local endpoints\n# TYPE cilium_endpoint_count gauge\ncilium_endpoint_count {}\n",
+        s.endpoint_names.len()
+    ));
+    out
+}

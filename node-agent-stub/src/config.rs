@@ -1,0 +1,133 @@
+//! Agent flags. Cluster-wide settings (identity allocation mode, kvstore,
+//! cluster ID, identity-relevant `labels`) come from the same `cilium-config`
+//! ConfigMap directory as the operator's; flags override them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Clone, Debug)]
+#[command(
+    name = "cilium-node-agent",
+    version,
+    about = "Per-node agent: pod networking, identities, CiliumEndpoints and an eBPF policy datapath"
+)]
+pub struct Flags {
+    /// Name of this node (its Node and CiliumNode).
+    #[arg(long, env = "CILIUM_NODE_NAME")]
+    pub node_name: String,
+    /// Kubeconfig (default: $KUBECONFIG, ~/.kube/config or in-cluster).
+    #[arg(long = "k8s-kubeconfig-path", env = "CILIUM_K8S_KUBECONFIG_PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Directory of the mounted cilium-config ConfigMap.
+    #[arg(long, env = "CILIUM_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// This node's address on the fabric, with prefix (e.g. 192.168.200.11/24).
+    #[arg(long, env = "CILIUM_NODE_IP")]
+    pub node_ip: String,
+    /// Prefix of every network namespace this agent creates.
+    #[arg(long, default_value = "cilium-rs")]
+    pub netns_prefix: String,
+    /// Where pinned maps and links live (a bpffs directory); default
+    /// /sys/fs/bpf/<netns-prefix>/<node-name>.
+    #[arg(long)]
+    pub bpf_root: Option<PathBuf>,
+    /// Persisted endpoint state; default /var/run/cilium/<netns-prefix>/<node-name>.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Metrics and health address (/metrics, /healthz).
+    #[arg(long, default_value = ":9962")]
+    pub prometheus_serve_addr: String,
+    /// Identity allocation mode (overrides cilium-config).
+    #[arg(long)]
+    pub identity_allocation_mode: Option<String>,
+    /// etcd address for kvstore modes (overrides kvstore-opt), e.g. http://127.0.0.1:2379.
+    #[arg(long)]
+    pub kvstore_endpoint: Option<String>,
+}
+
+/// The settings the agent uses.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub flags: Flags,
+    pub mode: String,
+    pub kvstore: Option<String>,
+    pub cluster_id: u32,
+    pub max_connected_clusters: u32,
+    /// Identity-relevant label patterns (`labels` option), empty: defaults.
+    pub label_patterns: Vec<String>,
+}
+
+impl Settings {
+    pub fn from(flags: Flags) -> anyhow::Result<Settings> {
+        let mut cm: BTreeMap<String, String> = BTreeMap::new();
+        if let Some(dir) = &flags.config_dir {
+            for key in
+                ["identity-allocation-mode", "kvstore", "kvstore-opt", "cluster-id", "max-connected-clusters", "labels"]
+            {
+                if let Ok(v) = std::fs::read_to_string(dir.join(key)) {
+                    cm.insert(key.to_string(), v.trim().to_string());
+                }
+            }
+        }
+        let mode = flags
+            .identity_allocation_mode
+            .clone()
+            .or_else(|| cm.get("identity-allocation-mode").cloned())
+            .unwrap_or_else(|| "crd".into());
+        if !["crd", "kvstore", "doublewrite-readkvstore", "doublewrite-readcrd"].contains(&mode.as_str()) {
+            anyhow::bail!(
+                "invalid identity-allocation-mode {mode:?}: must be crd, kvstore, doublewrite-readkvstore or doublewrite-readcrd"
+            );
+        }
+        let kvstore = flags.kvstore_endpoint.clone().or_else(|| {
+            cm.get("kvstore-opt")?.split([',', ' ']).find_map(|o| o.strip_prefix("etcd.address=").map(str::to_string))
+        });
+        if mode != "crd" && kvstore.is_none() {
+            anyhow::bail!(
+                "identity-allocation-mode {mode} needs an etcd address (kvstore-opt etcd.address=... or --kvstore-endpoint)"
+            );
+        }
+        let num = |k: &str, d: u32| -> anyhow::Result<u32> {
+            cm.get(k)
+                .map(|v| v.parse().map_err(|_| anyhow::anyhow!("invalid {k} {v:?} in cilium-config")))
+                .unwrap_or(Ok(d))
+        };
+        let label_patterns =
+            cm.get("labels").map(|l| l.split_whitespace().map(str::to_string).collect()).unwrap_or_default();
+        Ok(Settings {
+            mode,
+            kvstore,
+            cluster_id: num("cluster-id", 0)?,
+            max_connected_clusters: num("max-connected-clusters", 255)?,
+            label_patterns,
+            flags,
+        })
+    }
+
+    pub fn node_ns(&self) -> String {
+        format!("{}-{}", self.flags.netns_prefix, self.flags.node_name)
+    }
+
+    pub fn fabric_ns(&self) -> String {
+        format!("{}-fabric", self.flags.netns_prefix)
+    }
+
+    pub fn pod_ns(&self, namespace: &str, name: &str) -> String {
+        format!("{}-{}-{namespace}-{name}", self.flags.netns_prefix, self.flags.node_name)
+    }
+
+    pub fn bpf_root(&self) -> PathBuf {
+        self.flags
+            .bpf_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf").join(&self.flags.netns_prefix).join(&self.flags.node_name))
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.flags.state_dir.clone().unwrap_or_else(|| {
+            PathBuf::from("/var/run/cilium").join(&self.flags.netns_prefix).join(&self.flags.node_name)
+        })
+    }
+}

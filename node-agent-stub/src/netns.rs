@@ -1,0 +1,130 @@
+//! The simulated topology, made with iproute2 only inside namespaces we
+//! create: one fabric namespace with a bridge, one namespace per node (its
+//! `eth0` on the fabric, routes to the other nodes' pod CIDRs), one per pod
+//! (`eth0` with the pod IP/32 and a default route via 169.254.1.1, which the
+//! node answers on the pod's veth). No address is ever put in the root
+//! namespace.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// The link-local gateway every pod routes through.
+pub const GATEWAY: &str = "169.254.1.1";
+
+pub fn path(name: &str) -> PathBuf {
+    PathBuf::from("/var/run/netns").join(name)
+}
+
+pub fn exists(name: &str) -> bool {
+    path(name).exists()
+}
+
+/// Runs `ip ARGS`; "File exists" is success when `idempotent`.
+fn ip(args: &[&str], idempotent: bool) -> anyhow::Result<String> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || (idempotent && err.contains("File exists")) {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    bail!("ip {}: {}", args.join(" "), err.trim())
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    let file = format!("/proc/sys/{}", key.replace('.', "/"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", &format!("echo {value} > {file}")])
+        .output()
+        .context("running ip netns exec")?;
+    if !out.status.success() {
+        bail!("sysctl {key}={value} in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+pub fn add(name: &str) -> anyhow::Result<()> {
+    if !exists(name) {
+        ip(&["netns", "add", name], true)?;
+    }
+    ip(&["-n", name, "link", "set", "lo", "up"], false)?;
+    Ok(())
+}
+
+pub fn delete(name: &str) -> anyhow::Result<()> {
+    if exists(name) {
+        ip(&["netns", "del", name], false)?;
+    }
+    Ok(())
+}
+
+/// Short, stable interface names (at most 15 bytes).
+pub fn ifname(prefix: &str, seed: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in seed.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{prefix}{:08x}", h as u32)
+}
+
+/// The fabric namespace and its bridge.
+pub fn ensure_fabric(fabric: &str) -> anyhow::Result<()> {
+    add(fabric)?;
+    ip(&["-n", fabric, "link", "add", "br0", "type", "bridge"], true)?;
+    ip(&["-n", fabric, "link", "set", "br0", "up"], false)?;
+    Ok(())
+}
+
+/// The node namespace, wired to the fabric with `node_ip` (CIDR notation).
+pub fn ensure_node(node_ns: &str, fabric: &str, node_ip: &str) -> anyhow::Result<()> {
+    ensure_fabric(fabric)?;
+    add(node_ns)?;
+    let has_eth0 = ip(&["-n", node_ns, "link", "show", "dev", "eth0"], false).is_ok();
+    if !has_eth0 {
+        let fab_side = ifname("n", node_ns);
+        ip(&["-n", fabric, "link", "add", &fab_side, "type", "veth", "peer", "name", "eth0", "netns", node_ns], false)?;
+        ip(&["-n", fabric, "link", "set", &fab_side, "master", "br0", "up"], false)?;
+    }
+    ip(&["-n", node_ns, "addr", "add", node_ip, "dev", "eth0"], true)?;
+    ip(&["-n", node_ns, "link", "set", "eth0", "up"], false)?;
+    sysctl(node_ns, "net.ipv4.ip_forward", "1")?;
+    Ok(())
+}
+
+/// Routes a remote node's pod CIDR through its node IP.
+pub fn route_via(node_ns: &str, cidr: &str, via: Ipv4Addr) -> anyhow::Result<()> {
+    ip(&["-n", node_ns, "route", "replace", cidr, "via", &via.to_string(), "dev", "eth0"], false)?;
+    Ok(())
+}
+
+pub fn delete_route(node_ns: &str, cidr: &str) {
+    let _ = ip(&["-n", node_ns, "route", "del", cidr], false);
+}
+
+/// A pod namespace behind `lxc` in the node namespace, with `pod_ip`.
+/// Existing pieces (an agent restart) are kept.
+pub fn ensure_pod(node_ns: &str, pod_ns: &str, lxc: &str, pod_ip: Ipv4Addr) -> anyhow::Result<()> {
+    add(pod_ns)?;
+    let ip_text = pod_ip.to_string();
+    let host_route = format!("{ip_text}/32");
+    if ip(&["-n", node_ns, "link", "show", "dev", lxc], false).is_err() {
+        ip(&["-n", node_ns, "link", "add", lxc, "type", "veth", "peer", "name", "eth0", "netns", pod_ns], false)?;
+    }
+    ip(&["-n", node_ns, "link", "set", lxc, "up"], false)?;
+    ip(&["-n", node_ns, "addr", "add", &format!("{GATEWAY}/32"), "dev", lxc], true)?;
+    ip(&["-n", node_ns, "route", "replace", &host_route, "dev", lxc], false)?;
+    ip(&["-n", pod_ns, "addr", "add", &host_route, "dev", "eth0"], true)?;
+    ip(&["-n", pod_ns, "link", "set", "eth0", "up"], false)?;
+    ip(&["-n", pod_ns, "route", "replace", GATEWAY, "dev", "eth0", "scope", "link"], false)?;
+    ip(&["-n", pod_ns, "route", "replace", "default", "via", GATEWAY, "dev", "eth0"], false)?;
+    Ok(())
+}
+
+/// The ifindex of `dev` in namespace `ns`.
+pub fn ifindex(ns: &str, dev: &str) -> anyhow::Result<u32> {
+    let out = ip(&["-n", ns, "-j", "link", "show", "dev", dev], false)?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("parsing ip -j output")?;
+    v.get(0).and_then(|l| l["ifindex"].as_u64()).map(|i| i as u32).context("no ifindex in ip -j output")
+}
