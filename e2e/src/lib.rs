@@ -3,12 +3,13 @@
 //! the external tools ([`tools`]).
 
 pub mod cluster;
+pub mod netns;
 pub mod process;
 pub mod prometheus;
 pub mod tools;
 
 pub use cluster::{ControlPlane, Etcd, Options};
-pub use process::{Operator, Process};
+pub use process::{Agent, Operator, Process};
 
 /// Runs a future to completion on a fresh multi-threaded runtime (test
 /// bodies are synchronous; each gets its own runtime and clients).

@@ -161,3 +161,88 @@ impl Operator {
         anyhow::bail!("{} not healthy after {timeout:?}:\n{}", self.proc.name, self.proc.log_text())
     }
 }
+
+/// A running cilium-node-agent, playing one node of the simulated topology
+/// (network namespaces `<prefix>-<node>`, `<prefix>-fabric`, and one per pod).
+pub struct Agent {
+    pub proc: Process,
+    pub node: String,
+    pub metrics_addr: String,
+    args: Vec<String>,
+    dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent of `node` at `node_ip` (CIDR notation) with every
+    /// namespace, pin and state under `prefix`.
+    pub fn start(
+        cp: &ControlPlane,
+        node: &str,
+        node_ip: &str,
+        prefix: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Agent> {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            format!("--node-name={node}"),
+            format!("--node-ip={node_ip}"),
+            format!("--netns-prefix={prefix}"),
+            format!("--k8s-kubeconfig-path={}", cp.kubeconfig.display()),
+            format!("--prometheus-serve-addr={metrics_addr}"),
+            format!("--state-dir={}", cp.dir().join(format!("agent-{node}")).display()),
+        ];
+        args.extend_from_slice(extra);
+        let mut a = Agent {
+            proc: Process::spawn(&format!("agent-{node}"), cp.dir(), &mut Command::new("true"))?,
+            node: node.to_string(),
+            metrics_addr,
+            args,
+            dir: cp.dir().to_path_buf(),
+        };
+        a.respawn()?;
+        Ok(a)
+    }
+
+    /// Starts the agent process again with the same arguments (after a kill).
+    pub fn respawn(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(tools::workspace_bin("cilium-node-agent")?);
+        cmd.args(&self.args).env("CILIUM_LOG_FILTER", "info");
+        // Append to the same log.
+        let name = format!("agent-{}", self.node);
+        let log = self.dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
+        // SAFETY: prctl only asks the kernel to kill the child with its parent thread.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        self.proc.child = child;
+        self.proc.log = log;
+        Ok(())
+    }
+
+    /// Waits until /healthz answers 200 (caches synced, enforcing).
+    pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(s) = self.proc.try_exit() {
+                anyhow::bail!("{} exited ({s}):\n{}", self.proc.name, self.proc.log_text());
+            }
+            if http_get_plain(&self.metrics_addr, "/healthz").is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::bail!("{} not ready after {timeout:?}:\n{}", self.proc.name, self.proc.log_text())
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        http_get_plain(&self.metrics_addr, "/metrics")
+    }
+}

@@ -11,6 +11,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 mod chart;
 mod cli;
+mod datapath;
 mod endpoint_gc;
 mod identity;
 mod ipam;
@@ -47,6 +48,8 @@ fn main() {
         ("cli::doctor_and_commands_on_seeded_faults", cli::doctor_and_commands_on_seeded_faults),
         ("chart::helm_install_upgrade_uninstall", chart::helm_install_upgrade_uninstall),
         ("chart::rbac_least_privilege", chart::rbac_least_privilege),
+        ("datapath::star_wars_policy_with_real_packets", datapath::star_wars_policy_with_real_packets),
+        ("datapath::egress_deny_cidr_entities_expressions", datapath::egress_deny_cidr_entities_expressions),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -26,7 +26,7 @@ pub fn exists(name: &str) -> bool {
 fn ip(args: &[&str], idempotent: bool) -> anyhow::Result<String> {
     let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
     let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() || (idempotent && err.contains("File exists")) {
+    if out.status.success() || (idempotent && (err.contains("File exists") || err.contains("already assigned"))) {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     bail!("ip {}: {}", args.join(" "), err.trim())

@@ -1,0 +1,333 @@
+//! The node agent and its eBPF datapath with real packets: two simulated
+//! nodes (network namespaces joined by a fabric namespace), pods behind
+//! them, CiliumNetworkPolicies applied with kubectl, TCP connections between
+//! the pods' namespaces allowed or dropped by our programs in the kernel.
+//! Needs root (namespaces, BPF), like the agent.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use cilium_crds::CiliumEndpoint;
+use e2e::netns::{Cleanup, can_connect, external_host, serve};
+use e2e::{Agent, ControlPlane, Operator, Options, block_on, eventually};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_millis(700);
+
+pub struct Cluster {
+    pub cp: ControlPlane,
+    pub prefix: String,
+    pub operator: Operator,
+    pub agents: BTreeMap<String, Agent>,
+    pub node_ips: BTreeMap<String, Ipv4Addr>,
+    _cleanup: Cleanup,
+}
+
+/// A control plane, the operator, and one agent per node.
+pub fn cluster(tag: &str, nodes: &[&str]) -> anyhow::Result<Cluster> {
+    let cp = ControlPlane::start(Options::default())?;
+    let prefix = format!("{tag}{}", std::process::id() % 10000);
+    let cleanup = Cleanup(prefix.clone());
+    let mut operator = Operator::start(
+        &cp,
+        &format!("operator-{tag}"),
+        "kube-system",
+        &["--cluster-pool-ipv4-cidr=10.200.0.0/16".into()],
+    )?;
+    operator.wait_healthy(Duration::from_secs(60))?;
+    block_on(async {
+        let client = cp.client().await?;
+        for n in nodes {
+            let node: Node = serde_json::from_value(json!({ "metadata": { "name": n } }))?;
+            Api::<Node>::all(client.clone()).create(&PostParams::default(), &node).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    let mut agents = BTreeMap::new();
+    let mut node_ips = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let ip = Ipv4Addr::new(192, 168, 210, 11 + i as u8);
+        node_ips.insert(n.to_string(), ip);
+        agents.insert(n.to_string(), Agent::start(&cp, n, &format!("{ip}/24"), &prefix, &[])?);
+    }
+    for a in agents.values_mut() {
+        a.wait_ready(Duration::from_secs(60))?;
+    }
+    Ok(Cluster { cp, prefix, operator, agents, node_ips, _cleanup: cleanup })
+}
+
+impl Cluster {
+    pub fn pod_ns(&self, node: &str, ns: &str, pod: &str) -> String {
+        format!("{}-{node}-{ns}-{pod}", self.prefix)
+    }
+
+    /// Creates a pod bound to `node` and waits for its ready endpoint; its IP.
+    pub async fn pod(&self, node: &str, name: &str, labels: serde_json::Value) -> anyhow::Result<Ipv4Addr> {
+        let client = self.cp.client().await?;
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": "default", "labels": labels },
+            "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "docker.io/cilium/starwars" }] }
+        }))?;
+        Api::<Pod>::namespaced(client.clone(), "default").create(&PostParams::default(), &pod).await?;
+        let ceps: Api<CiliumEndpoint> = Api::namespaced(client, "default");
+        eventually(&format!("endpoint of {name}"), Duration::from_secs(30), || async {
+            let Some(c) = ceps.get_opt(name).await? else { return Ok(None) };
+            let s = c.status.unwrap_or_default();
+            let ready = s.state.is_some() && s.identity.as_ref().and_then(|i| i.id).is_some();
+            let ip = s.networking.and_then(|n| n.addressing.first()?.ipv4.clone()).and_then(|i| i.parse().ok());
+            Ok(ip.filter(|_| ready))
+        })
+        .await
+        .map_err(|e| e.context(self.agent_logs()))
+    }
+
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<()> {
+        let mut cmd = self.cp.kubectl()?;
+        cmd.args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child.stdin.take().context("stdin")?.write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+
+    pub fn agent_logs(&self) -> String {
+        self.agents.values().map(|a| format!("--- {}:\n{}", a.proc.name, tail(&a.proc.log_text(), 30))).collect()
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Polls until `from -> ip:port` connects (`want` true) or not.
+pub fn expect_conn(
+    c: &Cluster,
+    what: &str,
+    from: &str,
+    ip: Ipv4Addr,
+    port: u16,
+    want: bool,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let got = can_connect(from, ip, port, WAIT)?;
+        if got == want {
+            return Ok(t0.elapsed());
+        }
+        ensure!(
+            t0.elapsed() < timeout,
+            "{what}: connection {} after {timeout:?}\n{}",
+            if want { "still dropped" } else { "still allowed" },
+            c.agent_logs()
+        );
+    }
+}
+
+const RULE1: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: rule1
+  namespace: default
+spec:
+  description: "L3-L4 policy to restrict deathstar access to empire ships only"
+  endpointSelector:
+    matchLabels:
+      org: empire
+      class: deathstar
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        org: empire
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+"#;
+
+/// The Star Wars demo: tiefighter -> deathstar:80 allowed, xwing dropped;
+/// removing the policy restores traffic; an agent restart (kill -9 and
+/// start again) keeps enforcing throughout.
+pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let mut c = cluster("sw", &["node-a", "node-b"])?;
+    let result = (|| -> anyhow::Result<()> {
+        let deathstar = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
+        block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
+        block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
+        let _srv = serve(&c.pod_ns("node-a", "default", "deathstar"), 80)?;
+        let tie = c.pod_ns("node-b", "default", "tiefighter");
+        let xwing = c.pod_ns("node-b", "default", "xwing");
+        let long = Duration::from_secs(20);
+        expect_conn(&c, "tiefighter before any policy", &tie, deathstar, 80, true, long)?;
+        expect_conn(&c, "xwing before any policy", &xwing, deathstar, 80, true, long)?;
+
+        c.kubectl(&["apply", "-f", "-"], Some(RULE1))?;
+        expect_conn(&c, "xwing under rule1", &xwing, deathstar, 80, false, long)?;
+        expect_conn(&c, "tiefighter under rule1", &tie, deathstar, 80, true, long)?;
+        let m = c.agents["node-a"].metrics()?;
+        ensure!(
+            m.lines().any(|l| l.starts_with(
+                "cilium_drop_count_total{endpoint=\"default/deathstar\",direction=\"INGRESS\",reason=\"not-allowed\"}"
+            )),
+            "no drop counter:\n{m}"
+        );
+        let cep: CiliumEndpoint = block_on(async {
+            Ok::<_, anyhow::Error>(
+                Api::<CiliumEndpoint>::namespaced(c.cp.client().await?, "default").get("deathstar").await?,
+            )
+        })?;
+        let pol = cep.status.and_then(|s| s.policy).context("no policy status")?;
+        ensure!(
+            pol.ingress.is_some_and(|i| i.enforcing) && pol.egress.is_some_and(|e| !e.enforcing),
+            "CEP policy status"
+        );
+
+        c.kubectl(&["delete", "ciliumnetworkpolicy", "rule1", "-n", "default"], None)?;
+        expect_conn(&c, "xwing after the policy is removed", &xwing, deathstar, 80, true, long)?;
+
+        // Restart: kill -9 the agent of the deathstar's node; enforcement
+        // continues while it is down and after it is back.
+        c.kubectl(&["apply", "-f", "-"], Some(RULE1))?;
+        expect_conn(&c, "xwing under rule1 again", &xwing, deathstar, 80, false, long)?;
+        let a = c.agents.get_mut("node-a").context("agent")?;
+        a.proc.signal(libc::SIGKILL);
+        a.proc.wait_exit(Duration::from_secs(5)).context("agent did not die")?;
+        for _ in 0..3 {
+            ensure!(!can_connect(&xwing, deathstar, 80, WAIT)?, "xwing got through while the agent was down");
+            ensure!(
+                can_connect(&tie, deathstar, 80, Duration::from_secs(2))?,
+                "tiefighter dropped while the agent was down"
+            );
+        }
+        let a = c.agents.get_mut("node-a").context("agent")?;
+        a.respawn()?;
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(4) {
+            ensure!(
+                !can_connect(&xwing, deathstar, 80, Duration::from_millis(300))?,
+                "xwing got through during the agent restart"
+            );
+        }
+        c.agents.get_mut("node-a").context("agent")?.wait_ready(Duration::from_secs(30))?;
+        ensure!(!can_connect(&xwing, deathstar, 80, WAIT)?, "xwing got through after the restart");
+        ensure!(can_connect(&tie, deathstar, 80, Duration::from_secs(2))?, "tiefighter dropped after the restart");
+        // Same address after the restart.
+        let again = block_on(c.pod_ip("deathstar"))?;
+        ensure!(again == deathstar, "deathstar moved from {deathstar} to {again}");
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(5)))
+}
+
+impl Cluster {
+    pub async fn pod_ip(&self, name: &str) -> anyhow::Result<Ipv4Addr> {
+        let p = Api::<Pod>::namespaced(self.cp.client().await?, "default").get(name).await?;
+        Ok(p.status.and_then(|s| s.pod_ip).context("no podIP")?.parse()?)
+    }
+}
+
+fn policy(kind: &str, name: &str, spec: &str) -> String {
+    let ns = if kind == "CiliumNetworkPolicy" { "\n  namespace: default" } else { "" };
+    format!("apiVersion: cilium.io/v2\nkind: {kind}\nmetadata:\n  name: {name}{ns}\nspec:\n{spec}")
+}
+
+/// Egress, deny, CIDR, entities and matchExpressions, each applied with
+/// kubectl and checked with real connections; an L7 rule is enforced at L4
+/// and reported as not enforced at L7 in the CEP status and an Event.
+pub fn egress_deny_cidr_entities_expressions(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let c = cluster("dp", &["node-a", "node-b"])?;
+    let result = (|| -> anyhow::Result<()> {
+        let ds = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
+        block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
+        block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
+        let ds_ns = c.pod_ns("node-a", "default", "deathstar");
+        let (_s80, _s8080) = (serve(&ds_ns, 80)?, serve(&ds_ns, 8080)?);
+        let tie = c.pod_ns("node-b", "default", "tiefighter");
+        let xwing = c.pod_ns("node-b", "default", "xwing");
+        let via = c.node_ips["node-a"];
+        let route = vec![(format!("{ds}/32"), via)];
+        let ext1 = external_host(&c.prefix, "ext1", "192.168.210.100/24", &route)?;
+        let ext2 = external_host(&c.prefix, "ext2", "192.168.210.101/24", &route)?;
+        let t = Duration::from_secs(20);
+        expect_conn(&c, "ext1 before any policy", &ext1, ds, 80, true, t)?;
+
+        // Egress: the xwing may only reach the deathstar on 80.
+        let spec = "  endpointSelector:\n    matchLabels:\n      class: xwing\n  egress:\n  - toEndpoints:\n    - matchLabels:\n        class: deathstar\n    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "xwing-egress", spec)))?;
+        expect_conn(&c, "egress: xwing -> deathstar:8080", &xwing, ds, 8080, false, t)?;
+        expect_conn(&c, "egress: xwing -> deathstar:80", &xwing, ds, 80, true, t)?;
+        expect_conn(&c, "egress: tiefighter -> deathstar:8080 (not selected)", &tie, ds, 8080, true, t)?;
+        c.kubectl(&["delete", "cnp", "xwing-egress", "-n", "default"], None)?;
+        expect_conn(&c, "egress policy removed", &xwing, ds, 8080, true, t)?;
+
+        // Deny wins: allow all, deny tiefighters (clusterwide policy).
+        let spec = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEntities:\n    - all\n  ingressDeny:\n  - fromEndpoints:\n    - matchLabels:\n        class: tiefighter\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumClusterwideNetworkPolicy", "deny-tie", spec)))?;
+        expect_conn(&c, "deny: tiefighter", &tie, ds, 80, false, t)?;
+        expect_conn(&c, "deny: xwing (allowed by all)", &xwing, ds, 80, true, t)?;
+        expect_conn(&c, "deny: ext1 (allowed by all)", &ext1, ds, 80, true, t)?;
+        c.kubectl(&["delete", "ccnp", "deny-tie"], None)?;
+        expect_conn(&c, "deny policy removed", &tie, ds, 80, true, t)?;
+
+        // CIDR and the cluster entity.
+        let spec = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromCIDR:\n    - 192.168.210.100/32\n  - fromEntities:\n    - cluster\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "cidr", spec)))?;
+        expect_conn(&c, "cidr: ext2 outside the CIDR", &ext2, ds, 80, false, t)?;
+        expect_conn(&c, "cidr: ext1 inside the CIDR", &ext1, ds, 80, true, t)?;
+        expect_conn(&c, "cidr: tiefighter (cluster entity)", &tie, ds, 80, true, t)?;
+        // The world entity instead: outside in, cluster out.
+        let spec = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEntities:\n    - world\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "cidr", spec)))?;
+        expect_conn(&c, "world: tiefighter", &tie, ds, 80, false, t)?;
+        expect_conn(&c, "world: ext2", &ext2, ds, 80, true, t)?;
+        expect_conn(&c, "world: ext1", &ext1, ds, 80, true, t)?;
+        c.kubectl(&["delete", "cnp", "cidr", "-n", "default"], None)?;
+
+        // matchExpressions on both sides.
+        let spec = "  endpointSelector:\n    matchExpressions:\n    - key: class\n      operator: In\n      values: [deathstar]\n  ingress:\n  - fromEndpoints:\n    - matchExpressions:\n      - key: org\n        operator: NotIn\n        values: [alliance]\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "expr", spec)))?;
+        expect_conn(&c, "expressions: xwing", &xwing, ds, 80, false, t)?;
+        expect_conn(&c, "expressions: tiefighter", &tie, ds, 8080, true, t)?;
+        c.kubectl(&["delete", "cnp", "expr", "-n", "default"], None)?;
+
+        // L7: enforced at L4, reported as not enforced at L7.
+        let spec = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        org: empire\n    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n      rules:\n        http:\n        - method: POST\n          path: /v1/request-landing\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "rule-l7", spec)))?;
+        expect_conn(&c, "l7: xwing", &xwing, ds, 80, false, t)?;
+        expect_conn(&c, "l7: tiefighter on 80", &tie, ds, 80, true, t)?;
+        block_on(async {
+            let client = c.cp.client().await?;
+            let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), "default");
+            eventually("the L7 note in the CEP status", Duration::from_secs(10), || async {
+                let cep = ceps.get("deathstar").await?;
+                let log = serde_json::to_string(&cep.status.and_then(|s| s.log))?;
+                Ok(log.contains("L7 rules on port 80 are not enforced").then_some(()))
+            })
+            .await?;
+            let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, "default");
+            eventually("a PolicyNotEnforced Event", Duration::from_secs(10), || async {
+                let list = events.list(&Default::default()).await?;
+                Ok(list.items.into_iter().find(|e| e.reason.as_deref() == Some("PolicyNotEnforced")))
+            })
+            .await?;
+            anyhow::Ok(())
+        })?;
+        let _ = &c.operator;
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(5)))
+}
