@@ -20,4 +20,5 @@ pub mod leader;
 pub mod lean;
 pub mod metrics;
 pub mod nodes_gc;
+pub mod policy_status;
 pub mod run;

@@ -196,6 +196,32 @@ pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Res
             "CEP policy status"
         );
 
+        // The operator marks the policy Valid; a policy the schema accepts
+        // but that cannot work is marked invalid with the reason.
+        let bad = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: bad-except\n  namespace: default\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDRSet:\n    - cidr: 10.0.0.0/8\n      except:\n      - 192.168.0.0/16\n";
+        c.kubectl(&["apply", "-f", "-"], Some(bad))?;
+        block_on(async {
+            let cnps: Api<cilium_crds::policy::CiliumNetworkPolicy> = Api::namespaced(c.cp.client().await?, "default");
+            for (name, status, msg) in
+                [("rule1", "True", "Policy validation succeeded"), ("bad-except", "False", "is not inside")]
+            {
+                eventually(&format!("Valid={status} on {name}"), Duration::from_secs(15), || async {
+                    let p = cnps.get(name).await?;
+                    let cond = p
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .find(|c| c.type_ == "Valid");
+                    Ok(cond
+                        .filter(|c| c.status == status && c.message.as_deref().is_some_and(|m| m.contains(msg)))
+                        .map(|_| ()))
+                })
+                .await?;
+            }
+            anyhow::Ok(())
+        })?;
+        c.kubectl(&["delete", "ciliumnetworkpolicy", "bad-except", "-n", "default"], None)?;
         c.kubectl(&["delete", "ciliumnetworkpolicy", "rule1", "-n", "default"], None)?;
         expect_conn(&c, "xwing after the policy is removed", &xwing, deathstar, 80, true, long)?;
 
