@@ -286,7 +286,8 @@ impl Agent {
                 labels.iter().filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
             });
         }
-        let views: Vec<IdentityView> = identities.into_iter().map(|(id, labels)| IdentityView { id, labels }).collect();
+        let views: Vec<IdentityView> =
+            identities.into_iter().map(|(id, labels)| IdentityView::new(id, labels)).collect();
         let cnps = st.cnps.state();
         let ccnps = st.ccnps.state();
         let mut sources: Vec<PolicySource> = Vec::new();

@@ -312,6 +312,16 @@ impl Datapath {
         Ok(())
     }
 
+    /// The counters read straight from the pinned map under `pin_dir` (for
+    /// the metrics endpoint, without the loader).
+    pub fn pinned_metrics(pin_dir: &Path) -> Result<Vec<(MetricsKey, MetricsValue)>, DatapathError> {
+        let e = |source| DatapathError::Map { name: "cilium_metrics", source };
+        let data = MapData::from_pin(pin_dir.join("cilium_metrics")).map_err(e)?;
+        let map: BpfHashMap<MapData, MetricsKey, MetricsValue> =
+            BpfHashMap::try_from(aya::maps::Map::HashMap(data)).map_err(e)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
     /// Every counter: (endpoint, direction, reason) -> packets, bytes.
     pub fn metrics(&mut self) -> Result<Vec<(MetricsKey, MetricsValue)>, DatapathError> {
         let map: BpfHashMap<&mut MapData, MetricsKey, MetricsValue> = BpfHashMap::try_from(self.map("cilium_metrics"))

@@ -57,19 +57,21 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let addr = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr };
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     let snap = snapshot.clone();
-    let app = axum::Router::new().route("/metrics", axum::routing::get(move || metrics(snap.clone()))).route(
-        "/healthz",
-        axum::routing::get({
-            let snap = snapshot.clone();
-            move || async move {
-                if snap.lock().expect("snapshot").ready {
-                    (axum::http::StatusCode::OK, "ok")
-                } else {
-                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
+    let pins = s.bpf_root();
+    let app =
+        axum::Router::new().route("/metrics", axum::routing::get(move || metrics(snap.clone(), pins.clone()))).route(
+            "/healthz",
+            axum::routing::get({
+                let snap = snapshot.clone();
+                move || async move {
+                    if snap.lock().expect("snapshot").ready {
+                        (axum::http::StatusCode::OK, "ok")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
+                    }
                 }
-            }
-        }),
-    );
+            }),
+        );
     let server_stop = stop.clone();
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await }).await;
@@ -82,8 +84,13 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     agent.run(stop).await
 }
 
-async fn metrics(snap: Arc<Mutex<Snapshot>>) -> String {
-    let s = snap.lock().expect("snapshot");
+async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String {
+    // Counters straight from the pinned map: always current.
+    let fresh = node_agent_stub::datapath::Datapath::pinned_metrics(&pins).ok();
+    let mut s = snap.lock().expect("snapshot");
+    if let Some(c) = fresh {
+        s.counters = c;
+    }
     let mut out = String::new();
     out.push_str("# HELP cilium_forward_count_total Packets forwarded by the policy datapath\n# TYPE cilium_forward_count_total counter\n");
     let mut drops = String::from(

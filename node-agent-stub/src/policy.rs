@@ -30,6 +30,16 @@ pub struct IdentityView {
     pub id: u32,
     /// Security labels, `"source:key" -> value`.
     pub labels: BTreeMap<String, String>,
+    /// The same under every name a selector may use ([`selector_labels`]),
+    /// computed once.
+    pub expanded: BTreeMap<String, String>,
+}
+
+impl IdentityView {
+    pub fn new(id: u32, labels: BTreeMap<String, String>) -> IdentityView {
+        let expanded = selector_labels(&labels);
+        IdentityView { id, labels, expanded }
+    }
 }
 
 /// A policy with its rules; `namespace` None for a clusterwide policy.
@@ -109,8 +119,8 @@ fn select(sel: &EndpointSelector, policy_ns: Option<&str>, identities: &[Identit
     identities
         .iter()
         .filter(|i| {
-            let l = selector_labels(&i.labels);
-            implicit_ns.is_none_or(|ns| l.get(NAMESPACE_KEY).map(String::as_str) == Some(ns)) && sel.matches(&l)
+            let l = &i.expanded;
+            implicit_ns.is_none_or(|ns| l.get(NAMESPACE_KEY).map(String::as_str) == Some(ns)) && sel.matches(l)
         })
         .map(|i| i.id)
         .collect()
@@ -396,10 +406,10 @@ mod tests {
 
     fn world() -> Vec<IdentityView> {
         vec![
-            IdentityView { id: 1001, labels: labels("default", &[("org", "empire"), ("class", "deathstar")]) },
-            IdentityView { id: 1002, labels: labels("default", &[("org", "empire"), ("class", "tiefighter")]) },
-            IdentityView { id: 1003, labels: labels("default", &[("org", "alliance"), ("class", "xwing")]) },
-            IdentityView { id: 1004, labels: labels("other", &[("org", "empire"), ("class", "tiefighter")]) },
+            IdentityView::new(1001, labels("default", &[("org", "empire"), ("class", "deathstar")])),
+            IdentityView::new(1002, labels("default", &[("org", "empire"), ("class", "tiefighter")])),
+            IdentityView::new(1003, labels("default", &[("org", "alliance"), ("class", "xwing")])),
+            IdentityView::new(1004, labels("other", &[("org", "empire"), ("class", "tiefighter")])),
         ]
     }
 
