@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+/// Whether network namespace `name` exists.
+pub fn exists(name: &str) -> bool {
+    std::path::Path::new("/var/run/netns").join(name).exists()
+}
+
 /// Runs `f` on a new thread inside network namespace `name`.
 pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
     let file = std::fs::File::open(format!("/var/run/netns/{name}")).with_context(|| format!("netns {name}"))?;

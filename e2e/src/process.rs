@@ -182,12 +182,24 @@ impl Agent {
         prefix: &str,
         extra: &[String],
     ) -> anyhow::Result<Agent> {
+        Agent::start_with(cp, node, node_ip, prefix, &cp.kubeconfig, extra)
+    }
+
+    /// Like [`Agent::start`], authenticated by `kubeconfig`.
+    pub fn start_with(
+        cp: &ControlPlane,
+        node: &str,
+        node_ip: &str,
+        prefix: &str,
+        kubeconfig: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Agent> {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
             format!("--node-name={node}"),
             format!("--node-ip={node_ip}"),
             format!("--netns-prefix={prefix}"),
-            format!("--k8s-kubeconfig-path={}", cp.kubeconfig.display()),
+            format!("--k8s-kubeconfig-path={}", kubeconfig.display()),
             format!("--prometheus-serve-addr={metrics_addr}"),
             format!("--state-dir={}", cp.dir().join(format!("agent-{node}")).display()),
         ];

@@ -223,19 +223,18 @@ impl Agent {
             if let Err(e) = self.reconcile(&stores).await {
                 tracing::warn!(error = format!("{e:#}"), "reconcile failed, retrying");
             }
-            self.refresh_metrics();
+            self.refresh_names();
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
-            // Let a burst of events land before the next pass.
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
-    fn refresh_metrics(&mut self) {
-        let counters = self.dp.metrics().unwrap_or_default();
+    /// Endpoint names for the metrics endpoint (the counters are read from
+    /// the pinned map on each scrape).
+    fn refresh_names(&mut self) {
         let names = self
             .state
             .state
@@ -243,9 +242,7 @@ impl Agent {
             .values()
             .map(|e| (e.endpoint_id, format!("{}/{}", e.namespace, e.name)))
             .collect();
-        let mut s = self.snapshot.lock().expect("snapshot");
-        s.counters = counters;
-        s.endpoint_names = names;
+        self.snapshot.lock().expect("snapshot").endpoint_names = names;
     }
 
     async fn reconcile(&mut self, st: &Stores) -> anyhow::Result<()> {

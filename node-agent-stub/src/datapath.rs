@@ -150,6 +150,11 @@ fn is_bpffs(p: &Path) -> bool {
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// What the maps hold, read once at load (pins may come from a
+    /// previous agent) and kept in step with every write, so a sync diffs
+    /// in memory instead of walking the kernel maps.
+    ipcache_now: BTreeMap<(Ipv4Addr, u8), u32>,
+    policy_now: BTreeMap<u32, BTreeMap<PolicyKey, PolicyValue>>,
 }
 
 impl Datapath {
@@ -169,7 +174,18 @@ impl Datapath {
                 .map_err(|source| DatapathError::Program { name: "classifier", source })?;
             prog.load().map_err(|source| DatapathError::Program { name: "classifier", source })?;
         }
-        Ok(Datapath { ebpf, pin_dir: pin_dir.to_path_buf() })
+        let mut dp = Datapath {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            ipcache_now: BTreeMap::new(),
+            policy_now: BTreeMap::new(),
+        };
+        dp.ipcache_now = dp.ipcache_entries()?;
+        let entries: Vec<(PolicyKey, PolicyValue)> = dp.policy()?.iter().filter_map(Result::ok).collect();
+        for (k, v) in entries {
+            dp.policy_now.entry(k.endpoint_id).or_default().insert(k, v);
+        }
+        Ok(dp)
     }
 
     pub fn program(&self, name: &str) -> &SchedClassifier {
@@ -252,7 +268,10 @@ impl Datapath {
 
     /// Makes the ipcache equal to `want` (inserting before deleting).
     pub fn sync_ipcache(&mut self, want: &BTreeMap<(Ipv4Addr, u8), u32>) -> Result<(), DatapathError> {
-        let have = self.ipcache_entries()?;
+        if &self.ipcache_now == want {
+            return Ok(());
+        }
+        let have = std::mem::take(&mut self.ipcache_now);
         let mut map = self.ipcache()?;
         let e = |source| DatapathError::Map { name: "cilium_ipcache", source };
         for ((ip, len), id) in want {
@@ -265,6 +284,7 @@ impl Datapath {
             let key = LpmKey::new(u32::from(*len), u32::from_ne_bytes(ip.octets()));
             let _ = map.remove(&key);
         }
+        self.ipcache_now = want.clone();
         Ok(())
     }
 
@@ -296,18 +316,26 @@ impl Datapath {
         endpoint_id: u32,
         want: &BTreeMap<PolicyKey, PolicyValue>,
     ) -> Result<(), DatapathError> {
+        let have = self.policy_now.remove(&endpoint_id).unwrap_or_default();
+        if &have == want {
+            if !want.is_empty() {
+                self.policy_now.insert(endpoint_id, have);
+            }
+            return Ok(());
+        }
         let mut map = self.policy()?;
         let e = |source| DatapathError::Map { name: "cilium_policy", source };
-        let have: Vec<(PolicyKey, PolicyValue)> =
-            map.iter().filter_map(Result::ok).filter(|(k, _)| k.endpoint_id == endpoint_id).collect();
-        let have_keys: HashSet<PolicyKey> = have.iter().map(|(k, _)| *k).collect();
         for (k, v) in want {
-            if !have.iter().any(|(hk, hv)| hk == k && hv == v) {
+            if have.get(k) != Some(v) {
                 map.insert(*k, *v, 0).map_err(e)?;
             }
         }
-        for k in have_keys.iter().filter(|k| !want.contains_key(k)) {
+        let stale: HashSet<&PolicyKey> = have.keys().filter(|k| !want.contains_key(*k)).collect();
+        for k in stale {
             let _ = map.remove(k);
+        }
+        if !want.is_empty() {
+            self.policy_now.insert(endpoint_id, want.clone());
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 
 const OPERATOR_SA: &str = "system:serviceaccount:kube-system:cilium-operator";
+const AGENT_SA: &str = "system:serviceaccount:kube-system:cilium";
 
 fn chart() -> PathBuf {
     tools::workspace_root().join("charts/cilium")
@@ -339,6 +340,83 @@ pub fn rbac_least_privilege(_shared: &ControlPlane) -> anyhow::Result<()> {
             refused.iter().map(describe).collect::<Vec<_>>()
         );
         ensure!(op.proc.try_exit().is_none(), "the operator died on a 403:\n{}", op.proc.log_text());
+
+        // The agent as the chart's `cilium` ServiceAccount: node
+        // registration, a pod's endpoint (identity, CiliumEndpoint, Pod
+        // status), a policy, with zero 403s.
+        let token = ok(&cp, "kubectl", &["create", "token", "cilium", "-n", "kube-system", "--duration=2h"])?;
+        let agent_kubeconfig = cp.token_kubeconfig("cilium", token.trim())?;
+        let prefix = format!("rb{}", std::process::id() % 10000);
+        let _cleanup = e2e::netns::Cleanup(prefix.clone());
+        let mut agent = e2e::Agent::start_with(
+            &cp,
+            "n1",
+            "192.168.211.11/24",
+            &prefix,
+            &agent_kubeconfig,
+            &[format!("--config-dir={}", config_dir.display())],
+        )?;
+        agent.wait_ready(Duration::from_secs(60))?;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "rbac");
+        let pod = |name: &str| -> anyhow::Result<k8s_openapi::api::core::v1::Pod> {
+            Ok(serde_json::from_value(json!({
+                "metadata": { "name": name, "namespace": "rbac", "labels": { "app": name } },
+                "spec": { "nodeName": "n1", "containers": [{ "name": "c", "image": "busybox" }] }
+            }))?)
+        };
+        pods.create(&pp, &pod("web")?).await?;
+        let policy: cilium_crds::policy::CiliumNetworkPolicy = serde_json::from_value(json!({
+            "metadata": { "name": "web", "namespace": "rbac" },
+            "spec": { "endpointSelector": { "matchLabels": { "app": "web" } },
+                      "ingress": [{ "fromEndpoints": [{ "matchLabels": { "app": "client" } }] }] }
+        }))?;
+        Api::<cilium_crds::policy::CiliumNetworkPolicy>::namespaced(client.clone(), "rbac")
+            .create(&pp, &policy)
+            .await?;
+        eventually("the web endpoint, enforcing ingress", Duration::from_secs(30), || async {
+            let Some(c) = ceps.get_opt("web").await? else { return Ok(None) };
+            let enforcing = c.status.and_then(|s| s.policy).and_then(|p| p.ingress).is_some_and(|i| i.enforcing);
+            Ok(enforcing.then_some(()))
+        })
+        .await
+        .map_err(|e| e.context(agent.proc.log_text()))?;
+        eventually("the Pod status written by the agent", Duration::from_secs(10), || async {
+            Ok(pods.get("web").await?.status.and_then(|s| s.pod_ip).map(|_| ()))
+        })
+        .await?;
+        let (all, refused) = audit(&cp, AGENT_SA)?;
+        ensure!(all.len() >= 10, "only {} audited requests by {AGENT_SA}", all.len());
+        ensure!(
+            refused.is_empty(),
+            "{} of {} agent requests refused:\n{}",
+            refused.len(),
+            all.len(),
+            refused.iter().map(describe).collect::<Vec<_>>().join("\n")
+        );
+        let verbs: std::collections::BTreeSet<String> =
+            all.iter().map(describe).map(|d| d.rsplit_once(' ').map(|(a, _)| a.to_string()).unwrap_or(d)).collect();
+        eprintln!("rbac: {} requests by {AGENT_SA}, 0 refused; verb/resource pairs used: {verbs:?}", all.len());
+
+        // Without its ciliumendpoints rule the agent cannot publish a new
+        // endpoint: 403, and no CiliumEndpoint appears.
+        let mut role = roles.get("cilium").await?;
+        let rules = role.rules.take().unwrap_or_default();
+        let before = rules.len();
+        let kept: Vec<_> = rules
+            .into_iter()
+            .filter(|r| r.resources.as_deref() != Some(&["ciliumendpoints".to_string()][..]))
+            .collect();
+        ensure!(kept.len() + 1 == before, "the chart has no single ciliumendpoints rule for the agent");
+        role.rules = Some(kept);
+        roles.replace("cilium", &pp, &role).await?;
+        pods.create(&pp, &pod("db")?).await?;
+        eventually("a 403 on ciliumendpoints for the agent", Duration::from_secs(30), || async {
+            let (_, refused) = audit(&cp, AGENT_SA)?;
+            Ok(refused.iter().find(|e| e["objectRef"]["resource"] == "ciliumendpoints").map(|_| ()))
+        })
+        .await?;
+        ensure!(ceps.get_opt("db").await?.is_none(), "a CiliumEndpoint was written without the right to");
+        ensure!(agent.proc.try_exit().is_none(), "the agent died on a 403:\n{}", agent.proc.log_text());
         anyhow::Ok(())
     });
     result.map_err(|e| e.context(cp.log_tails(10)))

@@ -254,12 +254,38 @@ pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Res
         // Same address after the restart.
         let again = block_on(c.pod_ip("deathstar"))?;
         ensure!(again == deathstar, "deathstar moved from {deathstar} to {again}");
+
+        // A label change moves the xwing to a new identity: now an empire
+        // ship, it may land.
+        let old_id = block_on(c.identity_of("xwing"))?;
+        c.kubectl(&["label", "pod", "xwing", "-n", "default", "org=empire", "--overwrite"], None)?;
+        expect_conn(&c, "xwing relabelled org=empire", &xwing, deathstar, 80, true, long)?;
+        let new_id = block_on(c.identity_of("xwing"))?;
+        ensure!(new_id != old_id, "xwing kept identity {old_id} after its labels changed");
+
+        // Deleting a pod tears its endpoint down and releases its address.
+        let tie_ip = block_on(c.pod_ip("tiefighter"))?;
+        c.kubectl(&["delete", "pod", "tiefighter", "-n", "default", "--wait=false"], None)?;
+        block_on(async {
+            let ceps: Api<CiliumEndpoint> = Api::namespaced(c.cp.client().await?, "default");
+            eventually("the tiefighter's endpoint gone", Duration::from_secs(20), || async {
+                Ok((ceps.get_opt("tiefighter").await?.is_none() && !e2e::netns::exists(&tie)).then_some(()))
+            })
+            .await
+        })?;
+        let reused = block_on(c.pod("node-b", "tiefighter-2", json!({ "org": "empire", "class": "tiefighter" })))?;
+        ensure!(reused == tie_ip, "the released address {tie_ip} was not reused (got {reused})");
         Ok(())
     })();
     result.map_err(|e| e.context(c.cp.log_tails(5)))
 }
 
 impl Cluster {
+    pub async fn identity_of(&self, name: &str) -> anyhow::Result<i64> {
+        let c = Api::<CiliumEndpoint>::namespaced(self.cp.client().await?, "default").get(name).await?;
+        c.status.and_then(|s| s.identity).and_then(|i| i.id).context("no identity")
+    }
+
     pub async fn pod_ip(&self, name: &str) -> anyhow::Result<Ipv4Addr> {
         let p = Api::<Pod>::namespaced(self.cp.client().await?, "default").get(name).await?;
         Ok(p.status.and_then(|s| s.pod_ip).context("no podIP")?.parse()?)
