@@ -50,6 +50,7 @@ fn main() {
         ("chart::rbac_least_privilege", chart::rbac_least_privilege),
         ("datapath::star_wars_policy_with_real_packets", datapath::star_wars_policy_with_real_packets),
         ("datapath::egress_deny_cidr_entities_expressions", datapath::egress_deny_cidr_entities_expressions),
+        ("datapath::kvstore_mode_identities", datapath::kvstore_mode_identities),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -30,15 +30,22 @@ pub struct Cluster {
 
 /// A control plane, the operator, and one agent per node.
 pub fn cluster(tag: &str, nodes: &[&str]) -> anyhow::Result<Cluster> {
+    cluster_with(tag, nodes, |_| (Vec::new(), Vec::new()))
+}
+
+/// Like [`cluster`], with extra operator and agent flags made from the
+/// control plane (e.g. its etcd address).
+pub fn cluster_with(
+    tag: &str,
+    nodes: &[&str],
+    flags: impl Fn(&ControlPlane) -> (Vec<String>, Vec<String>),
+) -> anyhow::Result<Cluster> {
     let cp = ControlPlane::start(Options::default())?;
     let prefix = format!("{tag}{}", std::process::id() % 10000);
     let cleanup = Cleanup(prefix.clone());
-    let mut operator = Operator::start(
-        &cp,
-        &format!("operator-{tag}"),
-        "kube-system",
-        &["--cluster-pool-ipv4-cidr=10.200.0.0/16".into()],
-    )?;
+    let (mut op_flags, agent_flags) = flags(&cp);
+    op_flags.push("--cluster-pool-ipv4-cidr=10.200.0.0/16".into());
+    let mut operator = Operator::start(&cp, &format!("operator-{tag}"), "kube-system", &op_flags)?;
     operator.wait_healthy(Duration::from_secs(60))?;
     block_on(async {
         let client = cp.client().await?;
@@ -53,7 +60,7 @@ pub fn cluster(tag: &str, nodes: &[&str]) -> anyhow::Result<Cluster> {
     for (i, n) in nodes.iter().enumerate() {
         let ip = Ipv4Addr::new(192, 168, 210, 11 + i as u8);
         node_ips.insert(n.to_string(), ip);
-        agents.insert(n.to_string(), Agent::start(&cp, n, &format!("{ip}/24"), &prefix, &[])?);
+        agents.insert(n.to_string(), Agent::start(&cp, n, &format!("{ip}/24"), &prefix, &agent_flags)?);
     }
     for a in agents.values_mut() {
         a.wait_ready(Duration::from_secs(60))?;
@@ -379,6 +386,50 @@ pub fn egress_deny_cidr_entities_expressions(_shared: &ControlPlane) -> anyhow::
             anyhow::Ok(())
         })?;
         let _ = &c.operator;
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(5)))
+}
+
+/// kvstore identity mode: the agents allocate in etcd (upstream key
+/// layout, value keys under their node IP); policies work the same.
+pub fn kvstore_mode_identities(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let c = cluster_with("kv", &["node-a", "node-b"], |cp| {
+        let kv = format!("--kvstore-opt=etcd.address={}", cp.etcd_endpoint);
+        (
+            vec!["--identity-allocation-mode=kvstore".into(), "--kvstore=etcd".into(), kv],
+            vec!["--identity-allocation-mode=kvstore".into(), format!("--kvstore-endpoint={}", cp.etcd_endpoint)],
+        )
+    })?;
+    let result = (|| -> anyhow::Result<()> {
+        let ds = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
+        block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
+        block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
+        let _srv = serve(&c.pod_ns("node-a", "default", "deathstar"), 80)?;
+        let (tie, xwing) = (c.pod_ns("node-b", "default", "tiefighter"), c.pod_ns("node-b", "default", "xwing"));
+        let t = Duration::from_secs(20);
+        c.kubectl(&["apply", "-f", "-"], Some(RULE1))?;
+        expect_conn(&c, "kvstore mode: xwing", &xwing, ds, 80, false, t)?;
+        expect_conn(&c, "kvstore mode: tiefighter", &tie, ds, 80, true, t)?;
+        // The deathstar's identity lives in etcd, with node-a's value key.
+        let id = block_on(c.identity_of("deathstar"))?;
+        block_on(async {
+            let mut etcd = etcd_client::Client::connect([c.cp.etcd_endpoint.as_str()], None).await?;
+            let key = cilium_identity_alloc::kvstore::id_key(id as u32);
+            let labels = etcd.get(key.as_str(), None).await?;
+            let labels = labels.kvs().first().context("no id key in etcd")?.value_str()?.to_string();
+            ensure!(labels.contains("k8s:class=deathstar;"), "id/{id} holds {labels}");
+            let value = format!("{}{}", cilium_identity_alloc::kvstore::value_prefix(&labels), c.node_ips["node-a"]);
+            let v = etcd.get(value.as_str(), None).await?;
+            ensure!(
+                v.kvs().first().and_then(|kv| kv.value_str().ok()) == Some(id.to_string().as_str()),
+                "no value key {value}"
+            );
+            // No CiliumIdentity objects in kvstore mode.
+            let ids: Api<cilium_crds::CiliumIdentity> = Api::all(c.cp.client().await?);
+            ensure!(ids.list(&Default::default()).await?.items.is_empty(), "CiliumIdentities written in kvstore mode");
+            anyhow::Ok(())
+        })?;
         Ok(())
     })();
     result.map_err(|e| e.context(c.cp.log_tails(5)))
