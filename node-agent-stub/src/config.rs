@@ -131,3 +131,42 @@ impl Settings {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(extra: &[&str]) -> Flags {
+        let mut args = vec!["cilium-node-agent", "--node-name=n1", "--node-ip=192.168.0.1/24"];
+        args.extend_from_slice(extra);
+        Flags::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn config_dir_flags_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("identity-allocation-mode"), "kvstore\n").unwrap();
+        std::fs::write(dir.path().join("kvstore-opt"), "etcd.address=http://10.0.0.1:2379").unwrap();
+        std::fs::write(dir.path().join("labels"), "k8s:!build-id$ k8s:app").unwrap();
+        let d = format!("--config-dir={}", dir.path().display());
+        let s = Settings::from(flags(&[&d])).unwrap();
+        assert_eq!(s.mode, "kvstore");
+        assert_eq!(s.kvstore.as_deref(), Some("http://10.0.0.1:2379"));
+        assert_eq!(s.label_patterns, vec!["k8s:!build-id$", "k8s:app"]);
+        assert_eq!(s.node_ns(), "cilium-rs-n1");
+        // A flag beats the ConfigMap.
+        let s = Settings::from(flags(&[&d, "--identity-allocation-mode=crd"])).unwrap();
+        assert_eq!(s.mode, "crd");
+        let e = Settings::from(flags(&["--identity-allocation-mode=etcd"])).unwrap_err().to_string();
+        assert!(e.contains("invalid identity-allocation-mode \"etcd\""), "{e}");
+        let e = Settings::from(flags(&["--identity-allocation-mode=kvstore"])).unwrap_err().to_string();
+        assert!(e.contains("needs an etcd address"), "{e}");
+        std::fs::write(dir.path().join("cluster-id"), "many").unwrap();
+        let e = Settings::from(flags(&[&d])).unwrap_err().to_string();
+        assert!(e.contains("invalid cluster-id \"many\""), "{e}");
+        assert!(
+            Flags::try_parse_from(["cilium-node-agent", "--node-ip=1.2.3.4/24"]).is_err(),
+            "--node-name is required"
+        );
+    }
+}
