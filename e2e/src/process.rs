@@ -10,6 +10,19 @@ use anyhow::Context;
 use crate::cluster::{ControlPlane, free_port, http_get_plain};
 use crate::tools;
 
+/// Makes the child die with the thread that spawned it (a killed test
+/// process leaves nothing behind).
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl only asks the kernel to kill the child with its parent
+    // thread.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 /// A process of ours with its log file; killed (SIGKILL) when dropped.
 pub struct Process {
     pub name: String,
@@ -23,14 +36,7 @@ impl Process {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
         cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
-        // SAFETY: prctl only asks the kernel to kill the child with its
-        // parent thread.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(cmd);
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         Ok(Process { name: name.to_string(), child, log })
     }
@@ -224,13 +230,7 @@ impl Agent {
         let log = self.dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
-        // SAFETY: prctl only asks the kernel to kill the child with its parent thread.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();

@@ -252,6 +252,60 @@ fn l7(r: &PortRule) -> bool {
     r.rules.is_some() || r.listener.is_some() || r.terminating_tls.is_some() || r.originating_tls.is_some()
 }
 
+/// One ingress/egress (deny) rule, normalized: its L3 peers and L4 ports.
+struct Section<'r> {
+    endpoints: Option<&'r Vec<EndpointSelector>>,
+    entities: Option<&'r Vec<Entity>>,
+    cidr: Option<&'r Vec<cilium_crds::policy::Cidr>>,
+    cidr_set: Option<&'r Vec<CidrRule>>,
+    /// Per `toPorts` entry: its ports, and whether it carries L7 rules.
+    ports: Vec<(Option<&'r Vec<PortProtocol>>, bool)>,
+    icmps: bool,
+    fqdns: bool,
+    direction: u8,
+    deny: bool,
+}
+
+impl Section<'_> {
+    /// Adds this section's entries (peer x port) to `c`; a deny entry
+    /// overrides an allow entry of the same key.
+    fn apply(
+        &self,
+        c: &mut Computed,
+        policy_ns: Option<&str>,
+        identities: &[IdentityView],
+        cidrs: &mut CidrIdentities,
+        what: &str,
+    ) {
+        let pr = peers(
+            self.endpoints,
+            self.entities,
+            self.cidr,
+            self.cidr_set,
+            policy_ns,
+            identities,
+            cidrs,
+            &mut c.not_enforced,
+            what,
+        );
+        let mut ps = ports(&self.ports, &mut c.not_enforced, what);
+        if self.icmps {
+            ps = if self.ports.is_empty() { vec![(0, 1)] } else { ps.into_iter().chain([(0, 1)]).collect() };
+        }
+        // Nothing named at all (or only FQDNs, which are not enforced):
+        // the section allows nothing.
+        if pr.ids.is_none() && (self.fqdns || (self.ports.is_empty() && !self.icmps)) {
+            return;
+        }
+        for id in pr.ids.unwrap_or_else(|| vec![0]) {
+            for (port, proto) in &ps {
+                let e = c.entries.entry((id, *port, *proto, self.direction)).or_insert(self.deny);
+                *e |= self.deny;
+            }
+        }
+    }
+}
+
 /// The datapath view of every policy for one endpoint.
 pub fn compute(
     ep_namespace: &str,
@@ -280,58 +334,36 @@ pub fn compute(
             if (rule.egress.is_some() || rule.egress_deny.is_some()) && dd.and_then(|d| d.egress) != Some(false) {
                 c.egress_enforce = true;
             }
-            let add = |c: &mut Computed, peers: Option<Vec<u32>>, ports: Vec<(u16, u8)>, dir: u8, deny: bool| {
-                let ids = peers.unwrap_or_else(|| vec![0]);
-                for id in ids {
-                    for (port, proto) in &ports {
-                        let e = c.entries.entry((id, *port, *proto, dir)).or_insert(deny);
-                        *e |= deny;
-                    }
-                }
-            };
             for r in rule.ingress.iter().flatten() {
                 if r.from_requires.is_some() || r.from_nodes.is_some() || r.from_groups.is_some() {
                     c.not_enforced.insert(format!("{what}: fromRequires/fromNodes/fromGroups are not enforced"));
                 }
-                let pr = peers(
-                    r.from_endpoints.as_ref(),
-                    r.from_entities.as_ref(),
-                    r.from_cidr.as_ref(),
-                    r.from_cidr_set.as_ref(),
-                    p.namespace,
-                    identities,
-                    cidrs,
-                    &mut c.not_enforced,
-                    &what,
-                );
-                let rules: Vec<_> = r.to_ports.iter().flatten().map(|pr| (pr.ports.as_ref(), l7(pr))).collect();
-                let mut ps = ports(&rules, &mut c.not_enforced, &what);
-                if r.icmps.is_some() {
-                    ps = if rules.is_empty() { vec![(0, 1)] } else { ps.into_iter().chain([(0, 1)]).collect() };
-                }
-                if pr.ids.is_none() && rules.is_empty() && r.icmps.is_none() {
-                    continue;
-                }
-                add(&mut c, pr.ids, ps, DIR_INGRESS, false);
+                let s = Section {
+                    endpoints: r.from_endpoints.as_ref(),
+                    entities: r.from_entities.as_ref(),
+                    cidr: r.from_cidr.as_ref(),
+                    cidr_set: r.from_cidr_set.as_ref(),
+                    ports: r.to_ports.iter().flatten().map(|pr| (pr.ports.as_ref(), l7(pr))).collect(),
+                    icmps: r.icmps.is_some(),
+                    fqdns: false,
+                    direction: DIR_INGRESS,
+                    deny: false,
+                };
+                s.apply(&mut c, p.namespace, identities, cidrs, &what);
             }
             for r in rule.ingress_deny.iter().flatten() {
-                let pr = peers(
-                    r.from_endpoints.as_ref(),
-                    r.from_entities.as_ref(),
-                    r.from_cidr.as_ref(),
-                    r.from_cidr_set.as_ref(),
-                    p.namespace,
-                    identities,
-                    cidrs,
-                    &mut c.not_enforced,
-                    &what,
-                );
-                let rules: Vec<_> = r.to_ports.iter().flatten().map(|pr| (pr.ports.as_ref(), false)).collect();
-                let ps = ports(&rules, &mut c.not_enforced, &what);
-                if pr.ids.is_none() && rules.is_empty() {
-                    continue;
-                }
-                add(&mut c, pr.ids, ps, DIR_INGRESS, true);
+                let s = Section {
+                    endpoints: r.from_endpoints.as_ref(),
+                    entities: r.from_entities.as_ref(),
+                    cidr: r.from_cidr.as_ref(),
+                    cidr_set: r.from_cidr_set.as_ref(),
+                    ports: r.to_ports.iter().flatten().map(|pr| (pr.ports.as_ref(), false)).collect(),
+                    icmps: false,
+                    fqdns: false,
+                    direction: DIR_INGRESS,
+                    deny: true,
+                };
+                s.apply(&mut c, p.namespace, identities, cidrs, &what);
             }
             for r in rule.egress.iter().flatten() {
                 if r.to_fqdns.is_some() {
@@ -342,48 +374,32 @@ pub fn compute(
                 if r.to_requires.is_some() || r.to_nodes.is_some() || r.to_groups.is_some() || r.to_services.is_some() {
                     c.not_enforced.insert(format!("{what}: toRequires/toNodes/toGroups/toServices are not enforced"));
                 }
-                let pr = peers(
-                    r.to_endpoints.as_ref(),
-                    r.to_entities.as_ref(),
-                    r.to_cidr.as_ref(),
-                    r.to_cidr_set.as_ref(),
-                    p.namespace,
-                    identities,
-                    cidrs,
-                    &mut c.not_enforced,
-                    &what,
-                );
-                let rules: Vec<_> = r.to_ports.iter().flatten().map(|pr| (pr.ports.as_ref(), l7(pr))).collect();
-                let mut ps = ports(&rules, &mut c.not_enforced, &what);
-                if r.icmps.is_some() {
-                    ps = if rules.is_empty() { vec![(0, 1)] } else { ps.into_iter().chain([(0, 1)]).collect() };
-                }
-                if r.to_fqdns.is_some() && pr.ids.is_none() {
-                    continue;
-                }
-                if pr.ids.is_none() && rules.is_empty() && r.icmps.is_none() {
-                    continue;
-                }
-                add(&mut c, pr.ids, ps, DIR_EGRESS, false);
+                let s = Section {
+                    endpoints: r.to_endpoints.as_ref(),
+                    entities: r.to_entities.as_ref(),
+                    cidr: r.to_cidr.as_ref(),
+                    cidr_set: r.to_cidr_set.as_ref(),
+                    ports: r.to_ports.iter().flatten().map(|pr| (pr.ports.as_ref(), l7(pr))).collect(),
+                    icmps: r.icmps.is_some(),
+                    fqdns: r.to_fqdns.is_some(),
+                    direction: DIR_EGRESS,
+                    deny: false,
+                };
+                s.apply(&mut c, p.namespace, identities, cidrs, &what);
             }
             for r in rule.egress_deny.iter().flatten() {
-                let pr = peers(
-                    r.to_endpoints.as_ref(),
-                    r.to_entities.as_ref(),
-                    r.to_cidr.as_ref(),
-                    r.to_cidr_set.as_ref(),
-                    p.namespace,
-                    identities,
-                    cidrs,
-                    &mut c.not_enforced,
-                    &what,
-                );
-                let rules: Vec<_> = r.to_ports.iter().flatten().map(|pr| (pr.ports.as_ref(), false)).collect();
-                let ps = ports(&rules, &mut c.not_enforced, &what);
-                if pr.ids.is_none() && rules.is_empty() {
-                    continue;
-                }
-                add(&mut c, pr.ids, ps, DIR_EGRESS, true);
+                let s = Section {
+                    endpoints: r.to_endpoints.as_ref(),
+                    entities: r.to_entities.as_ref(),
+                    cidr: r.to_cidr.as_ref(),
+                    cidr_set: r.to_cidr_set.as_ref(),
+                    ports: r.to_ports.iter().flatten().map(|pr| (pr.ports.as_ref(), false)).collect(),
+                    icmps: false,
+                    fqdns: false,
+                    direction: DIR_EGRESS,
+                    deny: true,
+                };
+                s.apply(&mut c, p.namespace, identities, cidrs, &what);
             }
         }
     }
