@@ -51,6 +51,7 @@ fn main() {
         ("datapath::star_wars_policy_with_real_packets", datapath::star_wars_policy_with_real_packets),
         ("datapath::egress_deny_cidr_entities_expressions", datapath::egress_deny_cidr_entities_expressions),
         ("datapath::kvstore_mode_identities", datapath::kvstore_mode_identities),
+        ("datapath::doublewrite_mode_identities", datapath::doublewrite_mode_identities),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

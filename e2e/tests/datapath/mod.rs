@@ -394,12 +394,20 @@ pub fn egress_deny_cidr_entities_expressions(_shared: &ControlPlane) -> anyhow::
 /// kvstore identity mode: the agents allocate in etcd (upstream key
 /// layout, value keys under their node IP); policies work the same.
 pub fn kvstore_mode_identities(_shared: &ControlPlane) -> anyhow::Result<()> {
-    let c = cluster_with("kv", &["node-a", "node-b"], |cp| {
+    identities_in_etcd("kv", "kvstore")
+}
+
+/// Double-write mode (reading the CRDs): every identity is both a
+/// CiliumIdentity and etcd keys, with the same ID.
+pub fn doublewrite_mode_identities(_shared: &ControlPlane) -> anyhow::Result<()> {
+    identities_in_etcd("dw", "doublewrite-readcrd")
+}
+
+fn identities_in_etcd(tag: &str, mode: &str) -> anyhow::Result<()> {
+    let c = cluster_with(tag, &["node-a", "node-b"], |cp| {
         let kv = format!("--kvstore-opt=etcd.address={}", cp.etcd_endpoint);
-        (
-            vec!["--identity-allocation-mode=kvstore".into(), "--kvstore=etcd".into(), kv],
-            vec!["--identity-allocation-mode=kvstore".into(), format!("--kvstore-endpoint={}", cp.etcd_endpoint)],
-        )
+        let m = format!("--identity-allocation-mode={mode}");
+        (vec![m.clone(), "--kvstore=etcd".into(), kv], vec![m, format!("--kvstore-endpoint={}", cp.etcd_endpoint)])
     })?;
     let result = (|| -> anyhow::Result<()> {
         let ds = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
@@ -409,8 +417,8 @@ pub fn kvstore_mode_identities(_shared: &ControlPlane) -> anyhow::Result<()> {
         let (tie, xwing) = (c.pod_ns("node-b", "default", "tiefighter"), c.pod_ns("node-b", "default", "xwing"));
         let t = Duration::from_secs(20);
         c.kubectl(&["apply", "-f", "-"], Some(RULE1))?;
-        expect_conn(&c, "kvstore mode: xwing", &xwing, ds, 80, false, t)?;
-        expect_conn(&c, "kvstore mode: tiefighter", &tie, ds, 80, true, t)?;
+        expect_conn(&c, &format!("{mode}: xwing"), &xwing, ds, 80, false, t)?;
+        expect_conn(&c, &format!("{mode}: tiefighter"), &tie, ds, 80, true, t)?;
         // The deathstar's identity lives in etcd, with node-a's value key.
         let id = block_on(c.identity_of("deathstar"))?;
         block_on(async {
@@ -425,9 +433,16 @@ pub fn kvstore_mode_identities(_shared: &ControlPlane) -> anyhow::Result<()> {
                 v.kvs().first().and_then(|kv| kv.value_str().ok()) == Some(id.to_string().as_str()),
                 "no value key {value}"
             );
-            // No CiliumIdentity objects in kvstore mode.
             let ids: Api<cilium_crds::CiliumIdentity> = Api::all(c.cp.client().await?);
-            ensure!(ids.list(&Default::default()).await?.items.is_empty(), "CiliumIdentities written in kvstore mode");
+            if mode == "kvstore" {
+                ensure!(
+                    ids.list(&Default::default()).await?.items.is_empty(),
+                    "CiliumIdentities written in kvstore mode"
+                );
+            } else {
+                let crd = ids.get(&id.to_string()).await.context("no CiliumIdentity for the etcd identity")?;
+                ensure!(cilium_identity_alloc::crd::key_of(&crd) == labels, "CRD and etcd labels differ for {id}");
+            }
             anyhow::Ok(())
         })?;
         Ok(())
