@@ -76,9 +76,13 @@ struct Detail<'a> {
 async fn find(ctx: &Ctx, id_arg: &str, source: Option<&str>) -> anyhow::Result<(IdentityInfo, Vec<EndpointInfo>)> {
     let id = parse_id(id_arg)?;
     let endpoints = snapshot::endpoints(ctx, None).await?;
-    let ids = snapshot::identities(ctx, source, None, &endpoints).await?;
-    let Some(found) = ids.into_iter().find(|i| i.id == id) else {
-        let src = source.unwrap_or(if snapshot::reads_kvstore(ctx) { "kvstore" } else { "crd" });
+    let src = source.unwrap_or(if snapshot::reads_kvstore(ctx) { "kvstore" } else { "crd" });
+    let found = if src == "crd" {
+        snapshot::crd_identity(ctx, id, &endpoints).await?
+    } else {
+        snapshot::identities(ctx, Some(src), None, &endpoints).await?.into_iter().find(|i| i.id == id)
+    };
+    let Some(found) = found else {
         bail!("identity {id} not found ({src})");
     };
     let using = endpoints.into_iter().filter(|e| e.identity == Some(id)).collect();

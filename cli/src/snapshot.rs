@@ -145,6 +145,22 @@ pub async fn crd_identities(
     Ok(out)
 }
 
+/// One CiliumIdentity by ID (a single GET), with its users among `endpoints`.
+pub async fn crd_identity(ctx: &Ctx, id: u32, endpoints: &[EndpointInfo]) -> anyhow::Result<Option<IdentityInfo>> {
+    let found = Api::<CiliumIdentity>::all(ctx.client.clone())
+        .get_opt(&id.to_string())
+        .await
+        .map_err(|e| ctx.kube_error(e, &format!("reading CiliumIdentity {id}")))?;
+    Ok(found.map(|i| IdentityInfo {
+        id,
+        users: endpoints.iter().filter(|e| e.identity == Some(id)).count(),
+        marked_at: i.metadata.annotations.as_ref().and_then(|a| a.get(HEARTBEAT_ANNOTATION)).cloned(),
+        created: i.metadata.creation_timestamp.map(|t| t.0),
+        labels: i.security_labels,
+        source: "crd",
+    }))
+}
+
 /// Identities in the kvstore: `id/<ID>` keys, users = value keys of their labels.
 pub async fn kvstore_identities(ctx: &Ctx, etcd: &mut etcd_client::Client) -> anyhow::Result<Vec<IdentityInfo>> {
     ctx.out.step("reading kvstore identities");
