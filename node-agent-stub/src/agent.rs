@@ -29,6 +29,9 @@ use crate::policy::{self, CidrIdentities, Computed, IdentityView, PolicySource};
 use crate::state::{EndpointRecord, Store as StateStore};
 
 pub const FIELD_MANAGER: &str = "cilium-node-agent";
+/// Reserved identities of nodes (upstream's numbers).
+pub const IDENTITY_HOST: u32 = 1;
+pub const IDENTITY_REMOTE_NODE: u32 = 6;
 
 pub enum Allocator {
     Crd(Box<CrdAllocator>),
@@ -320,6 +323,18 @@ impl Agent {
         }
         for l in self.live.values() {
             want.insert((l.rec.ip, 32), l.identity);
+        }
+        // Nodes: this one is `host` (also as the pods' gateway address, the
+        // source of what the node itself sends them), the others
+        // `remote-node`, as upstream's reserved identities.
+        want.insert((netns::GATEWAY.parse().expect("gateway address"), 32), IDENTITY_HOST);
+        for n in st.cnodes.state() {
+            let mine = n.metadata.name.as_deref() == Some(self.s.flags.node_name.as_str());
+            for a in n.spec.addresses.iter().flatten() {
+                if let Some(ip) = a.ip.as_deref().and_then(|i| i.parse::<Ipv4Addr>().ok()) {
+                    want.insert((ip, 32), if mine { IDENTITY_HOST } else { IDENTITY_REMOTE_NODE });
+                }
+            }
         }
         self.dp.sync_ipcache(&want)?;
         Ok(())

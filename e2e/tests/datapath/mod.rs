@@ -304,7 +304,7 @@ fn policy(kind: &str, name: &str, spec: &str) -> String {
     format!("apiVersion: cilium.io/v2\nkind: {kind}\nmetadata:\n  name: {name}{ns}\nspec:\n{spec}")
 }
 
-/// Egress, deny, CIDR, entities and matchExpressions, each applied with
+/// Egress, deny, CIDR, entities (cluster, world, host) and matchExpressions, each applied with
 /// kubectl and checked with real connections; an L7 rule is enforced at L4
 /// and reported as not enforced at L7 in the CEP status and an Event.
 pub fn egress_deny_cidr_entities_expressions(_shared: &ControlPlane) -> anyhow::Result<()> {
@@ -355,6 +355,14 @@ pub fn egress_deny_cidr_entities_expressions(_shared: &ControlPlane) -> anyhow::
         expect_conn(&c, "world: ext2", &ext2, ds, 80, true, t)?;
         expect_conn(&c, "world: ext1", &ext1, ds, 80, true, t)?;
         c.kubectl(&["delete", "cnp", "cidr", "-n", "default"], None)?;
+
+        // The host entity: the deathstar's own node may reach it, nobody else.
+        let spec = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEntities:\n    - host\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "host", spec)))?;
+        let node_a = format!("{}-node-a", c.prefix);
+        expect_conn(&c, "host: tiefighter", &tie, ds, 80, false, t)?;
+        expect_conn(&c, "host: node-a itself", &node_a, ds, 80, true, t)?;
+        c.kubectl(&["delete", "cnp", "host", "-n", "default"], None)?;
 
         // matchExpressions on both sides.
         let spec = "  endpointSelector:\n    matchExpressions:\n    - key: class\n      operator: In\n      values: [deathstar]\n  ingress:\n  - fromEndpoints:\n    - matchExpressions:\n      - key: org\n        operator: NotIn\n        values: [alliance]\n";
