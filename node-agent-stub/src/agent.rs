@@ -399,8 +399,10 @@ impl Agent {
         let name = pod.metadata.name.clone().unwrap_or_default();
         let labels = self.identity_labels(pod);
         if !self.live.contains_key(uid) {
-            let rec = match self.state.state.endpoints.get(uid) {
-                Some(r) => r.clone(),
+            let known = self.state.state.endpoints.get(uid).cloned();
+            let is_new = known.is_none();
+            let rec = match known {
+                Some(r) => r,
                 None => {
                     let ip = self
                         .state
@@ -422,9 +424,24 @@ impl Agent {
                 }
             };
             let node_ns = self.s.node_ns();
-            netns::ensure_pod(&node_ns, &rec.netns, &rec.lxc, rec.ip)?;
+            netns::make_pod(&node_ns, &rec.netns, &rec.lxc, rec.ip)?;
             let ifindex = netns::ifindex(&node_ns, &rec.lxc)?;
             self.dp.attach(&netns::path(&node_ns), &rec.lxc)?;
+            if is_new {
+                // Nothing passes until the endpoint's policy is computed
+                // below. (A known endpoint keeps its entries: a restart
+                // neither opens nor cuts its traffic.)
+                self.dp.sync_policy(rec.endpoint_id, &BTreeMap::new())?;
+                let deny_all = EndpointValue {
+                    endpoint_id: rec.endpoint_id,
+                    identity: 0,
+                    ingress_enforce: 1,
+                    egress_enforce: 1,
+                    pad: [0; 2],
+                };
+                self.dp.set_endpoint(ifindex, deny_all)?;
+            }
+            netns::plug_pod(&node_ns, &rec.lxc, rec.ip)?;
             tracing::info!(pod = %format!("{ns}/{name}"), ip = %rec.ip, endpoint = rec.endpoint_id, "endpoint created");
             self.live.insert(
                 uid.to_string(),

@@ -103,22 +103,28 @@ pub fn delete_route(node_ns: &str, cidr: &str) {
     let _ = ip(&["-n", node_ns, "route", "del", cidr], false);
 }
 
-/// A pod namespace behind `lxc` in the node namespace, with `pod_ip`.
-/// Existing pieces (an agent restart) are kept.
-pub fn ensure_pod(node_ns: &str, pod_ns: &str, lxc: &str, pod_ip: Ipv4Addr) -> anyhow::Result<()> {
+/// A pod namespace behind `lxc` in the node namespace, with `pod_ip`;
+/// the node side stays down (see [`plug_pod`]) so that no packet passes
+/// before the datapath is attached. Existing pieces (an agent restart) are
+/// kept.
+pub fn make_pod(node_ns: &str, pod_ns: &str, lxc: &str, pod_ip: Ipv4Addr) -> anyhow::Result<()> {
     add(pod_ns)?;
-    let ip_text = pod_ip.to_string();
-    let host_route = format!("{ip_text}/32");
+    let host_route = format!("{pod_ip}/32");
     if ip(&["-n", node_ns, "link", "show", "dev", lxc], false).is_err() {
         ip(&["-n", node_ns, "link", "add", lxc, "type", "veth", "peer", "name", "eth0", "netns", pod_ns], false)?;
     }
-    ip(&["-n", node_ns, "link", "set", lxc, "up"], false)?;
     ip(&["-n", node_ns, "addr", "add", &format!("{GATEWAY}/32"), "dev", lxc], true)?;
-    ip(&["-n", node_ns, "route", "replace", &host_route, "dev", lxc], false)?;
     ip(&["-n", pod_ns, "addr", "add", &host_route, "dev", "eth0"], true)?;
     ip(&["-n", pod_ns, "link", "set", "eth0", "up"], false)?;
     ip(&["-n", pod_ns, "route", "replace", GATEWAY, "dev", "eth0", "scope", "link"], false)?;
     ip(&["-n", pod_ns, "route", "replace", "default", "via", GATEWAY, "dev", "eth0"], false)?;
+    Ok(())
+}
+
+/// Brings the node side of a pod up and routes its address to it.
+pub fn plug_pod(node_ns: &str, lxc: &str, pod_ip: Ipv4Addr) -> anyhow::Result<()> {
+    ip(&["-n", node_ns, "link", "set", lxc, "up"], false)?;
+    ip(&["-n", node_ns, "route", "replace", &format!("{pod_ip}/32"), "dev", lxc], false)?;
     Ok(())
 }
 
