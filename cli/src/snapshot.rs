@@ -130,14 +130,7 @@ pub async fn crd_identities(
         .into_iter()
         .filter_map(|i| {
             let id = i.metadata.name.as_deref()?.parse::<u32>().ok()?;
-            Some(IdentityInfo {
-                id,
-                users: users.get(&id).copied().unwrap_or(0),
-                marked_at: i.metadata.annotations.as_ref().and_then(|a| a.get(HEARTBEAT_ANNOTATION)).cloned(),
-                created: i.metadata.creation_timestamp.map(|t| t.0),
-                labels: i.security_labels,
-                source: "crd",
-            })
+            Some(from_crd(id, i, users.get(&id).copied().unwrap_or(0)))
         })
         .collect();
     out.sort_by_key(|i| i.id);
@@ -151,14 +144,18 @@ pub async fn crd_identity(ctx: &Ctx, id: u32, endpoints: &[EndpointInfo]) -> any
         .get_opt(&id.to_string())
         .await
         .map_err(|e| ctx.kube_error(e, &format!("reading CiliumIdentity {id}")))?;
-    Ok(found.map(|i| IdentityInfo {
+    Ok(found.map(|i| from_crd(id, i, endpoints.iter().filter(|e| e.identity == Some(id)).count())))
+}
+
+fn from_crd(id: u32, i: CiliumIdentity, users: usize) -> IdentityInfo {
+    IdentityInfo {
         id,
-        users: endpoints.iter().filter(|e| e.identity == Some(id)).count(),
+        users,
         marked_at: i.metadata.annotations.as_ref().and_then(|a| a.get(HEARTBEAT_ANNOTATION)).cloned(),
         created: i.metadata.creation_timestamp.map(|t| t.0),
         labels: i.security_labels,
         source: "crd",
-    }))
+    }
 }
 
 /// Identities in the kvstore: `id/<ID>` keys, users = value keys of their labels.

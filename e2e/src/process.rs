@@ -33,8 +33,14 @@ pub struct Process {
 impl Process {
     /// Spawns `cmd`, stdout+stderr to `<dir>/<name>.log`.
     pub fn spawn(name: &str, dir: &Path, cmd: &mut Command) -> anyhow::Result<Process> {
+        Process::spawn_logged(name, dir, cmd, false)
+    }
+
+    /// Like [`Process::spawn`]; with `append` the log of an earlier run of
+    /// the same name is kept and continued.
+    fn spawn_logged(name: &str, dir: &Path, cmd: &mut Command, append: bool) -> anyhow::Result<Process> {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
+        let out = std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(&log)?;
         cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         die_with_parent(cmd);
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
@@ -210,32 +216,22 @@ impl Agent {
             format!("--state-dir={}", cp.dir().join(format!("agent-{node}")).display()),
         ];
         args.extend_from_slice(extra);
-        let mut a = Agent {
-            proc: Process::spawn(&format!("agent-{node}"), cp.dir(), &mut Command::new("true"))?,
-            node: node.to_string(),
-            metrics_addr,
-            args,
-            dir: cp.dir().to_path_buf(),
-        };
-        a.respawn()?;
-        Ok(a)
+        let proc = Agent::spawn(node, &args, cp.dir(), false)?;
+        Ok(Agent { proc, node: node.to_string(), metrics_addr, args, dir: cp.dir().to_path_buf() })
+    }
+
+    fn spawn(node: &str, args: &[String], dir: &Path, append: bool) -> anyhow::Result<Process> {
+        let mut cmd = Command::new(tools::workspace_bin("cilium-node-agent")?);
+        cmd.args(args).env("CILIUM_LOG_FILTER", "info");
+        Process::spawn_logged(&format!("agent-{node}"), dir, &mut cmd, append)
     }
 
     /// Starts the agent process again with the same arguments (after a kill).
     pub fn respawn(&mut self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(tools::workspace_bin("cilium-node-agent")?);
-        cmd.args(&self.args).env("CILIUM_LOG_FILTER", "info");
-        // Append to the same log.
-        let name = format!("agent-{}", self.node);
-        let log = self.dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
-        die_with_parent(&mut cmd);
-        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();
-        self.proc.child = child;
-        self.proc.log = log;
+        // The same log, continued.
+        self.proc = Agent::spawn(&self.node, &self.args, &self.dir, true)?;
         Ok(())
     }
 

@@ -23,7 +23,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
 use crate::config::Settings;
-use crate::datapath::{Datapath, EndpointValue, MetricsKey, MetricsValue, PolicyKey, PolicyValue};
+use crate::datapath::{Datapath, EndpointValue, PolicyKey, PolicyValue};
 use crate::netns;
 use crate::policy::{self, CidrIdentities, Computed, IdentityView, PolicySource};
 use crate::state::{EndpointRecord, Store as StateStore};
@@ -61,10 +61,10 @@ struct Live {
     reported: BTreeSet<String>,
 }
 
-/// Counters and names for the metrics endpoint.
+/// What the metrics and health endpoints need from the agent (the
+/// counters themselves are read from the pinned map on each scrape).
 #[derive(Default)]
 pub struct Snapshot {
-    pub counters: Vec<(MetricsKey, MetricsValue)>,
     pub endpoint_names: BTreeMap<u32, String>,
     pub ready: bool,
 }

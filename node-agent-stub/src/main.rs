@@ -86,11 +86,8 @@ async fn run(s: Settings) -> anyhow::Result<()> {
 
 async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String {
     // Counters straight from the pinned map: always current.
-    let fresh = node_agent_stub::datapath::Datapath::pinned_metrics(&pins).ok();
-    let mut s = snap.lock().expect("snapshot");
-    if let Some(c) = fresh {
-        s.counters = c;
-    }
+    let counters = node_agent_stub::datapath::Datapath::pinned_metrics(&pins).unwrap_or_default();
+    let s = snap.lock().expect("snapshot");
     let mut out = String::new();
     out.push_str("# HELP cilium_forward_count_total Packets forwarded by the policy datapath\n# TYPE cilium_forward_count_total counter\n");
     let mut drops = String::from(
@@ -99,7 +96,7 @@ async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String
     let mut bytes = String::from(
         "# HELP cilium_forward_bytes_total Bytes forwarded by the policy datapath\n# TYPE cilium_forward_bytes_total counter\n",
     );
-    for (k, v) in &s.counters {
+    for (k, v) in &counters {
         let ep = s.endpoint_names.get(&k.endpoint_id).cloned().unwrap_or_else(|| k.endpoint_id.to_string());
         let dir = if k.direction == DIR_INGRESS { "INGRESS" } else { "EGRESS" };
         let labels = format!("endpoint=\"{ep}\",direction=\"{dir}\",reason=\"{}\"", reason_name(k.reason));
