@@ -8,13 +8,25 @@
 //   to_container    tc egress of the node-side veth: packets to the pod
 //                   (the endpoint's INGRESS policy)
 //
-// Semantics (Cilium's): an endpoint allows everything in a direction until
-// a policy selects it in that direction (enforce flag), then only what an
-// allow entry matches; a deny entry wins over any allow entry. The peer's
-// security identity comes from the ipcache (longest prefix match on the
-// peer address; unknown addresses are "world", identity 2). Replies of an
-// allowed connection pass through a small connection tracker.
+// Every frame gets a verdict. ARP and IPv6 neighbour discovery pass (the
+// network needs them, as upstream's datapath answers them itself); any
+// other non-IP frame is dropped in an enforced direction. For IPv4 and
+// IPv6:
 //
+// 1. A reply to a connection this endpoint allowed earlier in the other
+//    direction passes (connection tracking per endpoint and direction, with
+//    TCP/UDP/SCTP ports and the ICMP echo identifier; only echo replies are
+//    replies; entries expire).
+// 2. Otherwise the peer's identity comes from the ipcache (longest prefix
+//    match; user space installs the world identities as ::ffff:0:0/96 and
+//    ::/0) and the policy map decides: it is a longest-prefix-match map
+//    keyed by (endpoint, peer identity, direction, protocol, port prefix),
+//    looked up under the peer's identity, then under identity 0 (any peer).
+//    A hit gives allow or deny; a miss gives the direction's default
+//    (deny when enforced). The user-space engine (policy/) distills the
+//    entries so that this lookup is upstream's verdict.
+//
+// IPv4 addresses are handled as IPv4-mapped IPv6 addresses everywhere.
 // Map layouts are mirrored by #[repr(C)] types in
 // node-agent-stub/src/datapath.rs; every map is pinned by name so that an
 // agent restart keeps enforcing with the same state.
@@ -23,6 +35,7 @@
 #include <linux/pkt_cls.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -36,12 +49,33 @@
 #define REASON_ALLOWED_BY_POLICY 0
 #define REASON_NO_POLICY 1
 #define REASON_REPLY 2
+#define REASON_ARP 3
+#define REASON_NDP 4
 #define REASON_DENIED_BY_RULE 10
 #define REASON_NOT_ALLOWED 11
+#define REASON_MALFORMED 12
+#define REASON_UNSUPPORTED_L3 13
+#define REASON_ENDPOINT_NOT_READY 14
+
+#define ENDPOINT_READY 0
+#define ENDPOINT_FAILED 1
+
+#define PROTO_ICMP 1
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define PROTO_ICMPV6 58
+#define PROTO_SCTP 132
+
+// Connection lifetimes (upstream's defaults).
+#define NS_PER_SEC 1000000000ULL
+#define CT_LIFETIME_TCP (21600ULL * NS_PER_SEC)
+#define CT_LIFETIME_SYN (60ULL * NS_PER_SEC)
+#define CT_LIFETIME_CLOSE (10ULL * NS_PER_SEC)
+#define CT_LIFETIME_NONTCP (60ULL * NS_PER_SEC)
 
 struct ipcache_key {
 	__u32 prefixlen;
-	__u32 addr; // network byte order
+	__u8 addr[16]; // IPv6, or IPv4-mapped
 };
 
 struct ipcache_value {
@@ -57,15 +91,20 @@ struct endpoint_value {
 	__u32 identity;
 	__u8 ingress_enforce;
 	__u8 egress_enforce;
-	__u8 pad[2];
+	__u8 state; // ENDPOINT_*
+	__u8 pad;
 };
 
+// Longest prefix match over the bytes after prefixlen: endpoint, identity
+// and direction always match exactly (72 bits); then the protocol (0 in
+// an entry of prefix 72: every protocol), then the port (big endian).
 struct policy_key {
+	__u32 prefixlen;
 	__u32 endpoint_id;
 	__u32 identity; // 0: any peer
-	__u16 dport;    // host byte order; 0: any port
-	__u8 proto;     // IPPROTO_*; 0: any protocol
-	__u8 direction; // DIR_*
+	__u8 direction;
+	__u8 proto;
+	__u16 dport; // network byte order; the ICMP type for ICMP
 };
 
 struct policy_value {
@@ -74,16 +113,20 @@ struct policy_value {
 };
 
 struct ct_key {
-	__u32 saddr;
-	__u32 daddr;
-	__u16 sport;
-	__u16 dport;
+	__u32 endpoint_id;
+	__u8 direction; // of the packet that opened the connection
 	__u8 proto;
-	__u8 pad[3];
+	__u16 pad;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; // ICMP echo: the identifier, in both ports
+	__u16 dport;
 };
 
 struct ct_value {
-	__u64 created_ns;
+	__u64 expires_ns;
+	__u32 reply_seen;
+	__u32 pad;
 };
 
 struct metrics_key {
@@ -116,10 +159,10 @@ struct {
 } cilium_endpoints SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct policy_key);
 	__type(value, struct policy_value);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 262144); // POLICY_MAP_SIZE in datapath.rs
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilium_policy SEC(".maps");
@@ -141,48 +184,144 @@ struct {
 } cilium_metrics SEC(".maps");
 
 struct tuple {
-	__u32 saddr, daddr;
-	__u16 sport, dport; // host byte order
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport, dport; // network byte order (ICMP echo: the identifier)
+	__u16 policy_port;  // host byte order: dport, or the ICMP type
 	__u8 proto;
+	__u8 icmp_type;
+	__u8 flags; // TCP flags
+	__u8 echo;  // 1: echo request, 2: echo reply
+	__u8 ndp;   // an IPv6 neighbour discovery message
 };
 
-// 0: not IPv4 (let it pass), 1: parsed, -1: malformed.
-static __always_inline int parse(struct __sk_buff *skb, struct tuple *t)
+#define ECHO_REQUEST 1
+#define ECHO_REPLY 2
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+
+static __always_inline void map_v4(__u8 *dst, __u32 addr)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end)
-		return -1;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return 0;
-	struct iphdr *ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end)
-		return -1;
-	if (ip->ihl < 5)
-		return -1;
-	t->saddr = ip->saddr;
-	t->daddr = ip->daddr;
-	t->proto = ip->protocol;
-	t->sport = 0;
-	t->dport = 0;
-	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) {
-		// Fragments after the first carry no ports: judged on L3 only.
-		if (ip->frag_off & bpf_htons(0x1fff))
-			return 1;
-		__u16 *ports = (void *)ip + ip->ihl * 4;
-		if ((void *)(ports + 2) > end)
-			return -1;
-		t->sport = bpf_ntohs(ports[0]);
-		t->dport = bpf_ntohs(ports[1]);
-	}
-	return 1;
+	__builtin_memset(dst, 0, 10);
+	dst[10] = 0xff;
+	dst[11] = 0xff;
+	__builtin_memcpy(dst + 12, &addr, 4);
 }
 
-static __always_inline __u32 identity_of(__u32 addr)
+// Reads the L4 header at `off` into t. Returns 0, or -1 when truncated.
+static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct tuple *t, int v6)
 {
-	struct ipcache_key k = { .prefixlen = 32, .addr = addr };
+	if (t->proto == PROTO_TCP || t->proto == PROTO_UDP || t->proto == PROTO_SCTP) {
+		__u16 ports[2];
+		if (bpf_skb_load_bytes(skb, off, ports, 4) < 0)
+			return -1;
+		t->sport = ports[0];
+		t->dport = ports[1];
+		t->policy_port = bpf_ntohs(ports[1]);
+		if (t->proto == PROTO_TCP) {
+			__u8 flags;
+			if (bpf_skb_load_bytes(skb, off + 13, &flags, 1) < 0)
+				return -1;
+			t->flags = flags;
+		}
+		return 0;
+	}
+	if (t->proto == PROTO_ICMP || t->proto == PROTO_ICMPV6) {
+		// type, code, checksum, then (echo) identifier, sequence
+		__u8 hdr[6];
+		if (bpf_skb_load_bytes(skb, off, hdr, 6) < 0)
+			return -1;
+		t->icmp_type = hdr[0];
+		t->policy_port = hdr[0];
+		__u8 req = v6 ? 128 : 8, rep = v6 ? 129 : 0;
+		if (hdr[0] == req || hdr[0] == rep) {
+			t->echo = hdr[0] == req ? ECHO_REQUEST : ECHO_REPLY;
+			__u16 id;
+			__builtin_memcpy(&id, hdr + 4, 2);
+			t->sport = id;
+			t->dport = id;
+		}
+		if (v6 && hdr[0] >= 133 && hdr[0] <= 137)
+			t->ndp = 1;
+		return 0;
+	}
+	return 0;
+}
+
+#define IPV6_MAX_EXT 6
+
+// 1: parsed, -1: malformed or unsupported (dropped when enforced).
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct tuple *t)
+{
+	struct ipv6hdr ip6;
+	__u32 off = ETH_HLEN;
+	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+		return -1;
+	__builtin_memcpy(t->saddr, &ip6.saddr, 16);
+	__builtin_memcpy(t->daddr, &ip6.daddr, 16);
+	off += sizeof(ip6);
+	__u8 nh = ip6.nexthdr;
+	int last_fragment_only = 0;
+#pragma unroll
+	for (int i = 0; i < IPV6_MAX_EXT; i++) {
+		if (nh == 0 || nh == 43 || nh == 60) { // hop-by-hop, routing, destination options
+			__u8 h[2];
+			if (bpf_skb_load_bytes(skb, off, h, 2) < 0)
+				return -1;
+			nh = h[0];
+			off += ((__u32)h[1] + 1) * 8;
+		} else if (nh == 44) { // fragment
+			__u8 h[4];
+			if (bpf_skb_load_bytes(skb, off, h, 4) < 0)
+				return -1;
+			nh = h[0];
+			__u16 frag_off = ((__u16)h[2] << 8 | h[3]) & 0xfff8;
+			if (frag_off)
+				last_fragment_only = 1;
+			off += 8;
+		} else if (nh == 51) { // authentication header
+			__u8 h[2];
+			if (bpf_skb_load_bytes(skb, off, h, 2) < 0)
+				return -1;
+			nh = h[0];
+			off += ((__u32)h[1] + 2) * 4;
+		} else {
+			break;
+		}
+	}
+	if (nh == 0 || nh == 43 || nh == 60 || nh == 44 || nh == 51)
+		return -1; // too many extension headers: no verdict without the L4 header
+	t->proto = nh;
+	if (last_fragment_only)
+		return 1; // later fragments carry no L4 header: judged on L3 only
+	return parse_l4(skb, off, t, 1) < 0 ? -1 : 1;
+}
+
+// 1: parsed, -1: malformed.
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct tuple *t)
+{
+	struct iphdr ip;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+		return -1;
+	if (ip.ihl < 5 || ip.version != 4)
+		return -1;
+	map_v4(t->saddr, ip.saddr);
+	map_v4(t->daddr, ip.daddr);
+	t->proto = ip.protocol;
+	if (ip.frag_off & bpf_htons(0x1fff))
+		return 1; // later fragments carry no L4 header: judged on L3 only
+	return parse_l4(skb, ETH_HLEN + ip.ihl * 4, t, 0) < 0 ? -1 : 1;
+}
+
+static __always_inline __u32 identity_of(const __u8 *addr)
+{
+	struct ipcache_key k = { .prefixlen = 128 };
+	__builtin_memcpy(k.addr, addr, 16);
 	struct ipcache_value *v = bpf_map_lookup_elem(&cilium_ipcache, &k);
+	// User space installs the world prefixes, so a miss means an ipcache
+	// not written yet: world, never identity 0 (which means "any peer").
 	return v ? v->identity : IDENTITY_WORLD;
 }
 
@@ -199,38 +338,100 @@ static __always_inline void count(__u32 endpoint_id, __u8 direction, __u8 reason
 	bpf_map_update_elem(&cilium_metrics, &k, &init, BPF_NOEXIST);
 }
 
-// 0: no entry, 1: allow, 2: deny.
-static __always_inline int entry(__u32 ep, __u32 id, __u16 port, __u8 proto, __u8 dir)
+// The verdict as a reason code.
+static __always_inline __u8 decide(struct endpoint_value *ep, __u8 dir, __u32 peer, struct tuple *t)
 {
-	struct policy_key k = { .endpoint_id = ep, .identity = id, .dport = port, .proto = proto, .direction = dir };
+	struct policy_key k = {
+		.prefixlen = 96,
+		.endpoint_id = ep->endpoint_id,
+		.identity = peer,
+		.direction = dir,
+		.proto = t->proto,
+		.dport = bpf_htons(t->policy_port),
+	};
 	struct policy_value *v = bpf_map_lookup_elem(&cilium_policy, &k);
-	if (!v)
-		return 0;
-	return v->deny ? 2 : 1;
+	if (!v) {
+		k.identity = 0;
+		v = bpf_map_lookup_elem(&cilium_policy, &k);
+	}
+	if (v)
+		return v->deny ? REASON_DENIED_BY_RULE : REASON_ALLOWED_BY_POLICY;
+	__u8 enforce = dir == DIR_INGRESS ? ep->ingress_enforce : ep->egress_enforce;
+	return enforce ? REASON_NOT_ALLOWED : REASON_NO_POLICY;
 }
 
-// The verdict as a reason code.
-static __always_inline __u8 decide(struct endpoint_value *ep, __u8 dir, __u32 peer, __u16 port, __u8 proto)
+static __always_inline void ct_key_of(struct ct_key *k, __u32 ep, __u8 dir, struct tuple *t, int reverse)
 {
-	__u8 enforce = dir == DIR_INGRESS ? ep->ingress_enforce : ep->egress_enforce;
-	if (!enforce)
-		return REASON_NO_POLICY;
-	int r[6];
-	r[0] = entry(ep->endpoint_id, peer, port, proto, dir);
-	r[1] = entry(ep->endpoint_id, peer, 0, proto, dir);
-	r[2] = entry(ep->endpoint_id, peer, 0, 0, dir);
-	r[3] = entry(ep->endpoint_id, 0, port, proto, dir);
-	r[4] = entry(ep->endpoint_id, 0, 0, proto, dir);
-	r[5] = entry(ep->endpoint_id, 0, 0, 0, dir);
-	int allowed = 0;
-#pragma unroll
-	for (int i = 0; i < 6; i++) {
-		if (r[i] == 2)
-			return REASON_DENIED_BY_RULE;
-		if (r[i] == 1)
-			allowed = 1;
+	k->endpoint_id = ep;
+	k->direction = dir;
+	k->proto = t->proto;
+	k->pad = 0;
+	if (reverse) {
+		__builtin_memcpy(k->saddr, t->daddr, 16);
+		__builtin_memcpy(k->daddr, t->saddr, 16);
+		k->sport = t->dport;
+		k->dport = t->sport;
+	} else {
+		__builtin_memcpy(k->saddr, t->saddr, 16);
+		__builtin_memcpy(k->daddr, t->daddr, 16);
+		k->sport = t->sport;
+		k->dport = t->dport;
 	}
-	return allowed ? REASON_ALLOWED_BY_POLICY : REASON_NOT_ALLOWED;
+}
+
+static __always_inline __u64 lifetime(struct tuple *t, int reply_seen)
+{
+	if (t->proto != PROTO_TCP)
+		return CT_LIFETIME_NONTCP;
+	if (t->flags & (TCP_FIN | TCP_RST))
+		return CT_LIFETIME_CLOSE;
+	return reply_seen ? CT_LIFETIME_TCP : CT_LIFETIME_SYN;
+}
+
+static __always_inline int tracked(struct tuple *t)
+{
+	if (t->proto == PROTO_TCP || t->proto == PROTO_UDP || t->proto == PROTO_SCTP)
+		return 1;
+	return t->echo != 0;
+}
+
+// A reply to a connection this endpoint opened in the other direction.
+static __always_inline int is_reply(__u32 ep, __u8 dir, struct tuple *t)
+{
+	if (!tracked(t) || t->echo == ECHO_REQUEST)
+		return 0;
+	struct ct_key k;
+	ct_key_of(&k, ep, dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS, t, 1);
+	struct ct_value *v = bpf_map_lookup_elem(&cilium_ct, &k);
+	__u64 now = bpf_ktime_get_ns();
+	if (!v || v->expires_ns < now)
+		return 0;
+	v->reply_seen = 1;
+	v->expires_ns = now + lifetime(t, 1);
+	return 1;
+}
+
+static __always_inline void track(__u32 ep, __u8 dir, struct tuple *t)
+{
+	// Echo replies never open a connection; other ICMP is not tracked.
+	if (!tracked(t) || t->echo == ECHO_REPLY)
+		return;
+	struct ct_key k;
+	ct_key_of(&k, ep, dir, t, 0);
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_value *v = bpf_map_lookup_elem(&cilium_ct, &k);
+	if (v) {
+		v->expires_ns = now + lifetime(t, v->reply_seen);
+		return;
+	}
+	struct ct_value nv = { .expires_ns = now + lifetime(t, 0) };
+	bpf_map_update_elem(&cilium_ct, &k, &nv, BPF_ANY);
+}
+
+static __always_inline int verdict(struct __sk_buff *skb, __u32 ep_id, __u8 dir, __u8 reason)
+{
+	count(ep_id, dir, reason, skb->len);
+	return reason >= REASON_DENIED_BY_RULE ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
@@ -239,29 +440,33 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	struct endpoint_value *ep = bpf_map_lookup_elem(&cilium_endpoints, &ek);
 	if (!ep)
 		return TC_ACT_OK;
+	__u32 id = ep->endpoint_id;
+	if (ep->state != ENDPOINT_READY)
+		return verdict(skb, id, dir, REASON_ENDPOINT_NOT_READY);
+	__u8 enforce = dir == DIR_INGRESS ? ep->ingress_enforce : ep->egress_enforce;
+
 	struct tuple t = {};
-	int p = parse(skb, &t);
-	if (p == 0)
-		return TC_ACT_OK;
-	if (p < 0) {
-		count(ep->endpoint_id, dir, REASON_NOT_ALLOWED, skb->len);
-		return TC_ACT_SHOT;
+	int p;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		p = parse_ipv4(skb, &t);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		p = parse_ipv6(skb, &t);
+	} else if (skb->protocol == bpf_htons(ETH_P_ARP)) {
+		return verdict(skb, id, dir, REASON_ARP);
+	} else {
+		return verdict(skb, id, dir, enforce ? REASON_UNSUPPORTED_L3 : REASON_NO_POLICY);
 	}
-	// A reply to a connection allowed earlier (either direction).
-	struct ct_key reverse = { .saddr = t.daddr, .daddr = t.saddr, .sport = t.dport, .dport = t.sport, .proto = t.proto };
-	if (bpf_map_lookup_elem(&cilium_ct, &reverse)) {
-		count(ep->endpoint_id, dir, REASON_REPLY, skb->len);
-		return TC_ACT_OK;
-	}
+	if (p < 0)
+		return verdict(skb, id, dir, enforce ? REASON_MALFORMED : REASON_NO_POLICY);
+	if (t.ndp)
+		return verdict(skb, id, dir, REASON_NDP);
+	if (is_reply(id, dir, &t))
+		return verdict(skb, id, dir, REASON_REPLY);
 	__u32 peer = identity_of(dir == DIR_INGRESS ? t.saddr : t.daddr);
-	__u8 reason = decide(ep, dir, peer, t.dport, t.proto);
-	count(ep->endpoint_id, dir, reason, skb->len);
-	if (reason >= REASON_DENIED_BY_RULE)
-		return TC_ACT_SHOT;
-	struct ct_key forward = { .saddr = t.saddr, .daddr = t.daddr, .sport = t.sport, .dport = t.dport, .proto = t.proto };
-	struct ct_value cv = { .created_ns = bpf_ktime_get_ns() };
-	bpf_map_update_elem(&cilium_ct, &forward, &cv, BPF_ANY);
-	return TC_ACT_OK;
+	__u8 reason = decide(ep, dir, peer, &t);
+	if (reason < REASON_DENIED_BY_RULE)
+		track(id, dir, &t);
+	return verdict(skb, id, dir, reason);
 }
 
 SEC("classifier")

@@ -51,12 +51,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq || die "apt-get update failed (no package registry reachable?)"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
-    die "apt-get install ${missing[*]} failed"
-  # The Debian prometheus package may start a service; we run our own.
-  pkill -x prometheus 2>/dev/null || true
-  pkill -x prometheus-node-exporter 2>/dev/null || true
-  pkill -x etcd 2>/dev/null || true
+  # Packaged services (etcd, prometheus, prometheus-node-exporter) must not
+  # start: we run our own on random ports, and killing them afterwards by
+  # name would also kill a user's own etcd or Prometheus. Debian's
+  # invoke-rc.d asks /usr/sbin/policy-rc.d; exit 101 means "do not start".
+  # Only a policy-rc.d we wrote ourselves is removed again.
+  local_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# written by cilium-rs scripts/setup.sh during apt-get install\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    local_policy=1
+  fi
+  apt_ok=1
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || apt_ok=0
+  [ "$local_policy" -eq 1 ] && rm -f /usr/sbin/policy-rc.d
+  [ "$apt_ok" -eq 1 ] || die "apt-get install ${missing[*]} failed"
 fi
 
 # ---------------------------------------------------------------- kube build
@@ -118,7 +127,11 @@ build_kube() {
   done
   log "building kube-apiserver and kube-controller-manager (cold build: ~8 min on 2 cores)"
   local t0=$SECONDS
-  (cd "$src" && GOTOOLCHAIN=local GOPROXY=off GOFLAGS= CGO_ENABLED=0 GOCACHE="$work/gocache" \
+  # Debian's Go 1.19 (golang-go): newer Go refuses //go:linkname uses of this
+  # old vendored tree, and the machine's own Go may come first in PATH.
+  local go119=/usr/lib/go-1.19/bin
+  [ -x "$go119/go" ] || die "$go119/go missing (Debian golang-go 1.19)"
+  (cd "$src" && PATH="$go119:$PATH" GOTOOLCHAIN=local GOPROXY=off GOFLAGS= CGO_ENABLED=0 GOCACHE="$work/gocache" \
     make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$work/build.log" 2>&1) ||
     die "kube build failed: $(tail -20 "$work/build.log")"
   mkdir -p "$kube_out.tmp"

@@ -548,7 +548,16 @@ pub struct CidrRule {
 pub enum Entity {
     All,
     World,
+    // IPv4 addresses outside the cluster (a plain comment: a doc comment
+    // would move the variant out of the schema's enum).
+    #[serde(rename = "world-ipv4")]
+    WorldIpv4,
+    // IPv6 addresses outside the cluster.
+    #[serde(rename = "world-ipv6")]
+    WorldIpv6,
     Cluster,
+    // This cluster and every cluster of the mesh.
+    ClusterMesh,
     Host,
     Init,
     Ingress,
@@ -795,7 +804,10 @@ mod tests {
         let entities = json!([
             "all",
             "world",
+            "world-ipv4",
+            "world-ipv6",
             "cluster",
+            "cluster-mesh",
             "host",
             "init",
             "ingress",

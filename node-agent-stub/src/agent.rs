@@ -22,16 +22,21 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
+use cilium_policy::engine::{NamedPort, Selections};
+use cilium_policy::{EndpointPolicy, Entry, PolicyRef, Prefix};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
 use crate::config::Settings;
-use crate::datapath::{Datapath, EndpointValue, PolicyKey, PolicyValue};
+use crate::datapath::{DIR_EGRESS, DIR_INGRESS, Datapath, ENDPOINT_FAILED, ENDPOINT_READY, EndpointValue, PolicyEntry};
+use crate::enforce::{self, CidrIdentities};
 use crate::netns;
-use crate::policy::{self, CidrIdentities, Computed, IdentityView, PolicySource};
 use crate::state::{EndpointRecord, Store as StateStore};
 
 pub const FIELD_MANAGER: &str = "cilium-node-agent";
 /// Reserved identities of nodes (upstream's numbers).
-pub const IDENTITY_HOST: u32 = 1;
-pub const IDENTITY_REMOTE_NODE: u32 = 6;
+pub const IDENTITY_HOST: u32 = cilium_policy::identity::HOST;
+pub const IDENTITY_REMOTE_NODE: u32 = cilium_policy::identity::REMOTE_NODE;
 
 pub enum Allocator {
     Crd(Box<CrdAllocator>),
@@ -55,7 +60,12 @@ struct Live {
     ifindex: u32,
     identity: u32,
     labels: Labels,
-    computed: Computed,
+    /// Named container ports (for named ports in policies).
+    ports: Vec<NamedPort>,
+    computed: EndpointPolicy,
+    /// Whether the datapath holds the endpoint's whole policy (false: a
+    /// map write failed and every packet of the endpoint is dropped).
+    ready: bool,
     /// The CEP body last written (rewritten only when it changes).
     written: Option<serde_json::Value>,
     reported: BTreeSet<String>,
@@ -67,6 +77,10 @@ struct Live {
 pub struct Snapshot {
     pub endpoint_names: BTreeMap<u32, String>,
     pub ready: bool,
+    /// Endpoints whose policy could not be written (dropping everything).
+    pub endpoints_not_ready: usize,
+    /// Failed writes to the policy map.
+    pub policy_map_errors: u64,
 }
 
 struct Stores {
@@ -75,6 +89,8 @@ struct Stores {
     ids: Store<CiliumIdentity>,
     cnps: Store<CiliumNetworkPolicy>,
     ccnps: Store<CiliumClusterwideNetworkPolicy>,
+    knps: Store<NetworkPolicy>,
+    namespaces: Store<Namespace>,
     cnodes: Store<CiliumNode>,
 }
 
@@ -89,6 +105,9 @@ pub struct Agent {
     pod_range: (u32, u32),
     live: BTreeMap<String, Live>,
     cidrs: CidrIdentities,
+    policy_cfg: cilium_policy::Config,
+    /// Refused policies already reported (policy -> reason).
+    refused_reported: BTreeMap<PolicyRef, String>,
     routes: BTreeMap<String, Ipv4Addr>,
     pub snapshot: Arc<Mutex<Snapshot>>,
 }
@@ -126,7 +145,8 @@ impl Agent {
             .map_err(|e| anyhow!("invalid labels option: {e}"))?;
 
         crate::datapath::ensure_bpffs()?;
-        let dp = Datapath::load(&s.bpf_root())?;
+        let mut dp = Datapath::load(&s.bpf_root())?;
+        let cidrs = CidrIdentities::from_ipcache(&dp.ipcache_entries()?);
         let state = StateStore::open(&s.state_dir())?;
 
         // The CiliumNode, owned by the Node.
@@ -175,6 +195,12 @@ impl Agent {
             }
             _ => Allocator::DoubleWrite(Box::new(DoubleWriteAllocator::new(crd(), kv().await?, ReadFrom::Crd))),
         };
+        let policy_cfg = cilium_policy::Config {
+            cluster_name: s.cluster_name.clone(),
+            ipv4: true,
+            ipv6: false,
+            enable_node_selector_labels: false,
+        };
         Ok(Agent {
             s,
             client,
@@ -185,7 +211,9 @@ impl Agent {
             node_ip,
             pod_range,
             live: BTreeMap::new(),
-            cidrs: CidrIdentities::default(),
+            cidrs,
+            policy_cfg,
+            refused_reported: BTreeMap::new(),
             routes: BTreeMap::new(),
             snapshot,
         })
@@ -205,6 +233,8 @@ impl Agent {
             ids: spawn_store(Api::<CiliumIdentity>::all(c.clone()), cfg.clone(), wake.clone()),
             cnps: spawn_store(Api::<CiliumNetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
             ccnps: spawn_store(Api::<CiliumClusterwideNetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
+            knps: spawn_store(Api::<NetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
+            namespaces: spawn_store(Api::<Namespace>::all(c.clone()), cfg.clone(), wake.clone()),
             cnodes: spawn_store(Api::<CiliumNode>::all(c.clone()), cfg, wake.clone()),
         };
         for (name, ready) in [
@@ -213,6 +243,8 @@ impl Agent {
             ("ciliumidentities", stores.ids.wait_until_ready().boxed()),
             ("ciliumnetworkpolicies", stores.cnps.wait_until_ready().boxed()),
             ("ciliumclusterwidenetworkpolicies", stores.ccnps.wait_until_ready().boxed()),
+            ("networkpolicies", stores.knps.wait_until_ready().boxed()),
+            ("namespaces", stores.namespaces.wait_until_ready().boxed()),
             ("ciliumnodes", stores.cnodes.wait_until_ready().boxed()),
         ] {
             tokio::select! {
@@ -272,72 +304,89 @@ impl Agent {
         for uid in gone {
             self.teardown(&uid).await;
         }
-        // Identities for selectors: CiliumIdentities and what endpoints carry.
-        let mut identities: BTreeMap<u32, BTreeMap<String, String>> = BTreeMap::new();
-        for i in st.ids.state() {
-            if let Some(id) = i.metadata.name.as_deref().and_then(|n| n.parse().ok()) {
-                identities.insert(id, i.security_labels.clone());
-            }
-        }
-        for e in st.ceps.state() {
-            let Some(ident) = e.status.as_ref().and_then(|s| s.identity.as_ref()) else { continue };
-            let (Some(id), Some(labels)) = (ident.id, ident.labels.as_ref()) else { continue };
-            identities.entry(id as u32).or_insert_with(|| {
-                labels.iter().filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
-            });
-        }
-        let views: Vec<IdentityView> =
-            identities.into_iter().map(|(id, labels)| IdentityView::new(id, labels)).collect();
-        let cnps = st.cnps.state();
-        let ccnps = st.ccnps.state();
-        let mut sources: Vec<PolicySource> = Vec::new();
-        for p in &cnps {
-            sources.push(PolicySource {
-                namespace: p.metadata.namespace.as_deref(),
-                name: p.metadata.name.as_deref().unwrap_or_default(),
-                rules: p.rules().collect(),
-            });
-        }
-        for p in &ccnps {
-            sources.push(PolicySource {
-                namespace: None,
-                name: p.metadata.name.as_deref().unwrap_or_default(),
-                rules: p.rules().collect(),
-            });
-        }
+        // Policies in force (one engine for operator, agent and CLI), the
+        // CIDR identities they need, and every identity they may select.
+        let view = enforce::gather(&st.cnps.state(), &st.ccnps.state(), &st.knps.state(), &self.policy_cfg);
+        self.report_refused(&view.refused).await;
+        self.cidrs.sync(&cilium_policy::engine::cidr_prefixes(&view.entries));
+        let ceps = st.ceps.state();
+        let universe = enforce::universe(&self.policy_cfg, &st.ids.state(), &ceps, &self.cidrs);
+        let mut selections = Selections::new(&universe);
+        let namespaces: BTreeMap<String, Arc<Namespace>> =
+            st.namespaces.state().into_iter().filter_map(|n| Some((n.metadata.name.clone()?, n))).collect();
         for (uid, pod) in &pods {
-            if let Err(e) = self.ensure_endpoint(uid, pod, &views, &sources).await {
+            let ns = namespaces.get(pod.metadata.namespace.as_deref().unwrap_or_default()).map(|n| n.as_ref());
+            if let Err(e) = self.ensure_endpoint(uid, pod, ns, &mut selections, &view.entries).await {
                 tracing::warn!(pod = %format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or(""), pod.metadata.name.as_deref().unwrap_or("")), error = format!("{e:#}"), "endpoint not ready");
             }
         }
-        // The ipcache: every endpoint of the cluster, and CIDR identities.
-        let mut want: BTreeMap<(Ipv4Addr, u8), u32> = self.cidrs.by_prefix.iter().map(|(p, id)| (*p, *id)).collect();
-        for e in st.ceps.state() {
+        {
+            let mut snap = self.snapshot.lock().expect("snapshot");
+            snap.endpoints_not_ready = self.live.values().filter(|l| !l.ready).count();
+        }
+        // The ipcache: the world prefixes, the CIDR identities, every
+        // endpoint of the cluster and the nodes. Written after the
+        // endpoints' policies, so a new identity is never looked up before
+        // its entries exist.
+        let cfg = &self.policy_cfg;
+        let mut want: BTreeMap<Prefix, u32> = BTreeMap::new();
+        want.insert(Prefix::parse("0.0.0.0/0", false).expect("prefix"), cilium_policy::identity::world_id(cfg, true));
+        want.insert(Prefix::parse("::/0", false).expect("prefix"), cilium_policy::identity::world_id(cfg, false));
+        want.extend(self.cidrs.by_prefix.iter().map(|(p, id)| (*p, *id)));
+        for e in &ceps {
             let Some(status) = e.status.as_ref() else { continue };
             let Some(id) = status.identity.as_ref().and_then(|i| i.id) else { continue };
             for a in status.networking.iter().flat_map(|n| &n.addressing) {
-                if let Some(ip) = a.ipv4.as_deref().and_then(|i| i.parse::<Ipv4Addr>().ok()) {
-                    want.insert((ip, 32), id as u32);
+                for ip in [a.ipv4.as_deref(), a.ipv6.as_deref()].into_iter().flatten() {
+                    if let Ok(ip) = ip.parse::<std::net::IpAddr>() {
+                        want.insert(Prefix::host(ip), id as u32);
+                    }
                 }
             }
         }
         for l in self.live.values() {
-            want.insert((l.rec.ip, 32), l.identity);
+            want.insert(Prefix::host(l.rec.ip.into()), l.identity);
         }
         // Nodes: this one is `host` (also as the pods' gateway address, the
         // source of what the node itself sends them), the others
         // `remote-node`, as upstream's reserved identities.
-        want.insert((netns::GATEWAY.parse().expect("gateway address"), 32), IDENTITY_HOST);
+        let gateway: Ipv4Addr = netns::GATEWAY.parse().expect("gateway address");
+        want.insert(Prefix::host(gateway.into()), IDENTITY_HOST);
         for n in st.cnodes.state() {
             let mine = n.metadata.name.as_deref() == Some(self.s.flags.node_name.as_str());
             for a in n.spec.addresses.iter().flatten() {
-                if let Some(ip) = a.ip.as_deref().and_then(|i| i.parse::<Ipv4Addr>().ok()) {
-                    want.insert((ip, 32), if mine { IDENTITY_HOST } else { IDENTITY_REMOTE_NODE });
+                if let Some(ip) = a.ip.as_deref().and_then(|i| i.parse::<std::net::IpAddr>().ok()) {
+                    want.insert(Prefix::host(ip), if mine { IDENTITY_HOST } else { IDENTITY_REMOTE_NODE });
                 }
             }
         }
         self.dp.sync_ipcache(&want)?;
         Ok(())
+    }
+
+    /// Logs and reports each refused policy once per reason, as an Event
+    /// on the policy object.
+    async fn report_refused(&mut self, refused: &BTreeMap<PolicyRef, String>) {
+        self.refused_reported.retain(|r, _| refused.contains_key(r));
+        for (r, why) in refused {
+            if self.refused_reported.get(r) == Some(why) {
+                continue;
+            }
+            tracing::warn!(policy = %r, reason = %why, "policy not enforced");
+            let (api_version, kind) = match r.kind {
+                cilium_policy::PolicyKind::Knp => ("networking.k8s.io/v1", "NetworkPolicy"),
+                k => ("cilium.io/v2", k.name()),
+            };
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some(api_version.into()),
+                kind: Some(kind.into()),
+                name: Some(r.name.clone()),
+                namespace: r.namespace.clone(),
+                ..Default::default()
+            };
+            self.publish(&reference, "PolicyNotEnforced", &format!("{r} is not enforced: {why}")).await;
+            self.refused_reported.insert(r.clone(), why.clone());
+        }
     }
 
     fn sync_routes(&mut self, st: &Stores) {
@@ -379,12 +428,19 @@ impl Agent {
         }
     }
 
-    fn identity_labels(&self, pod: &Pod) -> Labels {
-        let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
-        let mut all = Labels::from_k8s(ns, pod.metadata.labels.iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())));
+    /// Upstream's identity labels of a pod: its labels, namespace, the
+    /// namespace's labels, service account and cluster, filtered by the
+    /// `labels` option.
+    fn identity_labels(&self, pod: &Pod, ns: Option<&Namespace>) -> Labels {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let mut all =
+            Labels::from_k8s(namespace, pod.metadata.labels.iter().flatten().map(|(k, v)| (k.as_str(), v.as_str())));
+        for (k, v) in ns.and_then(|n| n.metadata.labels.as_ref()).into_iter().flatten() {
+            all.insert(Label::new("k8s", &format!("{}{k}", cilium_policy::labels::NAMESPACE_LABELS_PREFIX), v));
+        }
         let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).unwrap_or("default");
-        all.insert(Label::new("k8s", "io.cilium.k8s.policy.serviceaccount", sa));
-        all.insert(Label::new("k8s", "io.cilium.k8s.policy.cluster", "default"));
+        all.insert(Label::new("k8s", cilium_policy::labels::SERVICE_ACCOUNT_KEY, sa));
+        all.insert(Label::new("k8s", cilium_policy::labels::CLUSTER_KEY, &self.s.cluster_name));
         self.filter.split(&all).0
     }
 
@@ -392,12 +448,20 @@ impl Agent {
         &mut self,
         uid: &str,
         pod: &Pod,
-        views: &[IdentityView],
-        sources: &[PolicySource<'_>],
+        namespace: Option<&Namespace>,
+        sel: &mut Selections<'_>,
+        policy_entries: &[Entry],
     ) -> anyhow::Result<()> {
         let ns = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let labels = self.identity_labels(pod);
+        let labels = self.identity_labels(pod, namespace);
+        let ports: Vec<NamedPort> = pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| enforce::named_port(p.name.as_deref(), i64::from(p.container_port), p.protocol.as_deref()))
+            .collect();
         if !self.live.contains_key(uid) {
             let known = self.state.state.endpoints.get(uid).cloned();
             let is_new = known.is_none();
@@ -437,7 +501,8 @@ impl Agent {
                     identity: 0,
                     ingress_enforce: 1,
                     egress_enforce: 1,
-                    pad: [0; 2],
+                    state: ENDPOINT_READY,
+                    pad: 0,
                 };
                 self.dp.set_endpoint(ifindex, deny_all)?;
             }
@@ -450,7 +515,9 @@ impl Agent {
                     ifindex,
                     identity: 0,
                     labels: Labels::new(),
-                    computed: Computed::default(),
+                    ports: Vec::new(),
+                    computed: EndpointPolicy::default(),
+                    ready: false,
                     written: None,
                     reported: BTreeSet::new(),
                 },
@@ -468,32 +535,41 @@ impl Agent {
             current.0
         };
         // Policy, then the datapath entry with its enforcement flags: a new
-        // endpoint is never reachable before its policy is in place.
-        let sec = labels.security_labels();
-        let computed = policy::compute(&ns, &sec, views, sources, &mut self.cidrs);
+        // endpoint is never reachable before its policy is in place. A
+        // failed map write (a full map) fails closed: the endpoint drops
+        // every packet and is reported not ready until a sync succeeds.
+        let subject = cilium_policy::LabelSet::new(
+            labels.iter().map(|l| cilium_policy::Label::new(&l.source, &l.key, &l.value)).collect(),
+        );
+        let mut computed = cilium_policy::compile(&subject, &ports, policy_entries, sel);
         let live = self.live.get_mut(uid).expect("live");
         let ep_id = live.rec.endpoint_id;
-        let entries: BTreeMap<PolicyKey, PolicyValue> = computed
-            .entries
-            .iter()
-            .map(|((peer, port, proto, dir), deny)| {
-                (
-                    PolicyKey { endpoint_id: ep_id, identity: *peer, dport: *port, proto: *proto, direction: *dir },
-                    PolicyValue { deny: u8::from(*deny), pad: [0; 3] },
-                )
-            })
-            .collect();
-        self.dp.sync_policy(ep_id, &entries)?;
-        self.dp.set_endpoint(
-            live.ifindex,
-            EndpointValue {
-                endpoint_id: ep_id,
-                identity,
-                ingress_enforce: u8::from(computed.ingress_enforce),
-                egress_enforce: u8::from(computed.egress_enforce),
-                pad: [0; 2],
-            },
-        )?;
+        let mut entries: BTreeMap<PolicyEntry, bool> = BTreeMap::new();
+        for (direction, d) in [(DIR_INGRESS, &computed.ingress), (DIR_EGRESS, &computed.egress)] {
+            entries.extend(d.entries.iter().map(|(key, deny)| (PolicyEntry { direction, key: *key }, *deny)));
+        }
+        let written = self.dp.sync_policy(ep_id, &entries);
+        let mut value = EndpointValue {
+            endpoint_id: ep_id,
+            identity,
+            ingress_enforce: u8::from(computed.ingress.enforced),
+            egress_enforce: u8::from(computed.egress.enforced),
+            state: ENDPOINT_READY,
+            pad: 0,
+        };
+        if written.is_err() {
+            value.state = ENDPOINT_FAILED;
+        }
+        self.dp.set_endpoint(live.ifindex, value)?;
+        live.ready = written.is_ok();
+        if let Err(e) = &written {
+            self.snapshot.lock().expect("snapshot").policy_map_errors += 1;
+            computed.not_enforced.insert(format!(
+                "policy map write failed, so the endpoint drops all its traffic until a write succeeds: {e}"
+            ));
+        }
+        let live = self.live.get_mut(uid).expect("live");
+        live.ports = ports;
         live.identity = identity;
         live.labels = labels.clone();
         let new_notes: Vec<String> = computed.not_enforced.difference(&live.reported).cloned().collect();
@@ -527,11 +603,6 @@ impl Agent {
     }
 
     async fn event(&self, ns: &str, name: &str, note: &str) {
-        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-        let recorder = Recorder::new(
-            self.client.clone(),
-            Reporter { controller: FIELD_MANAGER.into(), instance: Some(self.s.flags.node_name.clone()) },
-        );
         let reference = k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some("cilium.io/v2".into()),
             kind: Some("CiliumEndpoint".into()),
@@ -539,14 +610,23 @@ impl Agent {
             namespace: Some(ns.into()),
             ..Default::default()
         };
+        self.publish(&reference, "PolicyNotEnforced", note).await;
+    }
+
+    async fn publish(&self, reference: &k8s_openapi::api::core::v1::ObjectReference, reason: &str, note: &str) {
+        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter { controller: FIELD_MANAGER.into(), instance: Some(self.s.flags.node_name.clone()) },
+        );
         let ev = Event {
             type_: EventType::Warning,
-            reason: "PolicyNotEnforced".into(),
+            reason: reason.into(),
             note: Some(note.chars().take(1000).collect()),
             action: "EnforcePolicy".into(),
             secondary: None,
         };
-        if let Err(e) = recorder.publish(&ev, &reference).await {
+        if let Err(e) = recorder.publish(&ev, reference).await {
             tracing::debug!(error = %e, "publishing Event failed");
         }
     }
@@ -582,18 +662,34 @@ impl Agent {
 fn cep_body(ns: &str, name: &str, uid: &str, l: &Live, node_ip: Ipv4Addr) -> serde_json::Value {
     let labels: Vec<String> = l.labels.iter().map(|x| format!("{}:{}={}", x.source, x.key, x.value)).collect();
     let dir = |enforcing: bool| json!({ "enforcing": enforcing, "state": if enforcing { "enforcing" } else { "non-enforcing" } });
+    let state = if l.ready { "ready" } else { "not-ready" };
     let log: Vec<serde_json::Value> =
-        l.computed.not_enforced.iter().map(|n| json!({ "code": "Warning", "message": n, "state": "ready" })).collect();
+        l.computed.not_enforced.iter().map(|n| json!({ "code": "Warning", "message": n, "state": state })).collect();
+    let ports: Vec<serde_json::Value> = l
+        .ports
+        .iter()
+        .map(|p| {
+            let proto = match p.proto {
+                cilium_policy::parse::PROTO_UDP => "UDP",
+                cilium_policy::parse::PROTO_SCTP => "SCTP",
+                _ => "TCP",
+            };
+            json!({ "name": p.name, "port": p.port, "protocol": proto })
+        })
+        .collect();
     let mut status = json!({
         "id": l.rec.endpoint_id,
         "identity": { "id": l.identity, "labels": labels },
         "networking": { "addressing": [{ "ipv4": l.rec.ip.to_string() }], "node": node_ip.to_string() },
-        "state": "ready",
-        "policy": { "ingress": dir(l.computed.ingress_enforce), "egress": dir(l.computed.egress_enforce) },
+        "state": state,
+        "policy": { "ingress": dir(l.computed.ingress.enforced), "egress": dir(l.computed.egress.enforced) },
         "external-identifiers": { "pod-name": format!("{ns}/{name}"), "k8s-namespace": ns, "k8s-pod-name": name },
     });
     if !log.is_empty() {
         status["log"] = json!(log);
+    }
+    if !ports.is_empty() {
+        status["named-ports"] = json!(ports);
     }
     json!({
         "apiVersion": "cilium.io/v2", "kind": "CiliumEndpoint",

@@ -45,6 +45,10 @@ pub struct Flags {
     /// etcd address for kvstore modes (overrides kvstore-opt), e.g. http://127.0.0.1:2379.
     #[arg(long)]
     pub kvstore_endpoint: Option<String>,
+    /// Name of the cluster (overrides cilium-config `cluster-name`; default
+    /// `default`): endpoints carry it as a label and policies select within it.
+    #[arg(long)]
+    pub cluster_name: Option<String>,
 }
 
 /// The settings the agent uses.
@@ -57,15 +61,22 @@ pub struct Settings {
     pub max_connected_clusters: u32,
     /// Identity-relevant label patterns (`labels` option), empty: defaults.
     pub label_patterns: Vec<String>,
+    pub cluster_name: String,
 }
 
 impl Settings {
     pub fn from(flags: Flags) -> anyhow::Result<Settings> {
         let mut cm: BTreeMap<String, String> = BTreeMap::new();
         if let Some(dir) = &flags.config_dir {
-            for key in
-                ["identity-allocation-mode", "kvstore", "kvstore-opt", "cluster-id", "max-connected-clusters", "labels"]
-            {
+            for key in [
+                "identity-allocation-mode",
+                "kvstore",
+                "kvstore-opt",
+                "cluster-id",
+                "cluster-name",
+                "max-connected-clusters",
+                "labels",
+            ] {
                 if let Ok(v) = std::fs::read_to_string(dir.join(key)) {
                     cm.insert(key.to_string(), v.trim().to_string());
                 }
@@ -96,7 +107,10 @@ impl Settings {
         };
         let label_patterns =
             cm.get("labels").map(|l| l.split_whitespace().map(str::to_string).collect()).unwrap_or_default();
+        let cluster_name =
+            flags.cluster_name.clone().or_else(|| cm.get("cluster-name").cloned()).unwrap_or_else(|| "default".into());
         Ok(Settings {
+            cluster_name,
             mode,
             kvstore,
             cluster_id: num("cluster-id", 0)?,

@@ -5,9 +5,11 @@
 //! pinned: an agent restart keeps them attached and re-attaches the new
 //! program in place), and map updates.
 
-use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+
+use cilium_policy::Prefix;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap as BpfHashMap, MapData};
@@ -18,7 +20,6 @@ use aya::{Ebpf, EbpfLoader, Pod};
 /// The compiled `bpf/policy.c`.
 pub static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/policy.o"));
 
-pub const IDENTITY_WORLD: u32 = 2;
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 
@@ -26,18 +27,47 @@ pub const DIR_EGRESS: u8 = 1;
 pub const REASON_ALLOWED_BY_POLICY: u8 = 0;
 pub const REASON_NO_POLICY: u8 = 1;
 pub const REASON_REPLY: u8 = 2;
+pub const REASON_ARP: u8 = 3;
+pub const REASON_NDP: u8 = 4;
 pub const REASON_DENIED_BY_RULE: u8 = 10;
 pub const REASON_NOT_ALLOWED: u8 = 11;
+pub const REASON_MALFORMED: u8 = 12;
+pub const REASON_UNSUPPORTED_L3: u8 = 13;
+pub const REASON_ENDPOINT_NOT_READY: u8 = 14;
+
+/// Reasons at or above this one drop the packet.
+pub const FIRST_DROP_REASON: u8 = REASON_DENIED_BY_RULE;
 
 pub fn reason_name(r: u8) -> &'static str {
     match r {
         REASON_ALLOWED_BY_POLICY => "allowed-by-policy",
         REASON_NO_POLICY => "no-policy",
         REASON_REPLY => "reply",
+        REASON_ARP => "arp",
+        REASON_NDP => "neighbor-discovery",
         REASON_DENIED_BY_RULE => "denied-by-rule",
         REASON_NOT_ALLOWED => "not-allowed",
+        REASON_MALFORMED => "malformed",
+        REASON_UNSUPPORTED_L3 => "unsupported-l3-protocol",
+        REASON_ENDPOINT_NOT_READY => "endpoint-not-ready",
         _ => "unknown",
     }
+}
+
+/// `endpoint_value.state`: ready, or its policy could not be written (every
+/// packet is dropped until it is).
+pub const ENDPOINT_READY: u8 = 0;
+pub const ENDPOINT_FAILED: u8 = 1;
+
+/// Bump when a map's layout changes: pins of another layout are replaced
+/// at load.
+pub const MAP_LAYOUT: &str = "2";
+
+/// An address in the ipcache's 128-bit space (IPv4 as IPv4-mapped IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr16 {
+    pub bytes: [u8; 16],
 }
 
 #[repr(C)]
@@ -59,20 +89,23 @@ pub struct EndpointValue {
     pub identity: u32,
     pub ingress_enforce: u8,
     pub egress_enforce: u8,
-    pub pad: [u8; 2],
+    /// `ENDPOINT_READY` or `ENDPOINT_FAILED`.
+    pub state: u8,
+    pub pad: u8,
 }
 
+/// The bytes of a policy map key after its prefix length.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PolicyKey {
+pub struct PolicyKeyData {
     pub endpoint_id: u32,
     /// 0: any peer.
     pub identity: u32,
-    /// Host byte order; 0: any port.
-    pub dport: u16,
-    /// IPPROTO_*; 0: any.
-    pub proto: u8,
     pub direction: u8,
+    /// IPPROTO_*; 0 (with prefix 72): every protocol.
+    pub proto: u8,
+    /// Network byte order.
+    pub dport_be: u16,
 }
 
 #[repr(C)]
@@ -80,6 +113,43 @@ pub struct PolicyKey {
 pub struct PolicyValue {
     pub deny: u8,
     pub pad: [u8; 3],
+}
+
+/// One policy entry of an endpoint, as the engine computes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyEntry {
+    pub direction: u8,
+    pub key: cilium_policy::MapKey,
+}
+
+impl PolicyEntry {
+    fn lpm_key(&self, endpoint_id: u32) -> LpmKey<PolicyKeyData> {
+        let k = &self.key;
+        let prefix = if k.proto == 0 { 72 } else { 80 + u32::from(k.plen) };
+        LpmKey::new(
+            prefix,
+            PolicyKeyData {
+                endpoint_id,
+                identity: k.peer,
+                direction: self.direction,
+                proto: k.proto,
+                dport_be: k.port.to_be(),
+            },
+        )
+    }
+
+    fn from_lpm(key: &LpmKey<PolicyKeyData>) -> (u32, PolicyEntry) {
+        let d = key.data();
+        let plen = if key.prefix_len() <= 72 { 0 } else { (key.prefix_len() - 80) as u8 };
+        let port = u16::from_be(d.dport_be);
+        (
+            d.endpoint_id,
+            PolicyEntry {
+                direction: d.direction,
+                key: cilium_policy::MapKey { peer: d.identity, proto: d.proto, port, plen },
+            },
+        )
+    }
 }
 
 #[repr(C)]
@@ -99,13 +169,29 @@ pub struct MetricsValue {
 }
 
 // SAFETY: plain-old-data with explicit padding, matching bpf/policy.c.
+unsafe impl Pod for Addr16 {}
 unsafe impl Pod for IpcacheValue {}
 unsafe impl Pod for EndpointKey {}
 unsafe impl Pod for EndpointValue {}
-unsafe impl Pod for PolicyKey {}
+unsafe impl Pod for PolicyKeyData {}
 unsafe impl Pod for PolicyValue {}
 unsafe impl Pod for MetricsKey {}
 unsafe impl Pod for MetricsValue {}
+
+fn addr16(prefix: &Prefix) -> (Addr16, u32) {
+    let (bits, len) = prefix.mapped();
+    (Addr16 { bytes: bits.to_be_bytes() }, u32::from(len))
+}
+
+fn prefix_of(key: &LpmKey<Addr16>) -> Option<Prefix> {
+    let bits = u128::from_be_bytes(key.data().bytes);
+    let len = key.prefix_len() as u8;
+    let v6 = std::net::Ipv6Addr::from(bits);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if len >= 96 => Prefix::new(IpAddr::V4(v4), len - 96),
+        _ => Prefix::new(IpAddr::V6(v6), len),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -151,10 +237,46 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     /// What the maps hold, read once at load (pins may come from a
-    /// previous agent) and kept in step with every write, so a sync diffs
-    /// in memory instead of walking the kernel maps.
-    ipcache_now: BTreeMap<(Ipv4Addr, u8), u32>,
-    policy_now: BTreeMap<u32, BTreeMap<PolicyKey, PolicyValue>>,
+    /// previous agent) and changed only after each successful write, so a
+    /// sync diffs in memory and a failed write never hides an entry.
+    ipcache_now: BTreeMap<Prefix, u32>,
+    policy_now: BTreeMap<u32, BTreeMap<PolicyEntry, bool>>,
+}
+
+/// Every map with the layout this build expects: (name, type, key size,
+/// value size, max entries).
+fn map_layouts() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 5] {
+    use aya::maps::MapType as T;
+    use std::mem::size_of;
+    [
+        ("cilium_ipcache", T::LpmTrie, 4 + size_of::<Addr16>(), size_of::<IpcacheValue>(), 65536),
+        ("cilium_endpoints", T::Hash, size_of::<EndpointKey>(), size_of::<EndpointValue>(), 4096),
+        ("cilium_policy", T::LpmTrie, 4 + size_of::<PolicyKeyData>(), size_of::<PolicyValue>(), POLICY_MAP_SIZE),
+        ("cilium_ct", T::LruHash, 48, 16, 65536),
+        ("cilium_metrics", T::Hash, size_of::<MetricsKey>(), size_of::<MetricsValue>(), 65536),
+    ]
+}
+
+/// Capacity of `cilium_policy` (entries of every endpoint together).
+pub const POLICY_MAP_SIZE: u32 = 262144;
+
+/// A map pinned by an agent of another version with another layout cannot
+/// be reused (aya would take it as it is, and the programs would read it
+/// with the wrong layout): such pins are removed, so the maps are made
+/// anew and rewritten by the first sync. Links stay.
+fn replace_incompatible_pins(pin_dir: &Path) {
+    for (name, ty, key, value, max) in map_layouts() {
+        let pin = pin_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else { continue };
+        let same = info.map_type().ok() == Some(ty)
+            && info.key_size() as usize == key
+            && info.value_size() as usize == value
+            && info.max_entries() == max;
+        if !same {
+            tracing::warn!(map = name, "pinned map has another layout (an older agent): replacing it");
+            let _ = std::fs::remove_file(&pin);
+        }
+    }
 }
 
 impl Datapath {
@@ -165,6 +287,7 @@ impl Datapath {
         if !is_bpffs(pin_dir) {
             return Err(DatapathError::NoBpffs { path: pin_dir.display().to_string() });
         }
+        replace_incompatible_pins(pin_dir);
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(OBJECT)?;
         for name in ["from_container", "to_container"] {
             let prog: &mut SchedClassifier = ebpf
@@ -181,10 +304,7 @@ impl Datapath {
             policy_now: BTreeMap::new(),
         };
         dp.ipcache_now = dp.ipcache_entries()?;
-        let entries: Vec<(PolicyKey, PolicyValue)> = dp.policy()?.iter().filter_map(Result::ok).collect();
-        for (k, v) in entries {
-            dp.policy_now.entry(k.endpoint_id).or_default().insert(k, v);
-        }
+        dp.policy_now = dp.policy_entries()?;
         Ok(dp)
     }
 
@@ -250,42 +370,55 @@ impl Datapath {
         }
     }
 
-    fn ipcache(&mut self) -> Result<LpmTrie<&mut MapData, u32, IpcacheValue>, DatapathError> {
+    fn ipcache(&mut self) -> Result<LpmTrie<&mut MapData, Addr16, IpcacheValue>, DatapathError> {
         LpmTrie::try_from(self.map("cilium_ipcache"))
             .map_err(|source| DatapathError::Map { name: "cilium_ipcache", source })
     }
 
-    /// The ipcache as it is: (address, prefix) -> identity.
-    pub fn ipcache_entries(&mut self) -> Result<BTreeMap<(Ipv4Addr, u8), u32>, DatapathError> {
+    /// The ipcache as it is: prefix -> identity.
+    pub fn ipcache_entries(&mut self) -> Result<BTreeMap<Prefix, u32>, DatapathError> {
         let map = self.ipcache()?;
         let mut out = BTreeMap::new();
         for kv in map.iter() {
             let (k, v) = kv.map_err(|source| DatapathError::Map { name: "cilium_ipcache", source })?;
-            out.insert((Ipv4Addr::from(k.data().to_ne_bytes()), k.prefix_len() as u8), v.identity);
+            if let Some(p) = prefix_of(&k) {
+                out.insert(p, v.identity);
+            }
         }
         Ok(out)
     }
 
-    /// Makes the ipcache equal to `want` (inserting before deleting).
-    pub fn sync_ipcache(&mut self, want: &BTreeMap<(Ipv4Addr, u8), u32>) -> Result<(), DatapathError> {
+    /// Makes the ipcache equal to `want` (inserting before deleting). The
+    /// in-memory copy follows each write that succeeded.
+    pub fn sync_ipcache(&mut self, want: &BTreeMap<Prefix, u32>) -> Result<(), DatapathError> {
         if &self.ipcache_now == want {
             return Ok(());
         }
-        let have = std::mem::take(&mut self.ipcache_now);
-        let mut map = self.ipcache()?;
-        let e = |source| DatapathError::Map { name: "cilium_ipcache", source };
-        for ((ip, len), id) in want {
-            if have.get(&(*ip, *len)) != Some(id) {
-                let key = LpmKey::new(u32::from(*len), u32::from_ne_bytes(ip.octets()));
-                map.insert(&key, IpcacheValue { identity: *id }, 0).map_err(e)?;
+        let mut now = std::mem::take(&mut self.ipcache_now);
+        let r = (|| {
+            let mut map = self.ipcache()?;
+            let e = |source| DatapathError::Map { name: "cilium_ipcache", source };
+            for (p, id) in want {
+                if now.get(p) != Some(id) {
+                    let (addr, len) = addr16(p);
+                    map.insert(&LpmKey::new(len, addr), IpcacheValue { identity: *id }, 0).map_err(e)?;
+                    now.insert(*p, *id);
+                }
             }
-        }
-        for (ip, len) in have.keys().filter(|k| !want.contains_key(k)) {
-            let key = LpmKey::new(u32::from(*len), u32::from_ne_bytes(ip.octets()));
-            let _ = map.remove(&key);
-        }
-        self.ipcache_now = want.clone();
-        Ok(())
+            let stale: Vec<Prefix> = now.keys().filter(|k| !want.contains_key(k)).copied().collect();
+            for p in stale {
+                let (addr, len) = addr16(&p);
+                match map.remove(&LpmKey::new(len, addr)) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                        now.remove(&p);
+                    }
+                    Err(source) => return Err(e(source)),
+                }
+            }
+            Ok(())
+        })();
+        self.ipcache_now = now;
+        r
     }
 
     fn endpoints(&mut self) -> Result<BpfHashMap<&mut MapData, EndpointKey, EndpointValue>, DatapathError> {
@@ -304,38 +437,76 @@ impl Datapath {
         Ok(())
     }
 
-    fn policy(&mut self) -> Result<BpfHashMap<&mut MapData, PolicyKey, PolicyValue>, DatapathError> {
-        BpfHashMap::try_from(self.map("cilium_policy"))
+    fn policy(&mut self) -> Result<LpmTrie<&mut MapData, PolicyKeyData, PolicyValue>, DatapathError> {
+        LpmTrie::try_from(self.map("cilium_policy"))
             .map_err(|source| DatapathError::Map { name: "cilium_policy", source })
     }
 
-    /// Makes the policy entries of `endpoint_id` equal to `want`: new and
-    /// changed entries first, then stale ones are removed.
-    pub fn sync_policy(
+    /// Every endpoint's policy entries as the map holds them.
+    pub fn policy_entries(&mut self) -> Result<BTreeMap<u32, BTreeMap<PolicyEntry, bool>>, DatapathError> {
+        let map = self.policy()?;
+        let mut out: BTreeMap<u32, BTreeMap<PolicyEntry, bool>> = BTreeMap::new();
+        for kv in map.iter() {
+            let (k, v) = kv.map_err(|source| DatapathError::Map { name: "cilium_policy", source })?;
+            let (ep, entry) = PolicyEntry::from_lpm(&k);
+            out.entry(ep).or_default().insert(entry, v.deny != 0);
+        }
+        Ok(out)
+    }
+
+    /// The entries of `endpoint_id` as last written.
+    pub fn endpoint_policy(&self, endpoint_id: u32) -> Option<&BTreeMap<PolicyEntry, bool>> {
+        self.policy_now.get(&endpoint_id)
+    }
+
+    /// Makes the policy entries of `endpoint_id` equal to `want` (entry ->
+    /// deny): new and changed entries first, then stale ones are removed;
+    /// when the map is full, stale entries go first and the rest is tried
+    /// again. The in-memory copy follows each write that succeeded, so a
+    /// failure loses nothing: the next sync retries what is missing and
+    /// still removes what is stale. On error the caller must treat the
+    /// endpoint as not ready (its datapath state is partial).
+    pub fn sync_policy(&mut self, endpoint_id: u32, want: &BTreeMap<PolicyEntry, bool>) -> Result<(), DatapathError> {
+        let mut now = self.policy_now.remove(&endpoint_id).unwrap_or_default();
+        let r = if &now == want { Ok(()) } else { self.write_policy(endpoint_id, &mut now, want) };
+        if !now.is_empty() {
+            self.policy_now.insert(endpoint_id, now);
+        }
+        r
+    }
+
+    fn write_policy(
         &mut self,
         endpoint_id: u32,
-        want: &BTreeMap<PolicyKey, PolicyValue>,
+        now: &mut BTreeMap<PolicyEntry, bool>,
+        want: &BTreeMap<PolicyEntry, bool>,
     ) -> Result<(), DatapathError> {
-        let have = self.policy_now.remove(&endpoint_id).unwrap_or_default();
-        if &have == want {
-            if !want.is_empty() {
-                self.policy_now.insert(endpoint_id, have);
-            }
-            return Ok(());
-        }
         let mut map = self.policy()?;
         let e = |source| DatapathError::Map { name: "cilium_policy", source };
-        for (k, v) in want {
-            if have.get(k) != Some(v) {
-                map.insert(*k, *v, 0).map_err(e)?;
+        let insert_all = |map: &mut LpmTrie<&mut MapData, PolicyKeyData, PolicyValue>,
+                          now: &mut BTreeMap<PolicyEntry, bool>| {
+            for (k, deny) in want {
+                if now.get(k) != Some(deny) {
+                    let v = PolicyValue { deny: u8::from(*deny), pad: [0; 3] };
+                    map.insert(&k.lpm_key(endpoint_id), v, 0)?;
+                    now.insert(*k, *deny);
+                }
+            }
+            Ok::<(), aya::maps::MapError>(())
+        };
+        let first = insert_all(&mut map, now);
+        let stale: Vec<PolicyEntry> = now.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        for k in stale {
+            match map.remove(&k.lpm_key(endpoint_id)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                    now.remove(&k);
+                }
+                Err(source) => return Err(e(source)),
             }
         }
-        let stale: HashSet<&PolicyKey> = have.keys().filter(|k| !want.contains_key(*k)).collect();
-        for k in stale {
-            let _ = map.remove(k);
-        }
-        if !want.is_empty() {
-            self.policy_now.insert(endpoint_id, want.clone());
+        if first.is_err() {
+            // Room may have been made by the removals above.
+            insert_all(&mut map, now).map_err(e)?;
         }
         Ok(())
     }

@@ -6,6 +6,6 @@
 pub mod agent;
 pub mod config;
 pub mod datapath;
+pub mod enforce;
 pub mod netns;
-pub mod policy;
 pub mod state;

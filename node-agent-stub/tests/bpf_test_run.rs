@@ -1,222 +1,281 @@
 //! bpf/policy.c on synthetic frames through BPF_PROG_TEST_RUN: no
 //! namespace, no interface. Needs root (CAP_BPF) and bpffs, like the agent.
-//! The test run's skb arrives on the loopback device (ifindex 1), so the
-//! endpoint under test is registered at ifindex 1.
+//! Policies are compiled by the shared engine (cilium-policy), installed in
+//! the maps as the agent installs them, and judged by the kernel.
 
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+mod common;
 
-use aya::programs::{TestRun, TestRunOptions};
+use cilium_crds::policy::CiliumNetworkPolicy;
+use cilium_policy::engine::{Selections, Universe};
+use cilium_policy::identity::{LOCAL_FLAG, cidr_labels};
+use cilium_policy::parse::parse_cnp;
+use cilium_policy::{Config, EndpointPolicy, LabelSet, MapKey, Prefix};
+use common::*;
 use node_agent_stub::datapath::*;
+use serde_json::json;
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
+const POD: &str = "10.0.1.5";
+const WEB: &str = "10.0.2.7";
+const OTHER: &str = "10.0.2.8";
+const POD6: &str = "fd00::1:5";
+const WEB6: &str = "fd00::2:7";
+const SUBJECT: u32 = 1000;
+const WEB_ID: u32 = 2001;
+const OTHER_ID: u32 = 2002;
 
-fn frame(proto: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    let mut f = vec![0u8; 14];
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let l4_len = match proto {
-        TCP => 20,
-        UDP | ICMP => 8,
-        _ => 0,
+/// A small cluster: the subject (app=db), web (app=web), other (app=x),
+/// all in namespace default; CIDR identities for `cidrs` (their prefixes
+/// go into the ipcache too).
+fn compiled(spec: serde_json::Value, cidrs: &[&str]) -> (EndpointPolicy, Vec<(String, u32)>) {
+    let mut u = Universe::new(Config::default());
+    let pod = |app: &str| {
+        LabelSet::parse([
+            format!("k8s:app={app}").as_str(),
+            "k8s:io.kubernetes.pod.namespace=default",
+            "k8s:io.cilium.k8s.policy.cluster=default",
+        ])
     };
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    f.extend_from_slice(&ip);
-    let mut l4 = vec![0u8; l4_len];
-    if proto == TCP || proto == UDP {
-        l4[0..2].copy_from_slice(&sport.to_be_bytes());
-        l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    u.identities.insert(SUBJECT, pod("db"));
+    u.identities.insert(WEB_ID, pod("web"));
+    u.identities.insert(OTHER_ID, pod("x"));
+    let mut ipc: Vec<(String, u32)> = vec![
+        (POD.into(), SUBJECT),
+        (WEB.into(), WEB_ID),
+        (OTHER.into(), OTHER_ID),
+        (POD6.into(), SUBJECT),
+        (WEB6.into(), WEB_ID),
+    ];
+    for (i, c) in cidrs.iter().enumerate() {
+        let id = LOCAL_FLAG | (i as u32 + 1);
+        u.identities.insert(id, cidr_labels(&u.cfg, &Prefix::parse(c, false).unwrap()));
+        ipc.push((c.to_string(), id));
     }
-    f.extend_from_slice(&l4);
-    f
+    let p: CiliumNetworkPolicy =
+        serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "default"}, "spec": spec})).unwrap();
+    let entries = parse_cnp(&p, &Config::default()).expect("valid policy").entries;
+    let mut sel = Selections::new(&u);
+    (cilium_policy::compile(&u.identities[&SUBJECT], &[], &entries, &mut sel), ipc)
 }
 
-struct Bench {
-    dp: Datapath,
-    dir: std::path::PathBuf,
+fn load(name: &str, spec: serde_json::Value, cidrs: &[&str]) -> Bench {
+    let mut b = bench(name);
+    let (policy, ipc) = compiled(spec, cidrs);
+    let entries: Vec<(&str, u32)> = ipc.iter().map(|(p, id)| (p.as_str(), *id)).collect();
+    ipcache(&mut b.dp, &entries);
+    install(&mut b.dp, &policy);
+    b
 }
 
-impl Drop for Bench {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn bench(name: &str) -> Bench {
-    ensure_bpffs().expect("bpffs");
-    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/cilium-rs-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    Bench { dp: Datapath::load(&dir).expect("load"), dir }
-}
-
-fn run(dp: &Datapath, prog: &str, data: &[u8]) -> u32 {
-    let opts = TestRunOptions { data_in: Some(data), ..Default::default() };
-    dp.program(prog).test_run(opts).expect("test run").return_value
-}
-
-const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 5);
-const PEER_A: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 7);
-const PEER_B: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 8);
-const EP: u32 = 42;
-
-fn setup(dp: &mut Datapath, ingress: bool, egress: bool) {
-    dp.set_endpoint(
-        1,
-        EndpointValue {
-            endpoint_id: EP,
-            identity: 1000,
-            ingress_enforce: ingress as u8,
-            egress_enforce: egress as u8,
-            pad: [0; 2],
-        },
-    )
-    .unwrap();
-    let ipcache: BTreeMap<(Ipv4Addr, u8), u32> = [
-        ((POD, 32), 1000),
-        ((PEER_A, 32), 2001),
-        ((PEER_B, 32), 2002),
-        ((Ipv4Addr::new(192, 0, 2, 0), 24), 16_777_217),
-    ]
-    .into();
-    dp.sync_ipcache(&ipcache).unwrap();
-}
-
-fn allow(id: u32, port: u16, proto: u8, dir: u8) -> (PolicyKey, PolicyValue) {
-    (PolicyKey { endpoint_id: EP, identity: id, dport: port, proto, direction: dir }, PolicyValue::default())
-}
-
-fn deny(id: u32, port: u16, proto: u8, dir: u8) -> (PolicyKey, PolicyValue) {
-    (
-        PolicyKey { endpoint_id: EP, identity: id, dport: port, proto, direction: dir },
-        PolicyValue { deny: 1, pad: [0; 3] },
-    )
-}
-
-fn counter(dp: &mut Datapath, dir: u8, reason: u8) -> u64 {
-    dp.metrics()
-        .unwrap()
-        .into_iter()
-        .find(|(k, _)| k.endpoint_id == EP && k.direction == dir && k.reason == reason)
-        .map(|(_, v)| v.packets)
-        .unwrap_or(0)
+fn tcp(src: &str, dst: &str, dport: u16) -> Pkt {
+    Pkt::new(TCP, src, dst, 40000, dport)
 }
 
 #[test]
 fn default_allow_until_selected_then_default_deny() {
     let mut b = bench("default");
-    let f = frame(TCP, PEER_A, POD, 40000, 80);
-    assert_eq!(run(&b.dp, "to_container", &f), TC_ACT_OK, "no endpoint registered: not ours");
-    setup(&mut b.dp, false, false);
-    assert_eq!(run(&b.dp, "to_container", &f), TC_ACT_OK);
+    let p = tcp(WEB, POD, 80);
+    assert!(allowed(&b.dp, DIR_INGRESS, &p), "no endpoint registered: not ours");
+    ipcache(&mut b.dp, &[(POD, SUBJECT), (WEB, WEB_ID)]);
+    set_endpoint(&mut b.dp, false, false, ENDPOINT_READY);
+    assert!(allowed(&b.dp, DIR_INGRESS, &p));
     assert_eq!(counter(&mut b.dp, DIR_INGRESS, REASON_NO_POLICY), 1);
-    setup(&mut b.dp, true, false);
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_B, POD, 40001, 80)), TC_ACT_SHOT, "selected: default deny");
+    set_endpoint(&mut b.dp, true, false, ENDPOINT_READY);
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp(OTHER, POD, 80)), "selected: default deny");
     assert_eq!(counter(&mut b.dp, DIR_INGRESS, REASON_NOT_ALLOWED), 1);
-    // Egress is not enforced: the pod may still send.
-    assert_eq!(run(&b.dp, "from_container", &frame(TCP, POD, PEER_B, 40002, 443)), TC_ACT_OK);
+    assert!(allowed(&b.dp, DIR_EGRESS, &tcp(POD, OTHER, 443)), "egress not enforced");
 }
 
 #[test]
-fn l3_l4_allow_and_deny_wins() {
-    let mut b = bench("l4");
-    setup(&mut b.dp, true, true);
-    let want: BTreeMap<_, _> = [allow(2001, 80, TCP, DIR_INGRESS), allow(0, 53, UDP, DIR_EGRESS)].into();
-    b.dp.sync_policy(EP, &want).unwrap();
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_A, POD, 40000, 80)), TC_ACT_OK, "allowed identity and port");
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_A, POD, 40000, 81)), TC_ACT_SHOT, "other port");
-    assert_eq!(run(&b.dp, "to_container", &frame(UDP, PEER_A, POD, 40000, 80)), TC_ACT_SHOT, "other protocol");
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_B, POD, 40000, 80)), TC_ACT_SHOT, "other identity");
-    assert_eq!(
-        run(&b.dp, "from_container", &frame(UDP, POD, PEER_B, 40000, 53)),
-        TC_ACT_OK,
-        "egress to any peer on 53/udp"
+fn a_port_without_protocol_allows_and_denies_tcp_udp_sctp() {
+    let b = load(
+        "anyproto",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "80"}]}]}]}),
+        &[],
     );
-    assert_eq!(run(&b.dp, "from_container", &frame(TCP, POD, PEER_B, 40000, 53)), TC_ACT_SHOT);
-
-    // Allow everything from anyone, deny PEER_A on 80: the deny wins.
-    let want: BTreeMap<_, _> = [allow(0, 0, 0, DIR_INGRESS), deny(2001, 80, TCP, DIR_INGRESS)].into();
-    b.dp.sync_policy(EP, &want).unwrap();
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_A, POD, 41000, 80)), TC_ACT_SHOT, "deny beats allow-all");
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_A, POD, 41000, 8080)), TC_ACT_OK);
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_B, POD, 41000, 80)), TC_ACT_OK);
-    assert!(counter(&mut b.dp, DIR_INGRESS, REASON_DENIED_BY_RULE) >= 1);
-    // sync_policy removed the stale entries of the first policy.
-    assert_eq!(
-        run(&b.dp, "from_container", &frame(UDP, POD, PEER_B, 40000, 53)),
-        TC_ACT_SHOT,
-        "stale egress allow removed"
+    for proto in [TCP, UDP, SCTP] {
+        assert!(allowed(&b.dp, DIR_INGRESS, &Pkt::new(proto, WEB, POD, 1, 80)), "proto {proto}");
+        assert!(!allowed(&b.dp, DIR_INGRESS, &Pkt::new(proto, WEB, POD, 1, 81)), "proto {proto} port 81");
+    }
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp(OTHER, POD, 80)));
+    let b = load(
+        "anyproto-deny",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "ingress": [{"fromEntities": ["all"]}],
+               "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "80"}]}]}]}),
+        &[],
     );
+    for proto in [TCP, UDP, SCTP] {
+        assert!(!allowed(&b.dp, DIR_INGRESS, &Pkt::new(proto, WEB, POD, 1, 80)), "deny, proto {proto}");
+    }
+    assert!(allowed(&b.dp, DIR_INGRESS, &tcp(WEB, POD, 81)));
+    assert!(allowed(&b.dp, DIR_INGRESS, &tcp(OTHER, POD, 80)));
 }
 
 #[test]
-fn cidr_and_world_identities() {
-    let mut b = bench("cidr");
-    setup(&mut b.dp, true, false);
-    let want: BTreeMap<_, _> = [allow(16_777_217, 0, 0, DIR_INGRESS)].into();
-    b.dp.sync_policy(EP, &want).unwrap();
-    assert_eq!(
-        run(&b.dp, "to_container", &frame(TCP, Ipv4Addr::new(192, 0, 2, 77), POD, 1, 22)),
-        TC_ACT_OK,
-        "in 192.0.2.0/24"
+fn port_ranges_deny_inside_allow() {
+    let b = load(
+        "ranges",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "8000", "endPort": 8080, "protocol": "TCP"}]}]}],
+               "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "8010", "endPort": 8019}]}]}]}),
+        &[],
     );
-    assert_eq!(
-        run(&b.dp, "to_container", &frame(TCP, Ipv4Addr::new(198, 51, 100, 1), POD, 1, 22)),
-        TC_ACT_SHOT,
-        "world"
-    );
-    let want: BTreeMap<_, _> = [allow(IDENTITY_WORLD, 0, 0, DIR_INGRESS)].into();
-    b.dp.sync_policy(EP, &want).unwrap();
-    assert_eq!(
-        run(&b.dp, "to_container", &frame(TCP, Ipv4Addr::new(198, 51, 100, 1), POD, 1, 22)),
-        TC_ACT_OK,
-        "world allowed"
-    );
+    for (port, want) in [
+        (7999, false),
+        (8000, true),
+        (8009, true),
+        (8010, false),
+        (8019, false),
+        (8020, true),
+        (8080, true),
+        (8081, false),
+    ] {
+        assert_eq!(allowed(&b.dp, DIR_INGRESS, &tcp(WEB, POD, port)), want, "port {port}");
+    }
 }
 
 #[test]
-fn replies_of_allowed_connections_pass() {
-    let mut b = bench("ct");
-    setup(&mut b.dp, true, true);
-    let want: BTreeMap<_, _> = [allow(2001, 80, TCP, DIR_EGRESS), allow(0, 0, ICMP, DIR_EGRESS)].into();
-    b.dp.sync_policy(EP, &want).unwrap();
-    // The reply before any request: dropped (ingress enforced, nothing allowed).
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_A, POD, 80, 45000)), TC_ACT_SHOT);
-    assert_eq!(run(&b.dp, "from_container", &frame(TCP, POD, PEER_A, 45000, 80)), TC_ACT_OK, "request allowed");
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_A, POD, 80, 45000)), TC_ACT_OK, "its reply passes");
-    assert_eq!(counter(&mut b.dp, DIR_INGRESS, REASON_REPLY), 1);
-    assert_eq!(run(&b.dp, "to_container", &frame(TCP, PEER_A, POD, 80, 45001)), TC_ACT_SHOT, "not a reply");
-    assert_eq!(run(&b.dp, "from_container", &frame(ICMP, POD, PEER_B, 0, 0)), TC_ACT_OK, "ping out");
-    assert_eq!(run(&b.dp, "to_container", &frame(ICMP, PEER_B, POD, 0, 0)), TC_ACT_OK, "pong back");
+fn cidr_rules_select_by_containment_and_excepts_carve_out() {
+    // A broad allow stays broad next to narrower prefixes; a deny of a /28
+    // except one /32 spares the /32.
+    let cidrs = ["198.51.100.0/24", "198.51.100.0/28", "198.51.100.5/32"];
+    let b = load(
+        "cidr",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "egress": [{"toCIDR": ["198.51.100.0/24"]}],
+               "egressDeny": [{"toCIDRSet": [{"cidr": "198.51.100.0/28", "except": ["198.51.100.5/32"]}]}]}),
+        &cidrs,
+    );
+    assert!(allowed(&b.dp, DIR_EGRESS, &tcp(POD, "198.51.100.200", 443)), "inside the /24");
+    assert!(!allowed(&b.dp, DIR_EGRESS, &tcp(POD, "198.51.100.3", 443)), "inside the denied /28");
+    assert!(allowed(&b.dp, DIR_EGRESS, &tcp(POD, "198.51.100.5", 443)), "the except");
+    assert!(!allowed(&b.dp, DIR_EGRESS, &tcp(POD, "203.0.113.1", 443)), "world");
 }
 
 #[test]
-fn non_ip_passes_and_truncated_ip_drops() {
-    let mut b = bench("parse");
-    setup(&mut b.dp, true, true);
+fn default_deny_off_still_denies() {
+    let b = load(
+        "dd-off",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "enableDefaultDeny": {"ingress": false},
+               "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}]}]}),
+        &[],
+    );
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp(WEB, POD, 80)));
+    assert!(allowed(&b.dp, DIR_INGRESS, &tcp(OTHER, POD, 80)));
+}
+
+#[test]
+fn icmp_types_and_echo_tracking() {
+    let b = load(
+        "icmp",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}], "icmps": [{"fields": [{"type": 8}]}]}],
+               "egress": [{"toEndpoints": [{"matchLabels": {"app": "x"}}]}]}),
+        &[],
+    );
+    let ping = Pkt::icmp(WEB, POD, 8, 77);
+    assert!(!allowed(&b.dp, DIR_INGRESS, &Pkt::icmp(WEB, POD, 13, 77)), "timestamp is not echo");
+    assert!(allowed(&b.dp, DIR_INGRESS, &ping), "echo request allowed");
+    assert!(allowed(&b.dp, DIR_EGRESS, &Pkt::icmp(POD, WEB, 0, 77)), "its reply, same identifier");
+    assert!(!allowed(&b.dp, DIR_EGRESS, &Pkt::icmp(POD, WEB, 0, 78)), "a reply with another identifier");
+    // The regression: after web pinged us, our own echo request to web is
+    // not a "reply" (egress allows only app=x).
+    assert!(!allowed(&b.dp, DIR_EGRESS, &Pkt::icmp(POD, WEB, 8, 77)), "a request is never a reply");
+    // An echo reply the policy did not ask for, with no request before it.
+    assert!(!allowed(&b.dp, DIR_INGRESS, &Pkt::icmp(OTHER, POD, 0, 5)));
+}
+
+#[test]
+fn tcp_replies_are_tracked_per_endpoint_and_direction() {
+    let b = load(
+        "ct",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "egress": [{"toEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}],
+               "ingress": [{}]}),
+        &[],
+    );
+    let req = tcp(POD, WEB, 80);
+    assert!(!allowed(&b.dp, DIR_INGRESS, &req.reply()), "a reply before any request");
+    assert!(allowed(&b.dp, DIR_EGRESS, &req));
+    assert!(allowed(&b.dp, DIR_INGRESS, &req.reply()), "its reply");
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp(WEB, POD, 40000)), "a new connection from web");
+    assert!(!allowed(&b.dp, DIR_INGRESS, &Pkt::new(TCP, WEB, POD, 80, 40001)), "another port pair");
+    assert!(!allowed(&b.dp, DIR_INGRESS, &Pkt::new(UDP, WEB, POD, 80, 40000)), "another protocol");
+}
+
+#[test]
+fn every_frame_gets_a_verdict() {
+    let mut b = load(
+        "frames",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}),
+        &[],
+    );
     let mut arp = vec![0u8; 42];
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    assert_eq!(run(&b.dp, "to_container", &arp), TC_ACT_OK);
-    let mut short = frame(TCP, PEER_A, POD, 1, 80);
+    assert_eq!(run_frame(&b.dp, "to_container", &arp), TC_ACT_OK, "ARP");
+    let mut lldp = vec![0u8; 60];
+    lldp[12..14].copy_from_slice(&0x88ccu16.to_be_bytes());
+    assert_eq!(run_frame(&b.dp, "to_container", &lldp), TC_ACT_SHOT, "other ethertypes in an enforced direction");
+    assert_eq!(run_frame(&b.dp, "from_container", &lldp), TC_ACT_OK, "not enforced");
+    let mut short = tcp(WEB, POD, 80).frame();
     short.truncate(14 + 20 + 2);
-    assert_eq!(run(&b.dp, "to_container", &short), TC_ACT_SHOT);
+    assert_eq!(run_frame(&b.dp, "to_container", &short), TC_ACT_SHOT, "truncated");
+    // IPv6 gets the same rules as IPv4.
+    assert!(allowed(&b.dp, DIR_INGRESS, &tcp(WEB6, POD6, 80)));
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp(WEB6, POD6, 81)));
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp("2001:db8::9", POD6, 80)), "IPv6 world");
+    assert!(!allowed(&b.dp, DIR_INGRESS, &Pkt::icmp(WEB6, POD6, 128, 1)), "ICMPv6 echo not allowed");
+    assert!(allowed(&b.dp, DIR_INGRESS, &Pkt::icmp(WEB6, POD6, 135, 0)), "neighbour solicitation");
+    assert!(counter(&mut b.dp, DIR_INGRESS, REASON_UNSUPPORTED_L3) >= 1);
+}
+
+#[test]
+fn a_failed_endpoint_drops_everything() {
+    let mut b = load("failed", json!({"endpointSelector": {}, "ingress": [{"fromEntities": ["all"]}]}), &[]);
+    assert!(allowed(&b.dp, DIR_INGRESS, &tcp(WEB, POD, 80)));
+    set_endpoint(&mut b.dp, true, false, ENDPOINT_FAILED);
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp(WEB, POD, 80)));
+    assert!(!allowed(&b.dp, DIR_EGRESS, &tcp(POD, WEB, 80)));
+    assert_eq!(counter(&mut b.dp, DIR_INGRESS, REASON_ENDPOINT_NOT_READY), 1);
+}
+
+fn entry(peer: u32, port: u16) -> PolicyEntry {
+    PolicyEntry { direction: DIR_INGRESS, key: MapKey { peer, proto: TCP, port, plen: 16 } }
+}
+
+#[test]
+fn a_full_map_is_reported_and_loses_no_removal() {
+    let mut b = bench("full");
+    // Another endpoint takes all but 10 slots.
+    let filler: std::collections::BTreeMap<PolicyEntry, bool> =
+        (0..POLICY_MAP_SIZE - 10).map(|i| (entry(5000 + i / 60000, (i % 60000) as u16 + 1), false)).collect();
+    b.dp.sync_policy(7, &filler).expect("filler fits");
+    let want: std::collections::BTreeMap<PolicyEntry, bool> = (1..=20).map(|p| (entry(WEB_ID, p), false)).collect();
+    assert!(b.dp.sync_policy(EP, &want).is_err(), "20 entries into 10 free slots");
+    // What is in memory is what is in the kernel, entry for entry.
+    let kernel = b.dp.policy_entries().unwrap();
+    assert_eq!(kernel.get(&EP), b.dp.endpoint_policy(EP));
+    assert_eq!(kernel[&EP].len(), 10);
+    // Shrinking the policy after the failure still removes the stale entries.
+    let smaller: std::collections::BTreeMap<PolicyEntry, bool> = (1..=5).map(|p| (entry(WEB_ID, p), false)).collect();
+    b.dp.sync_policy(EP, &smaller).expect("fits now");
+    assert_eq!(b.dp.policy_entries().unwrap()[&EP], smaller);
 }
 
 #[test]
 fn maps_survive_a_reload_from_the_same_pins() {
-    let mut b = bench("reload");
-    setup(&mut b.dp, true, false);
-    b.dp.sync_policy(EP, &[allow(2001, 80, TCP, DIR_INGRESS)].into()).unwrap();
-    // A second loader (a restarted agent) sees the same state.
-    let again = Datapath::load(&b.dir).unwrap();
-    assert_eq!(run(&again, "to_container", &frame(TCP, PEER_A, POD, 40000, 80)), TC_ACT_OK);
-    assert_eq!(run(&again, "to_container", &frame(TCP, PEER_B, POD, 40000, 80)), TC_ACT_SHOT);
+    let b = load(
+        "reload",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}]}),
+        &[],
+    );
+    let mut again = Datapath::load(&b.dir).unwrap();
+    assert!(allowed(&again, DIR_INGRESS, &tcp(WEB, POD, 80)));
+    assert!(!allowed(&again, DIR_INGRESS, &tcp(OTHER, POD, 80)));
+    assert!(again.endpoint_policy(EP).is_some_and(|e| !e.is_empty()), "the entries are read back");
+    assert!(again.ipcache_entries().unwrap().len() >= 5);
 }

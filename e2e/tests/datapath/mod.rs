@@ -209,9 +209,10 @@ pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Res
         c.kubectl(&["apply", "-f", "-"], Some(bad))?;
         block_on(async {
             let cnps: Api<cilium_crds::policy::CiliumNetworkPolicy> = Api::namespaced(c.cp.client().await?, "default");
-            for (name, status, msg) in
-                [("rule1", "True", "Policy validation succeeded"), ("bad-except", "False", "is not inside")]
-            {
+            for (name, status, msg) in [
+                ("rule1", "True", "Policy validation succeeded"),
+                ("bad-except", "False", "does not contain exclude CIDR prefix"),
+            ] {
                 eventually(&format!("Valid={status} on {name}"), Duration::from_secs(15), || async {
                     let p = cnps.get(name).await?;
                     let cond = p
@@ -382,7 +383,7 @@ pub fn egress_deny_cidr_entities_expressions(_shared: &ControlPlane) -> anyhow::
             eventually("the L7 note in the CEP status", Duration::from_secs(10), || async {
                 let cep = ceps.get("deathstar").await?;
                 let log = serde_json::to_string(&cep.status.and_then(|s| s.log))?;
-                Ok(log.contains("L7 rules on port 80 are not enforced").then_some(()))
+                Ok(log.contains("HTTP rules on port 80 are not enforced").then_some(()))
             })
             .await?;
             let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, "default");

@@ -1,0 +1,189 @@
+//! The agent's view of policy: which policies are in force (parsed by the
+//! shared engine, `cilium-policy`), the node-local CIDR identities they
+//! need, and the universe of identities selectors choose from.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cilium_crds::policy::{CONDITION_VALID, CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy, PolicyStatus};
+use cilium_crds::{CiliumEndpoint, CiliumIdentity};
+use cilium_policy::engine::NamedPort;
+use cilium_policy::identity::{LOCAL_FLAG, cidr_labels};
+use cilium_policy::{Config, Entry, Label, LabelSet, PolicyRef, Prefix, Universe};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+/// The policies in force and those refused.
+#[derive(Default)]
+pub struct PolicyView {
+    pub entries: Vec<Entry>,
+    /// Policies not enforced, with the reason (invalid, or marked
+    /// `Valid=False` by the operator).
+    pub refused: BTreeMap<PolicyRef, String>,
+}
+
+/// The operator's `Valid=False` message, if it marked the policy invalid.
+fn operator_refused(status: Option<&PolicyStatus>) -> Option<String> {
+    let c = status?.conditions.as_ref()?.iter().find(|c| c.type_ == CONDITION_VALID)?;
+    (c.status == "False").then(|| c.message.clone().unwrap_or_else(|| "marked invalid by the operator".into()))
+}
+
+pub fn gather(
+    cnps: &[std::sync::Arc<CiliumNetworkPolicy>],
+    ccnps: &[std::sync::Arc<CiliumClusterwideNetworkPolicy>],
+    knps: &[std::sync::Arc<NetworkPolicy>],
+    cfg: &Config,
+) -> PolicyView {
+    let mut v = PolicyView::default();
+    let mut take = |parsed: Result<cilium_policy::Parsed, (PolicyRef, String)>| match parsed {
+        Ok(p) => v.entries.extend(p.entries),
+        Err((r, why)) => {
+            v.refused.insert(r, why);
+        }
+    };
+    let cnp_ref = |p: &CiliumNetworkPolicy| PolicyRef {
+        kind: cilium_policy::PolicyKind::Cnp,
+        namespace: p.metadata.namespace.clone(),
+        name: p.metadata.name.clone().unwrap_or_default(),
+    };
+    for p in cnps {
+        take(match operator_refused(p.status.as_ref()) {
+            Some(why) => Err((cnp_ref(p), format!("Valid=False: {why}"))),
+            None => cilium_policy::parse::parse_cnp(p, cfg).map_err(|e| (cnp_ref(p), e.0)),
+        });
+    }
+    for p in ccnps {
+        let r = PolicyRef {
+            kind: cilium_policy::PolicyKind::Ccnp,
+            namespace: None,
+            name: p.metadata.name.clone().unwrap_or_default(),
+        };
+        take(match operator_refused(p.status.as_ref()) {
+            Some(why) => Err((r, format!("Valid=False: {why}"))),
+            None => cilium_policy::parse::parse_ccnp(p, cfg).map_err(|e| (r, e.0)),
+        });
+    }
+    for p in knps {
+        let r = PolicyRef {
+            kind: cilium_policy::PolicyKind::Knp,
+            namespace: p.metadata.namespace.clone(),
+            name: p.metadata.name.clone().unwrap_or_default(),
+        };
+        take(cilium_policy::knp::parse_knp(p, cfg).map_err(|e| (r, e.0)));
+    }
+    v
+}
+
+/// Node-local identities of the CIDRs policies name, stable while a prefix
+/// stays referenced and freed when none does.
+#[derive(Clone, Debug, Default)]
+pub struct CidrIdentities {
+    pub by_prefix: BTreeMap<Prefix, u32>,
+}
+
+impl CidrIdentities {
+    /// The CIDR identities an earlier agent left in the ipcache: kept, so
+    /// a restart changes no identity the maps already use.
+    pub fn from_ipcache(ipcache: &BTreeMap<Prefix, u32>) -> CidrIdentities {
+        CidrIdentities {
+            by_prefix: ipcache.iter().filter(|(_, id)| **id & LOCAL_FLAG != 0).map(|(p, id)| (*p, *id)).collect(),
+        }
+    }
+
+    /// Exactly the prefixes in `want` get an identity.
+    pub fn sync(&mut self, want: &BTreeSet<Prefix>) {
+        self.by_prefix.retain(|p, _| want.contains(p));
+        let mut used: BTreeSet<u32> = self.by_prefix.values().copied().collect();
+        let mut next = 1u32;
+        for p in want {
+            if self.by_prefix.contains_key(p) {
+                continue;
+            }
+            while used.contains(&(LOCAL_FLAG | next)) {
+                next += 1;
+            }
+            self.by_prefix.insert(*p, LOCAL_FLAG | next);
+            used.insert(LOCAL_FLAG | next);
+        }
+    }
+}
+
+/// A label written `source:key=value` in a CiliumEndpoint, or the
+/// `source:key` -> value of a CiliumIdentity.
+fn identity_label(key: &str, value: &str) -> Label {
+    let mut l = Label::parse(key);
+    l.value = value.to_string();
+    l
+}
+
+fn proto_number(p: Option<&str>) -> Option<u8> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(cilium_policy::parse::PROTO_TCP),
+        "UDP" => Some(cilium_policy::parse::PROTO_UDP),
+        "SCTP" => Some(cilium_policy::parse::PROTO_SCTP),
+        _ => None,
+    }
+}
+
+/// A container port as a named port (unnamed ports are left out).
+pub fn named_port(name: Option<&str>, port: i64, protocol: Option<&str>) -> Option<NamedPort> {
+    let name = name.filter(|n| !n.is_empty())?.to_ascii_lowercase();
+    Some(NamedPort { name, proto: proto_number(protocol)?, port: u16::try_from(port).ok()? })
+}
+
+/// Every identity of the cluster (CiliumIdentities and what endpoints
+/// carry), the reserved ones, and the node's CIDR identities; named ports
+/// from the endpoints.
+pub fn universe(
+    cfg: &Config,
+    ids: &[std::sync::Arc<CiliumIdentity>],
+    ceps: &[std::sync::Arc<CiliumEndpoint>],
+    cidrs: &CidrIdentities,
+) -> Universe {
+    let mut u = Universe::new(cfg.clone());
+    for i in ids {
+        if let Some(id) = i.metadata.name.as_deref().and_then(|n| n.parse().ok()) {
+            u.identities.insert(id, i.security_labels.iter().map(|(k, v)| identity_label(k, v)).collect());
+        }
+    }
+    for e in ceps {
+        let Some(status) = e.status.as_ref() else { continue };
+        let Some(ident) = status.identity.as_ref() else { continue };
+        let (Some(id), Some(labels)) = (ident.id, ident.labels.as_ref()) else { continue };
+        let id = id as u32;
+        u.identities.entry(id).or_insert_with(|| LabelSet::parse(labels.iter().map(String::as_str)));
+        for p in status.named_ports.iter().flatten() {
+            if let Some(np) = named_port(p.name.as_deref(), p.port.unwrap_or(0), p.protocol.as_deref()) {
+                let list = u.named_ports.entry(id).or_default();
+                if !list.contains(&np) {
+                    list.push(np);
+                }
+            }
+        }
+    }
+    for (p, id) in &cidrs.by_prefix {
+        u.identities.insert(*id, cidr_labels(cfg, p));
+    }
+    u
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Prefix {
+        Prefix::parse(s, false).unwrap()
+    }
+
+    #[test]
+    fn cidr_identities_are_stable_and_freed() {
+        let mut c = CidrIdentities::default();
+        c.sync(&[p("10.0.0.0/8"), p("10.1.0.0/16")].into());
+        let a = c.by_prefix[&p("10.0.0.0/8")];
+        c.sync(&[p("10.0.0.0/8"), p("192.0.2.0/24")].into());
+        assert_eq!(c.by_prefix[&p("10.0.0.0/8")], a, "kept while referenced");
+        assert!(!c.by_prefix.contains_key(&p("10.1.0.0/16")), "freed");
+        assert_eq!(c.by_prefix.len(), 2);
+        assert!(c.by_prefix.values().all(|id| id & LOCAL_FLAG != 0));
+        let restored = CidrIdentities::from_ipcache(&[(p("10.0.0.0/8"), a), (p("10.0.0.5/32"), 1001)].into());
+        assert_eq!(restored.by_prefix.len(), 1, "only local identities");
+    }
+}
