@@ -11,6 +11,10 @@
 #     sha256-checked.
 #   - kubernetes-validate (PyPI, pinned) in a venv under $CILIUM_RS_CACHE, for
 #     the offline manifest checks of scripts/chart-check.sh.
+#   - policy-oracle: upstream Cilium's policy engine (Go module
+#     github.com/cilium/cilium, pinned) behind a test-only wrapper, built by
+#     scripts/build-oracle.sh with the machine's Go (>= 1.26) and the Go
+#     module proxy, cached in $CILIUM_RS_CACHE.
 #
 # Everything the tests and the demo look up ends in .tools/bin (git-ignored).
 set -euo pipefail
@@ -204,6 +208,12 @@ install_kubernetes_validate() {
   find "$cache" -maxdepth 1 -name 'kubernetes-validate-*' -type d ! -path "$kv_out" -exec rm -rf {} +
 }
 [ -f "$kv_out/.complete" ] || install_kubernetes_validate
+
+# ---------------------------------------------------------------- policy oracle
+# Upstream Cilium's own policy engine behind a small test-only wrapper
+# (scripts/oracle), for the differential policy test. Built from Go modules
+# and cached in $cache like the API server.
+bash "$here/scripts/build-oracle.sh"
 
 # ---------------------------------------------------------------- .tools/bin
 mkdir -p "$bin"
