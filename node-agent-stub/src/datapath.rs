@@ -152,6 +152,30 @@ impl PolicyEntry {
     }
 }
 
+/// A tracked connection: the endpoint and direction that allowed its first
+/// packet, and that packet's tuple (ports: network byte order; ICMP echo:
+/// the identifier in both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub endpoint_id: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub pad: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub expires_ns: u64,
+    pub reply_seen: u32,
+    pub pad: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct MetricsKey {
@@ -175,6 +199,8 @@ unsafe impl Pod for EndpointKey {}
 unsafe impl Pod for EndpointValue {}
 unsafe impl Pod for PolicyKeyData {}
 unsafe impl Pod for PolicyValue {}
+unsafe impl Pod for CtKey {}
+unsafe impl Pod for CtValue {}
 unsafe impl Pod for MetricsKey {}
 unsafe impl Pod for MetricsValue {}
 
@@ -252,7 +278,7 @@ fn map_layouts() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 5] {
         ("cilium_ipcache", T::LpmTrie, 4 + size_of::<Addr16>(), size_of::<IpcacheValue>(), 65536),
         ("cilium_endpoints", T::Hash, size_of::<EndpointKey>(), size_of::<EndpointValue>(), 4096),
         ("cilium_policy", T::LpmTrie, 4 + size_of::<PolicyKeyData>(), size_of::<PolicyValue>(), POLICY_MAP_SIZE),
-        ("cilium_ct", T::LruHash, 48, 16, 65536),
+        ("cilium_ct", T::LruHash, size_of::<CtKey>(), size_of::<CtValue>(), 65536),
         ("cilium_metrics", T::Hash, size_of::<MetricsKey>(), size_of::<MetricsValue>(), 65536),
     ]
 }
@@ -509,6 +535,22 @@ impl Datapath {
             insert_all(&mut map, now).map_err(e)?;
         }
         Ok(())
+    }
+
+    /// Empties the connection tracking table (as `cilium-dbg bpf ct flush`):
+    /// every connection is judged by policy again from its next packet.
+    pub fn ct_flush(&mut self) -> Result<usize, DatapathError> {
+        let e = |source| DatapathError::Map { name: "cilium_ct", source };
+        let mut map: BpfHashMap<&mut MapData, CtKey, CtValue> =
+            BpfHashMap::try_from(self.map("cilium_ct")).map_err(e)?;
+        let keys: Vec<CtKey> = map.keys().filter_map(Result::ok).collect();
+        let mut n = 0;
+        for k in keys {
+            if map.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// The counters read straight from the pinned map under `pin_dir` (for
