@@ -16,7 +16,7 @@
 //! query is an address; its identity is the longest prefix in the same
 //! ipcache the kernel holds (pods, nodes, the policies' CIDRs, world).
 //!
-//! `DIFF_CASES` sets the number of policy sets (default 600, ~190 queries
+//! `DIFF_CASES` sets the number of policy sets (default 700, ~160 queries
 //! each); `DIFF_SEED` replays a run (the seed is printed, and proptest
 //! prints the smallest failing policy set).
 
@@ -687,7 +687,7 @@ fn check(b: &mut Bench, oracle: &mut Oracle, c: &Case, stats: &mut Stats) -> Res
 
 #[test]
 fn verdicts_equal_upstreams() {
-    let cases: u32 = std::env::var("DIFF_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(600);
+    let cases: u32 = std::env::var("DIFF_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(700);
     let seed: u64 = std::env::var("DIFF_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand_seed);
     eprintln!("differential test: {cases} policy sets, DIFF_SEED={seed}");
     let mut bytes = [0u8; 32];
