@@ -3,7 +3,7 @@
 //! between namespaces, an "external" host on the fabric, and cleanup of
 //! everything a test's agents made under one prefix.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::Arc;
@@ -66,6 +66,106 @@ pub fn serve(ns: &str, port: u16) -> anyhow::Result<Server> {
         }
     });
     Ok(Server { stop })
+}
+
+/// A UDP echo server on `port` in `ns` until dropped.
+pub fn serve_udp(ns: &str, port: u16) -> anyhow::Result<Server> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let sock = in_netns(ns, move || -> anyhow::Result<UdpSocket> {
+        let s = UdpSocket::bind(("0.0.0.0", port))?;
+        s.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok(s)
+    })??;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !flag.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+    });
+    Ok(Server { stop })
+}
+
+/// Whether a UDP datagram from namespace `from` to `ip:port` is echoed back
+/// within `timeout`.
+pub fn udp_roundtrip(from: &str, ip: Ipv4Addr, port: u16, timeout: Duration) -> anyhow::Result<bool> {
+    in_netns(from, move || -> anyhow::Result<bool> {
+        let s = UdpSocket::bind(("0.0.0.0", 0))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.send_to(b"ping", (ip, port))?;
+        let mut buf = [0u8; 16];
+        Ok(matches!(s.recv_from(&mut buf), Ok((4, _))))
+    })?
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Whether an ICMP echo request from namespace `from` to `ip` (identifier
+/// `id`) gets its echo reply within `timeout` (a raw socket: no `ping`
+/// binary needed).
+pub fn ping(from: &str, ip: Ipv4Addr, id: u16, timeout: Duration) -> anyhow::Result<bool> {
+    in_netns(from, move || -> anyhow::Result<bool> {
+        // SAFETY: plain socket calls on a descriptor this closure owns.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        if fd < 0 {
+            bail!("raw socket: {}", std::io::Error::last_os_error());
+        }
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut pkt = [0u8; 16];
+        pkt[0] = 8;
+        pkt[4..6].copy_from_slice(&id.to_be_bytes());
+        pkt[6..8].copy_from_slice(&1u16.to_be_bytes());
+        let c = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip.octets()) },
+            sin_zero: [0; 8],
+        };
+        let sent = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                pkt.as_ptr().cast(),
+                pkt.len(),
+                0,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
+        };
+        if sent < 0 {
+            bail!("sendto: {}", std::io::Error::last_os_error());
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 1500];
+        while std::time::Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+                break;
+            }
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 28 {
+                continue;
+            }
+            // An IPv4 header, then ICMP: type 0 (echo reply) with our id from ip.
+            let ihl = usize::from(buf[0] & 0x0f) * 4;
+            let icmp = &buf[ihl..n as usize];
+            let src = Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+            if src == ip && icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })?
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ mod datapath;
 mod endpoint_gc;
 mod identity;
 mod ipam;
+mod policy;
 mod skeleton;
 
 /// A test body: gets the shared control plane.
@@ -52,6 +53,8 @@ fn main() {
         ("datapath::egress_deny_cidr_entities_expressions", datapath::egress_deny_cidr_entities_expressions),
         ("datapath::kvstore_mode_identities", datapath::kvstore_mode_identities),
         ("datapath::doublewrite_mode_identities", datapath::doublewrite_mode_identities),
+        ("policy::upstream_forms_through_the_agents", policy::upstream_forms_through_the_agents),
+        ("policy::kubernetes_network_policies", policy::kubernetes_network_policies),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -174,6 +174,33 @@ mod tests {
     }
 
     #[test]
+    fn refused_policies_are_not_enforced() {
+        let cnp = |name: &str, status: serde_json::Value, spec: serde_json::Value| {
+            std::sync::Arc::new(
+                serde_json::from_value::<CiliumNetworkPolicy>(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "default"}, "spec": spec, "status": status
+                }))
+                .unwrap(),
+            )
+        };
+        let good = serde_json::json!({"endpointSelector": {}, "ingress": [{"fromEntities": ["world"]}]});
+        let marked = cnp(
+            "marked",
+            serde_json::json!({"conditions": [{"type": "Valid", "status": "False", "message": "operator says no"}]}),
+            good.clone(),
+        );
+        let broken = cnp("broken", serde_json::json!({}), serde_json::json!({"endpointSelector": {}, "ingress": []}));
+        let fine = cnp("fine", serde_json::json!({"conditions": [{"type": "Valid", "status": "True"}]}), good);
+        let v = gather(&[marked, broken, fine], &[], &[], &Config::default());
+        let names: Vec<&str> = v.refused.keys().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["broken", "marked"]);
+        assert!(v.refused.values().any(|w| w.contains("operator says no")));
+        assert!(v.refused.values().any(|w| w.contains("at least one of")));
+        assert!(v.entries.iter().all(|e| e.origin.policy.name == "fine"));
+        assert_eq!(v.entries.len(), 1);
+    }
+
+    #[test]
     fn cidr_identities_are_stable_and_freed() {
         let mut c = CidrIdentities::default();
         c.sync(&[p("10.0.0.0/8"), p("10.1.0.0/16")].into());

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use clap::Parser;
 use node_agent_stub::agent::{Agent, Snapshot};
 use node_agent_stub::config::{Flags, Settings};
-use node_agent_stub::datapath::{DIR_INGRESS, REASON_DENIED_BY_RULE, reason_name};
+use node_agent_stub::datapath::{DIR_INGRESS, FIRST_DROP_REASON, reason_name};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -100,7 +100,7 @@ async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String
         let ep = s.endpoint_names.get(&k.endpoint_id).cloned().unwrap_or_else(|| k.endpoint_id.to_string());
         let dir = if k.direction == DIR_INGRESS { "INGRESS" } else { "EGRESS" };
         let labels = format!("endpoint=\"{ep}\",direction=\"{dir}\",reason=\"{}\"", reason_name(k.reason));
-        if k.reason >= REASON_DENIED_BY_RULE {
+        if k.reason >= FIRST_DROP_REASON {
             drops.push_str(&format!("cilium_drop_count_total{{{labels}}} {}\n", v.packets));
         } else {
             out.push_str(&format!("cilium_forward_count_total{{{labels}}} {}\n", v.packets));
@@ -112,6 +112,15 @@ async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String
     out.push_str(&format!(
         "# HELP cilium_endpoint_count Local endpoints\n# TYPE cilium_endpoint_count gauge\ncilium_endpoint_count {}\n",
         s.endpoint_names.len()
+    ));
+    let not_ready = s.endpoints_not_ready;
+    out.push_str(&format!(
+        "# HELP cilium_endpoint_state Local endpoints by state (not-ready: its policy could not be written, it drops all traffic)\n# TYPE cilium_endpoint_state gauge\ncilium_endpoint_state{{endpoint_state=\"ready\"}} {}\ncilium_endpoint_state{{endpoint_state=\"not-ready\"}} {not_ready}\n",
+        s.endpoint_names.len().saturating_sub(not_ready)
+    ));
+    out.push_str(&format!(
+        "# HELP cilium_bpf_map_ops_total Failed writes to the datapath maps\n# TYPE cilium_bpf_map_ops_total counter\ncilium_bpf_map_ops_total{{map_name=\"cilium_policy\",operation=\"update\",outcome=\"fail\"}} {}\n",
+        s.policy_map_errors
     ));
     out
 }

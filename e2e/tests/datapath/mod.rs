@@ -75,13 +75,25 @@ impl Cluster {
 
     /// Creates a pod bound to `node` and waits for its ready endpoint; its IP.
     pub async fn pod(&self, node: &str, name: &str, labels: serde_json::Value) -> anyhow::Result<Ipv4Addr> {
+        self.pod_with(node, "default", name, labels, json!([])).await
+    }
+
+    /// Like [`Cluster::pod`], in namespace `ns`, with container `ports`.
+    pub async fn pod_with(
+        &self,
+        node: &str,
+        ns: &str,
+        name: &str,
+        labels: serde_json::Value,
+        ports: serde_json::Value,
+    ) -> anyhow::Result<Ipv4Addr> {
         let client = self.cp.client().await?;
         let pod: Pod = serde_json::from_value(json!({
-            "metadata": { "name": name, "namespace": "default", "labels": labels },
-            "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "docker.io/cilium/starwars" }] }
+            "metadata": { "name": name, "namespace": ns, "labels": labels },
+            "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "docker.io/cilium/starwars", "ports": ports }] }
         }))?;
-        Api::<Pod>::namespaced(client.clone(), "default").create(&PostParams::default(), &pod).await?;
-        let ceps: Api<CiliumEndpoint> = Api::namespaced(client, "default");
+        Api::<Pod>::namespaced(client.clone(), ns).create(&PostParams::default(), &pod).await?;
+        let ceps: Api<CiliumEndpoint> = Api::namespaced(client, ns);
         eventually(&format!("endpoint of {name}"), Duration::from_secs(30), || async {
             let Some(c) = ceps.get_opt(name).await? else { return Ok(None) };
             let s = c.status.unwrap_or_default();
@@ -117,6 +129,28 @@ impl Cluster {
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Polls `probe` until it says `want`.
+pub fn expect_probe(
+    c: &Cluster,
+    what: &str,
+    want: bool,
+    timeout: Duration,
+    probe: impl Fn() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if probe()? == want {
+            return Ok(t0.elapsed());
+        }
+        ensure!(
+            t0.elapsed() < timeout,
+            "{what}: {} after {timeout:?}\n{}",
+            if want { "still dropped" } else { "still allowed" },
+            c.agent_logs()
+        );
+    }
 }
 
 /// Polls until `from -> ip:port` connects (`want` true) or not.
