@@ -11,6 +11,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 mod chart;
 mod cli;
+mod connectivity;
 mod datapath;
 mod endpoint_gc;
 mod identity;
@@ -55,6 +56,7 @@ fn main() {
         ("datapath::doublewrite_mode_identities", datapath::doublewrite_mode_identities),
         ("policy::upstream_forms_through_the_agents", policy::upstream_forms_through_the_agents),
         ("policy::kubernetes_network_policies", policy::kubernetes_network_policies),
+        ("connectivity::upstream_connectivity_scenarios", connectivity::upstream_connectivity_scenarios),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

@@ -87,10 +87,27 @@ impl Cluster {
         labels: serde_json::Value,
         ports: serde_json::Value,
     ) -> anyhow::Result<Ipv4Addr> {
+        self.pod_sa(node, ns, name, labels, ports, None).await
+    }
+
+    /// Like [`Cluster::pod_with`], running as service account `sa`.
+    pub async fn pod_sa(
+        &self,
+        node: &str,
+        ns: &str,
+        name: &str,
+        labels: serde_json::Value,
+        ports: serde_json::Value,
+        sa: Option<&str>,
+    ) -> anyhow::Result<Ipv4Addr> {
         let client = self.cp.client().await?;
+        let mut spec = json!({ "nodeName": node, "containers": [{ "name": "app", "image": "docker.io/cilium/starwars", "ports": ports }] });
+        if let Some(sa) = sa {
+            spec["serviceAccountName"] = json!(sa);
+        }
         let pod: Pod = serde_json::from_value(json!({
             "metadata": { "name": name, "namespace": ns, "labels": labels },
-            "spec": { "nodeName": node, "containers": [{ "name": "app", "image": "docker.io/cilium/starwars", "ports": ports }] }
+            "spec": spec
         }))?;
         Api::<Pod>::namespaced(client.clone(), ns).create(&PostParams::default(), &pod).await?;
         let ceps: Api<CiliumEndpoint> = Api::namespaced(client, ns);
