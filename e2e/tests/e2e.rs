@@ -36,6 +36,7 @@ fn main() {
         ("skeleton::prometheus_scrapes_operator", skeleton::prometheus_scrapes_operator),
         ("ipam::allocation_exhaustion_extension_and_gc", ipam::allocation_exhaustion_extension_and_gc),
         ("ipam::failover_chaos_burst", ipam::failover_chaos_burst),
+        ("ipam::odd_nodes_never_get_overlapping_cidrs", ipam::odd_nodes_never_get_overlapping_cidrs),
         ("endpoint_gc::orphans_end_as_specified", endpoint_gc::orphans_end_as_specified),
         ("endpoint_gc::survives_apiserver_restart", endpoint_gc::survives_apiserver_restart),
         ("endpoint_gc::interval_zero_runs_once", endpoint_gc::interval_zero_runs_once),

@@ -3,7 +3,9 @@
 //! the per-node pod CIDR allocator.
 
 pub mod allocator;
+pub mod book;
 pub mod cidr;
 
 pub use allocator::{AllocError, CidrAllocator, PoolUsage};
+pub use book::{Book, Decision, parse_pod_cidr};
 pub use cidr::{Cidr, CidrError, Family, validate_pools};

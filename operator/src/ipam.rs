@@ -20,11 +20,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
 
 use cilium_crds::CiliumNode;
-use cilium_ipam::{AllocError, Cidr, CidrAllocator, Family};
+use cilium_ipam::{AllocError, Book, Cidr, CidrAllocator, Decision, Family};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::DynamicObject;
 use kube::api::{Api, Patch, PatchParams};
-use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -105,155 +105,17 @@ impl IpamMetrics {
     }
 }
 
-/// The IPAM book: allocators plus which node holds what. Pure: no I/O.
-pub struct Book {
-    allocators: Vec<CidrAllocator>,
-    held: BTreeMap<String, Vec<Cidr>>,
-}
-
-/// What to do about one node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// The node's CIDRs are fine and recorded.
-    Ok,
-    /// Write these pod CIDRs (newly allocated ones included).
-    Assign(Vec<Cidr>),
-    /// The node's CIDRs are refused: report this error.
-    Refuse { error: String, reason: &'static str },
-    /// A family's pools are full: report `allocator full`.
-    Full { family: Family },
-}
-
-impl Book {
-    pub fn new(cfg: &Config) -> Result<Book, AllocError> {
-        let mut allocators = Vec::new();
-        if let Some(p) = &cfg.ipv4_pool {
-            allocators.push(CidrAllocator::new(Family::V4, &p.cidrs, p.mask_size)?);
-        }
-        if let Some(p) = &cfg.ipv6_pool {
-            allocators.push(CidrAllocator::new(Family::V6, &p.cidrs, p.mask_size)?);
-        }
-        Ok(Book { allocators, held: BTreeMap::new() })
+/// The IPAM book of the operator's configuration (pools of the enabled
+/// families).
+pub fn book(cfg: &Config) -> Result<Book, AllocError> {
+    let mut allocators = Vec::new();
+    if let Some(p) = &cfg.ipv4_pool {
+        allocators.push(CidrAllocator::new(Family::V4, &p.cidrs, p.mask_size)?);
     }
-
-    pub fn allocators(&self) -> &[CidrAllocator] {
-        &self.allocators
+    if let Some(p) = &cfg.ipv6_pool {
+        allocators.push(CidrAllocator::new(Family::V6, &p.cidrs, p.mask_size)?);
     }
-
-    pub fn held(&self, node: &str) -> &[Cidr] {
-        self.held.get(node).map(Vec::as_slice).unwrap_or_default()
-    }
-
-    fn holder_of(&self, cidr: &Cidr) -> Option<&str> {
-        self.held.iter().find(|(_, cs)| cs.contains(cidr)).map(|(n, _)| n.as_str())
-    }
-
-    fn allocator(&mut self, family: Family) -> Option<&mut CidrAllocator> {
-        self.allocators.iter_mut().find(|a| a.family() == family)
-    }
-
-    /// Decides for a node showing `current` pod CIDRs. Occupies what it
-    /// shows; allocates missing families only when `may_allocate`. A refused
-    /// node keeps what it held before and records nothing new. CIDRs the book
-    /// assigned that the node does not show yet (a write in flight, or a
-    /// writer that removed them) are assigned again rather than leaked.
-    pub fn decide(&mut self, node: &str, current: &[String], may_allocate: bool) -> Decision {
-        let prev = self.held(node).to_vec();
-        // 1. Check every CIDR the node shows, changing nothing yet.
-        let mut shown: Vec<Cidr> = Vec::new();
-        for raw in current {
-            let cidr: Cidr = match raw.parse() {
-                Ok(c) => c,
-                Err(e) => {
-                    let error = format!("pod CIDR {raw:?} is malformed: {e}");
-                    return Decision::Refuse { error, reason: "malformed" };
-                }
-            };
-            if prev.contains(&cidr) || shown.contains(&cidr) {
-                shown.push(cidr);
-                continue;
-            }
-            if let Some(other) = self.holder_of(&cidr) {
-                let error = format!("pod CIDR {cidr} is already allocated to node {other}; not re-assigning it");
-                return Decision::Refuse { error, reason: "duplicate" };
-            }
-            let Some(alloc) = self.allocator(cidr.family()) else {
-                let error =
-                    format!("pod CIDR {cidr} is {} but that family is not enabled in the operator", cidr.family());
-                return Decision::Refuse { error, reason: "family-disabled" };
-            };
-            if let Err(e) = alloc.check_free(&cidr) {
-                return Decision::Refuse { error: format!("pod CIDR {cidr} refused: {e}"), reason: e.reason() };
-            }
-            shown.push(cidr);
-        }
-        shown.dedup();
-        // 2. Commit: occupy what is new.
-        for c in shown.iter().filter(|c| !prev.contains(c)) {
-            self.allocator(c.family()).expect("checked").occupy(c).expect("checked free");
-        }
-        // 3. Earlier assignments the node does not show: keep them for the
-        //    families it shows nothing of, release the others.
-        let mut keep = shown.clone();
-        for c in prev.iter().filter(|c| !shown.contains(c)) {
-            if keep.iter().any(|k| k.family() == c.family()) {
-                let _ = self.allocator(c.family()).map(|a| a.release(c));
-            } else {
-                keep.push(*c);
-            }
-        }
-        keep.sort_by_key(|c| c.family());
-        self.held.insert(node.to_string(), keep.clone());
-        let missing: Vec<Family> =
-            self.allocators.iter().map(|a| a.family()).filter(|f| !keep.iter().any(|c| c.family() == *f)).collect();
-        if missing.is_empty() || !may_allocate {
-            return if keep.len() == shown.len() && current.len() == shown.len() {
-                Decision::Ok
-            } else {
-                Decision::Assign(keep)
-            };
-        }
-        let mut new = Vec::new();
-        for family in missing {
-            match self.allocator(family).expect("listed").allocate() {
-                Ok(c) => new.push(c),
-                Err(_) => {
-                    for c in &new {
-                        let _ = self.allocator(c.family()).expect("listed").release(c);
-                    }
-                    return Decision::Full { family };
-                }
-            }
-        }
-        let mut all = keep;
-        all.extend(new);
-        all.sort_by_key(|c| c.family());
-        self.held.insert(node.to_string(), all.clone());
-        Decision::Assign(all)
-    }
-
-    /// Forgets a node's CIDRs (the node was deleted, or a write failed).
-    pub fn release(&mut self, node: &str) -> Vec<Cidr> {
-        let cidrs = self.held.remove(node).unwrap_or_default();
-        for c in &cidrs {
-            if let Some(a) = self.allocator(c.family()) {
-                let _ = a.release(c);
-            }
-        }
-        cidrs
-    }
-
-    /// Undoes the allocation of `new` CIDRs for `node` after a failed write,
-    /// keeping what it held before.
-    pub fn rollback(&mut self, node: &str, before: &[Cidr]) {
-        let now = self.held.get(node).cloned().unwrap_or_default();
-        for c in now.iter().filter(|c| !before.contains(c)) {
-            if let Some(a) = self.allocator(c.family()) {
-                let _ = a.release(c);
-            }
-        }
-        self.held.insert(node.to_string(), before.to_vec());
-    }
+    Ok(Book::new(allocators))
 }
 
 /// Spec writes in flight at most (allocation decisions stay sequential; only
@@ -262,13 +124,16 @@ const MAX_WRITES_IN_FLIGHT: usize = 32;
 
 /// Runs the IPAM controller until `stop`.
 pub async fn run(ctx: Context, metrics: IpamMetrics, stop: CancellationToken) -> anyhow::Result<()> {
-    let api: Api<DeserializeGuard<CiliumNode>> = Api::all(ctx.client.clone());
+    // Raw objects: a CiliumNode the typed decode refuses still shows pod
+    // CIDRs that must stay reserved.
+    let ar = kube::api::ApiResource::erase::<CiliumNode>(&());
+    let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &ar);
     let recorder = Recorder::new(
         ctx.client.clone(),
         Reporter { controller: "cilium-operator".into(), instance: std::env::var("HOSTNAME").ok() },
     );
     let mut ctl = Controller {
-        book: Book::new(&ctx.config)?,
+        book: book(&ctx.config)?,
         nodes: Api::all(ctx.client.clone()),
         recorder,
         metrics,
@@ -285,7 +150,7 @@ pub async fn run(ctx: Context, metrics: IpamMetrics, stop: CancellationToken) ->
 
     let mut stream = watcher(api, watcher::Config::default()).boxed();
     // Objects seen during the current (re)list, applied only at InitDone.
-    let mut initial: Vec<CiliumNode> = Vec::new();
+    let mut initial: Vec<Seen> = Vec::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -300,22 +165,19 @@ pub async fn run(ctx: Context, metrics: IpamMetrics, stop: CancellationToken) ->
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 }
                 Some(Ok(watcher::Event::Init)) => initial.clear(),
-                Some(Ok(watcher::Event::InitApply(obj))) => initial.extend(ctl.decode(obj)),
+                Some(Ok(watcher::Event::InitApply(obj))) => initial.push(ctl.decode(obj)),
                 Some(Ok(watcher::Event::InitDone)) => ctl.resync(std::mem::take(&mut initial)).await,
                 Some(Ok(watcher::Event::Apply(obj))) => {
-                    if let Some(n) = ctl.decode(obj) {
-                        let name = name_of(&n);
-                        ctl.store.insert(name.clone(), n);
+                    let seen = ctl.decode(obj);
+                    let name = seen.name.clone();
+                    if ctl.observe(seen) {
                         ctl.reconcile(&name, ctl.synced).await;
                     }
                 }
                 Some(Ok(watcher::Event::Delete(obj))) => {
-                    let name = match &obj.0 {
-                        Ok(n) => name_of(n),
-                        Err(e) => e.metadata.name.clone().unwrap_or_default(),
-                    };
-                    ctl.store.remove(&name);
-                    if ctl.node_deleted(&name) {
+                    let seen = ctl.decode(obj);
+                    ctl.store.remove(&seen.name);
+                    if ctl.node_deleted(&seen.name, &seen.uid) {
                         // Freed CIDRs: retry the nodes waiting on a full pool.
                         ctl.requeue.extend(ctl.waiting.iter().cloned());
                     }
@@ -362,9 +224,20 @@ fn name_of(n: &CiliumNode) -> String {
 /// A finished spec write.
 struct WriteDone {
     name: String,
-    before: Vec<Cidr>,
+    uid: String,
     cidrs: Vec<Cidr>,
+    /// How many of `cidrs` are newly allocated.
+    new: usize,
     result: Result<(), kube::Error>,
+}
+
+/// A CiliumNode as the watch delivers it: name, uid, the pod CIDRs it
+/// shows (read from the raw object), and the typed object when it decodes.
+struct Seen {
+    name: String,
+    uid: String,
+    pod_cidrs: Vec<String>,
+    node: Option<CiliumNode>,
 }
 
 struct Controller {
@@ -390,32 +263,69 @@ struct Controller {
 }
 
 impl Controller {
-    fn decode(&self, obj: DeserializeGuard<CiliumNode>) -> Option<CiliumNode> {
-        match obj.0 {
+    /// Reads a raw CiliumNode: its pod CIDRs leniently (any string of
+    /// `spec.ipam.podCIDRs`), the typed object when it decodes.
+    fn decode(&self, obj: DynamicObject) -> Seen {
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        let uid = obj.metadata.uid.clone().unwrap_or_default();
+        let pod_cidrs: Vec<String> = obj.data["spec"]["ipam"]["podCIDRs"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        let typed = serde_json::to_value(&obj).and_then(serde_json::from_value::<CiliumNode>);
+        let node = match typed {
             Ok(n) => Some(trim(n)),
             Err(e) => {
                 self.metrics.malformed_nodes.inc();
-                tracing::warn!(node = e.metadata.name.as_deref().unwrap_or("?"), error = %e.error, "skipping malformed CiliumNode");
+                tracing::warn!(node = %name, error = %e, ?pod_cidrs, "malformed CiliumNode: its pod CIDRs stay reserved, nothing is written to it");
                 None
+            }
+        };
+        Seen { name, uid, pod_cidrs, node }
+    }
+
+    /// Records what a node shows (reserving it, whatever the node's state);
+    /// returns whether the node is one to decide for (it decodes and is not
+    /// being deleted).
+    fn observe(&mut self, seen: Seen) -> bool {
+        let bad = self.book.observe(&seen.name, &seen.uid, &seen.pod_cidrs);
+        if !bad.is_empty() {
+            tracing::warn!(node = %seen.name, entries = ?bad, "CiliumNode shows pod CIDRs that are not CIDRs");
+        }
+        match seen.node {
+            Some(n) => {
+                let live = n.metadata.deletion_timestamp.is_none();
+                self.store.insert(seen.name, n);
+                live
+            }
+            None => {
+                self.store.remove(&seen.name);
+                false
             }
         }
     }
 
-    /// Applies a full (re)list: forgets nodes that vanished, re-occupies
-    /// every CIDR already held (oldest node first), then allocates.
-    async fn resync(&mut self, mut listed: Vec<CiliumNode>) {
-        let names: BTreeSet<String> = listed.iter().map(name_of).collect();
-        let gone: Vec<String> = self.store.keys().filter(|k| !names.contains(*k)).cloned().collect();
-        for name in gone {
-            self.store.remove(&name);
-            self.node_deleted(&name);
+    /// Applies a full (re)list: forgets nodes that vanished, records what
+    /// every node shows (oldest first, so the older of two nodes showing
+    /// the same CIDR keeps it), decides for each, then allocates.
+    async fn resync(&mut self, mut listed: Vec<Seen>) {
+        let names: BTreeSet<String> = listed.iter().map(|s| s.name.clone()).collect();
+        let known: Vec<String> = self.book.holdings().map(|(n, _)| n.to_string()).collect();
+        for name in known.into_iter().chain(self.store.keys().cloned().collect::<Vec<_>>()) {
+            if !names.contains(&name) {
+                self.store.remove(&name);
+                self.node_deleted(&name, "");
+            }
         }
-        listed.sort_by(|a, b| {
-            let ts = |n: &CiliumNode| n.metadata.creation_timestamp.as_ref().map(|t| t.0);
-            ts(a).cmp(&ts(b)).then_with(|| name_of(a).cmp(&name_of(b)))
-        });
-        let order: Vec<String> = listed.iter().map(name_of).collect();
-        self.store.extend(listed.into_iter().map(|n| (name_of(&n), n)));
+        let ts = |s: &Seen| s.node.as_ref().and_then(|n| n.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        listed.sort_by(|a, b| ts(a).cmp(&ts(b)).then_with(|| a.name.cmp(&b.name)));
+        let mut order = Vec::new();
+        for seen in listed {
+            let name = seen.name.clone();
+            if self.observe(seen) {
+                order.push(name);
+            }
+        }
         for name in &order {
             self.reconcile(name, false).await;
         }
@@ -456,11 +366,12 @@ impl Controller {
         self.metrics.nodes_waiting.set(self.waiting.len() as i64);
     }
 
-    /// Returns whether the node held CIDRs that are now free.
-    fn node_deleted(&mut self, name: &str) -> bool {
+    /// Forgets a deleted node (`uid` empty: whatever object had the name);
+    /// returns whether it held CIDRs that are now free.
+    fn node_deleted(&mut self, name: &str, uid: &str) -> bool {
         self.errors.remove(name);
         self.waiting.remove(name);
-        let released = self.book.release(name);
+        let released = self.book.forget_uid(name, uid);
         if !released.is_empty() {
             self.metrics.releases.inc_by(released.len() as u64);
             let cidrs: Vec<String> = released.iter().map(|c| c.to_string()).collect();
@@ -481,9 +392,9 @@ impl Controller {
         if node.metadata.deletion_timestamp.is_some() {
             return;
         }
-        let current = node.pod_cidrs().to_vec();
+        let uid = node.metadata.uid.clone().unwrap_or_default();
         let before = self.book.held(name).to_vec();
-        match self.book.decide(name, &current, may_allocate) {
+        match self.book.decide(name, may_allocate) {
             Decision::Ok => {
                 self.waiting.remove(name);
                 self.set_error(&node, None).await;
@@ -503,6 +414,7 @@ impl Controller {
                     "metadata": { "name": name, "resourceVersion": node.metadata.resource_version },
                     "spec": { "ipam": { "podCIDRs": list } },
                 }));
+                let new = cidrs.iter().filter(|c| !before.contains(c)).count();
                 let api = self.nodes.clone();
                 let name = name.to_string();
                 self.in_flight.insert(name.clone());
@@ -511,7 +423,7 @@ impl Controller {
                         .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
                         .await
                         .map(|_| ());
-                    WriteDone { name, before, cidrs, result }
+                    WriteDone { name, uid, cidrs, new, result }
                 });
             }
             Decision::Refuse { error, reason } => {
@@ -560,8 +472,7 @@ impl Controller {
         self.in_flight.remove(&done.name);
         match done.result {
             Ok(()) => {
-                let new = done.cidrs.iter().filter(|c| !done.before.contains(c)).count();
-                self.metrics.allocations.inc_by(new as u64);
+                self.metrics.allocations.inc_by(done.new as u64);
                 let list: Vec<String> = done.cidrs.iter().map(|c| c.to_string()).collect();
                 tracing::info!(node = %done.name, pod_cidrs = ?list, "assigned pod CIDRs");
                 if let Some(node) = self.store.get(&done.name).cloned() {
@@ -572,9 +483,7 @@ impl Controller {
                 // Not written: give new CIDRs back (a deleted node released
                 // everything already). A conflict means the node changed; it
                 // is decided again from its latest version.
-                if self.store.contains_key(&done.name) {
-                    self.book.rollback(&done.name, &done.before);
-                }
+                self.book.abandon(&done.name, &done.uid, &done.cidrs);
                 // 409/404: the watch brings the newer version (or the
                 // deletion), which is decided then. Anything else: retry
                 // after a pause.
@@ -660,8 +569,8 @@ mod tests {
     use super::*;
     use crate::config::RawConfig;
 
-    fn book(pairs: &[(&str, &str)]) -> Book {
-        Book::new(&Config::from_raw(&RawConfig::from_pairs(pairs).unwrap()).unwrap()).unwrap()
+    fn book_of(pairs: &[(&str, &str)]) -> Book {
+        book(&Config::from_raw(&RawConfig::from_pairs(pairs).unwrap()).unwrap()).unwrap()
     }
 
     fn s(v: &[&str]) -> Vec<String> {
@@ -672,82 +581,88 @@ mod tests {
         x.parse().unwrap()
     }
 
+    fn decide(b: &mut Book, node: &str, shown: &[&str], may_allocate: bool) -> Decision {
+        b.observe(node, node, &s(shown));
+        b.decide(node, may_allocate)
+    }
+
     #[test]
     fn occupies_before_allocating_and_never_duplicates() {
-        let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/30"), ("cluster-pool-ipv4-mask-size", "31")]);
+        let mut b = book_of(&[("cluster-pool-ipv4-cidr", "10.0.0.0/30"), ("cluster-pool-ipv4-mask-size", "31")]);
         // Sync phase: n2 already holds the first subnet.
-        assert_eq!(b.decide("n1", &[], false), Decision::Ok);
-        assert_eq!(b.decide("n2", &s(&["10.0.0.0/31"]), false), Decision::Ok);
+        assert_eq!(decide(&mut b, "n1", &[], false), Decision::Ok);
+        assert_eq!(decide(&mut b, "n2", &["10.0.0.0/31"], false), Decision::Ok);
         // Allocation phase: n1 gets the other one, not n2's.
-        assert_eq!(b.decide("n1", &[], true), Decision::Assign(vec![c("10.0.0.2/31")]));
-        assert_eq!(b.decide("n3", &[], true), Decision::Full { family: Family::V4 });
-        // A node claiming another's CIDR is refused and records nothing.
-        let d = b.decide("n4", &s(&["10.0.0.0/31"]), true);
+        assert_eq!(b.decide("n1", true), Decision::Assign(vec![c("10.0.0.2/31")]));
+        assert_eq!(decide(&mut b, "n3", &[], true), Decision::Full { family: Family::V4 });
+        // A node claiming another's CIDR is refused and holds nothing.
+        let d = decide(&mut b, "n4", &["10.0.0.0/31"], true);
         assert!(matches!(&d, Decision::Refuse { error, reason: "duplicate" } if error.contains("node n2")), "{d:?}");
         assert_eq!(b.held("n4"), &[] as &[Cidr]);
-        // Release makes it available again.
-        assert_eq!(b.release("n2"), vec![c("10.0.0.0/31")]);
-        assert_eq!(b.decide("n3", &[], true), Decision::Assign(vec![c("10.0.0.0/31")]));
+        // n2 and n4 both gone: free again.
+        assert_eq!(b.forget("n2"), vec![c("10.0.0.0/31")]);
+        b.forget("n4");
+        assert_eq!(b.decide("n3", true), Decision::Assign(vec![c("10.0.0.0/31")]));
     }
 
     #[test]
     fn refuses_cidrs_outside_every_pool() {
-        let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/16")]);
-        let d = b.decide("n1", &s(&["192.168.0.0/24"]), true);
+        let mut b = book_of(&[("cluster-pool-ipv4-cidr", "10.0.0.0/16")]);
+        let d = decide(&mut b, "n1", &["192.168.0.0/24"], true);
         assert!(
             matches!(&d, Decision::Refuse { reason: "not-in-pool", error } if error.contains("192.168.0.0/24")),
             "{d:?}"
         );
-        let d = b.decide("n2", &s(&["10.0.1.0/25"]), true);
+        let d = decide(&mut b, "n2", &["10.0.1.0/25"], true);
         assert!(matches!(&d, Decision::Refuse { reason: "wrong-mask", .. }), "{d:?}");
-        let d = b.decide("n3", &s(&["bogus"]), true);
+        let d = decide(&mut b, "n3", &["bogus"], true);
         assert!(matches!(&d, Decision::Refuse { reason: "malformed", .. }), "{d:?}");
     }
 
     #[test]
     fn dual_stack_ipv4_first_and_fills_missing_family() {
-        let mut b = book(&[
+        let mut b = book_of(&[
             ("cluster-pool-ipv4-cidr", "10.0.0.0/16"),
             ("enable-ipv6", "true"),
             ("cluster-pool-ipv6-cidr", "fd00::/104"),
             ("cluster-pool-ipv6-mask-size", "120"),
         ]);
-        assert_eq!(b.decide("n1", &[], true), Decision::Assign(vec![c("10.0.0.0/24"), c("fd00::/120")]));
-        assert_eq!(b.decide("n1", &s(&["10.0.0.0/24", "fd00::/120"]), true), Decision::Ok);
+        assert_eq!(decide(&mut b, "n1", &[], true), Decision::Assign(vec![c("10.0.0.0/24"), c("fd00::/120")]));
+        assert_eq!(decide(&mut b, "n1", &["10.0.0.0/24", "fd00::/120"], true), Decision::Ok);
         assert_eq!(
-            b.decide("n2", &s(&["10.0.5.0/24"]), true),
+            decide(&mut b, "n2", &["10.0.5.0/24"], true),
             Decision::Assign(vec![c("10.0.5.0/24"), c("fd00::100/120")])
         );
     }
 
     #[test]
     fn unshown_assignment_is_reassigned_not_leaked() {
-        let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
-        assert_eq!(b.decide("n1", &[], true), Decision::Assign(vec![c("10.0.0.0/24")]));
+        let mut b = book_of(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
+        assert_eq!(decide(&mut b, "n1", &[], true), Decision::Assign(vec![c("10.0.0.0/24")]));
         // The node does not show it yet (write in flight): same CIDR again.
-        assert_eq!(b.decide("n1", &[], true), Decision::Assign(vec![c("10.0.0.0/24")]));
+        assert_eq!(b.decide("n1", true), Decision::Assign(vec![c("10.0.0.0/24")]));
         assert_eq!(b.allocators()[0].usage()[0].used, 1);
-        // Someone wrote another free CIDR: ours is released, theirs kept.
-        assert_eq!(b.decide("n1", &s(&["10.0.1.0/24"]), true), Decision::Ok);
-        assert!(!b.allocators()[0].is_allocated(&c("10.0.0.0/24")));
-        assert_eq!(b.held("n1"), &[c("10.0.1.0/24")]);
+        // Someone wrote another CIDR in its place: refused as upstream
+        // refuses a node changing its CIDRs; both stay reserved.
+        let d = decide(&mut b, "n1", &["10.0.1.0/24"], true);
+        assert!(matches!(d, Decision::Refuse { reason: "changed", .. }), "{d:?}");
+        assert_eq!(decide(&mut b, "n2", &[], true), Decision::Full { family: Family::V4 });
     }
 
     #[test]
-    fn partial_refusal_occupies_nothing() {
-        let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
-        let d = b.decide("n1", &s(&["10.0.0.0/24", "192.168.0.0/24"]), true);
+    fn a_refused_node_keeps_its_ranges_reserved() {
+        let mut b = book_of(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
+        let d = decide(&mut b, "n1", &["10.0.0.0/24", "192.168.0.0/24"], true);
         assert!(matches!(d, Decision::Refuse { reason: "not-in-pool", .. }), "{d:?}");
-        assert!(!b.allocators()[0].is_allocated(&c("10.0.0.0/24")), "refused node leaked a CIDR");
-        assert_eq!(b.decide("n2", &[], true), Decision::Assign(vec![c("10.0.0.0/24")]));
+        assert_eq!(decide(&mut b, "n2", &[], true), Decision::Assign(vec![c("10.0.1.0/24")]), "not the refused node's");
     }
 
     #[test]
-    fn rollback_returns_new_cidrs_only() {
-        let mut b = book(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
-        let Decision::Assign(cidrs) = b.decide("n1", &[], true) else { panic!() };
-        b.rollback("n1", &[]);
+    fn a_failed_write_gives_new_cidrs_back() {
+        let mut b = book_of(&[("cluster-pool-ipv4-cidr", "10.0.0.0/23")]);
+        let Decision::Assign(cidrs) = decide(&mut b, "n1", &[], true) else { panic!() };
+        b.abandon("n1", "n1", &cidrs);
         assert!(!b.allocators()[0].is_allocated(&cidrs[0]));
-        assert_eq!(b.decide("n2", &[], true), Decision::Assign(cidrs));
+        assert_eq!(decide(&mut b, "n2", &[], true), Decision::Assign(cidrs));
     }
 }

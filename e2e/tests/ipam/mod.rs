@@ -272,3 +272,86 @@ pub fn failover_chaos_burst(_shared: &ControlPlane) -> anyhow::Result<()> {
     });
     result.map_err(|e| e.context(cp.log_tails(15)))
 }
+
+/// CiliumNodes any agent (or user) can write: duplicates in the list, a
+/// wrong mask, host bits, a node being deleted while the operator
+/// restarts, a node changing its CIDRs. The operator never panics, and no
+/// new node ever gets a CIDR that overlaps anything another node shows.
+pub fn odd_nodes_never_get_overlapping_cidrs(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let cp = ControlPlane::start(Options::default())?;
+    let pool = vec!["--cluster-pool-ipv4-cidr=10.30.0.0/21".to_string(), "--cluster-pool-ipv4-mask-size=24".into()];
+    let mut op = Operator::start(&cp, "operator-odd-1", "kube-system", &pool)?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let result = block_on(async {
+        let client = cp.client().await?;
+        let cns: Api<CiliumNode> = Api::all(client.clone());
+        let pp = PostParams::default();
+        // [A, B, A]: the first agent's panic. Accepted (written back once).
+        cns.create(&pp, &cilium_node("dups", &["10.30.0.0/24", "10.30.1.0/24", "10.30.0.0/24"])).await?;
+        // A /23 with mask /24: refused, but both /24s inside stay in use.
+        cns.create(&pp, &cilium_node("wide", &["10.30.2.0/23"])).await?;
+        wait_error(&cns, "wide", "does not have the per-node mask size").await?;
+        // Host bits: read as 10.30.4.0/24, as upstream reads it.
+        cns.create(&pp, &cilium_node("hostbits", &["10.30.4.9/24"])).await?;
+        eventually("hostbits read as 10.30.4.0/24", Duration::from_secs(20), || async {
+            Ok((cns.get("hostbits").await?.pod_cidrs() == ["10.30.4.0/24"]).then_some(()))
+        })
+        .await?;
+        eventually("dups written back without the repeat", Duration::from_secs(20), || async {
+            Ok((cns.get("dups").await?.pod_cidrs() == ["10.30.0.0/24", "10.30.1.0/24"]).then_some(()))
+        })
+        .await?;
+        // A node being deleted (a finalizer holds it) still uses its CIDR.
+        let mut term = cilium_node("terminating", &["10.30.5.0/24"]);
+        term.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+        cns.create(&pp, &term).await?;
+        cns.delete("terminating", &DeleteParams::default()).await?;
+        anyhow::Ok(())
+    });
+    result?;
+    // A restart: the terminating node is seen only in the relist.
+    op.stop()?;
+    let mut op = Operator::start(&cp, "operator-odd-2", "kube-system", &pool)?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let result = block_on(async {
+        let client = cp.client().await?;
+        let cns: Api<CiliumNode> = Api::all(client.clone());
+        let pp = PostParams::default();
+        for n in ["f1", "f2", "f3"] {
+            cns.create(&pp, &cilium_node(n, &[])).await?;
+        }
+        let got: BTreeSet<String> = [wait_cidr(&cns, "f1").await?, wait_cidr(&cns, "f2").await?].into_iter().collect();
+        ensure!(got == ["10.30.6.0/24", "10.30.7.0/24"].map(String::from).into(), "fresh nodes got {got:?}");
+        ensure!(wait_error(&cns, "f3", "allocator full").await? == "allocator full");
+        // A node changing its CIDRs is refused; it keeps the old one reserved.
+        let mut f1 = cns.get("f1").await?;
+        f1.spec.ipam.as_mut().context("ipam")?.pod_cidrs = Some(vec!["10.30.3.0/24".into()]);
+        f1.metadata.managed_fields = None;
+        cns.replace("f1", &PostParams::default(), &f1).await?;
+        wait_error(&cns, "f1", "conflict with requested CIDRs").await?;
+        // The terminating node goes: its CIDR is free for f3.
+        let patch = json!({ "metadata": { "finalizers": null } });
+        cns.patch("terminating", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+        ensure!(wait_cidr(&cns, "f3").await? == "10.30.5.0/24", "f3 did not get the freed CIDR");
+        let all = all_pod_cidrs(&cns).await?;
+        // Overlaps between what nodes show, beyond what they wrote themselves.
+        let ranges: Vec<(String, cilium_ipam::Cidr)> = all
+            .iter()
+            .flat_map(|(n, cs)| {
+                cs.iter().filter_map(|c| cilium_ipam::parse_pod_cidr(c).ok()).map(move |c| (n.clone(), c))
+            })
+            .collect();
+        for (i, (n1, c1)) in ranges.iter().enumerate() {
+            for (n2, c2) in &ranges[i + 1..] {
+                let written_by_test = |n: &str| ["wide", "f1"].contains(&n);
+                ensure!(
+                    n1 == n2 || !c1.overlaps(c2) || written_by_test(n1) || written_by_test(n2),
+                    "{n1} {c1} overlaps {n2} {c2}"
+                );
+            }
+        }
+        ensure!(op.is_leader(), "the operator lost its health or leadership");
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(20)))
+}
