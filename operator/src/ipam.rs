@@ -153,7 +153,18 @@ pub async fn run(ctx: Context, metrics: IpamMetrics, stop: CancellationToken) ->
     let mut initial: Vec<Seen> = Vec::new();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => {
+                // Writes already sent may still land: wait for them before
+                // leadership is released (never abandon them mid-flight).
+                let n = ctl.writes.len();
+                while let Some(done) = ctl.writes.join_next().await {
+                    ctl.write_done(done).await;
+                }
+                if n > 0 {
+                    tracing::info!(writes = n, "IPAM stopped after its writes in flight finished");
+                }
+                return Ok(());
+            }
             Some(done) = ctl.writes.join_next(), if !ctl.writes.is_empty() => ctl.write_done(done).await,
             Some(Ok(name)) = ctl.retries.join_next(), if !ctl.retries.is_empty() => {
                 ctl.requeue.insert(name);

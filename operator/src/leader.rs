@@ -108,8 +108,15 @@ impl Elector {
     }
 
     /// Runs the election until shutdown or loss of the lease. `leading` is
-    /// set while we hold the lease.
-    pub async fn run(mut self, leading: watch::Sender<bool>, shutdown: CancellationToken) -> Outcome {
+    /// set while we hold the lease. On shutdown while leading, `drain`
+    /// (stopping the duties and waiting for their writes in flight) runs
+    /// first, with the lease still renewed, and only then is the lease
+    /// released: no other replica can lead while a write of ours may still
+    /// land.
+    pub async fn run<F>(mut self, leading: watch::Sender<bool>, shutdown: CancellationToken, drain: F) -> Outcome
+    where
+        F: std::future::Future<Output = ()>,
+    {
         // Campaign until we hold the lease.
         loop {
             match self.try_acquire_or_renew().await {
@@ -118,7 +125,10 @@ impl Elector {
                 Err(e) => tracing::warn!(error = %e, "leader election: cannot read or write the lease"),
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Outcome::Released,
+                _ = shutdown.cancelled() => {
+                    drain.await;
+                    return Outcome::Released;
+                }
                 _ = tokio::time::sleep(self.cfg.retry_period) => {}
             }
         }
@@ -130,6 +140,9 @@ impl Elector {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     let _ = leading.send(false);
+                    if !self.drain_holding(drain, last_renew).await {
+                        return Outcome::Lost;
+                    }
                     self.release().await;
                     return Outcome::Released;
                 }
@@ -231,6 +244,33 @@ impl Elector {
 
     /// Gives the lease up so another replica can take over at once: empty
     /// holder, 1 s duration (as client-go's ReleaseOnCancel).
+    /// Awaits `drain` while renewing the lease; false when the lease was
+    /// lost meanwhile (then it is not ours to release).
+    async fn drain_holding<F>(&mut self, drain: F, mut last_renew: Instant) -> bool
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let t0 = Instant::now();
+        let mut drain = std::pin::pin!(drain);
+        loop {
+            tokio::select! {
+                _ = &mut drain => {
+                    tracing::info!(seconds = format!("{:.2}", t0.elapsed().as_secs_f64()), "duties stopped and drained; releasing the lease");
+                    return true;
+                }
+                _ = tokio::time::sleep(self.cfg.retry_period) => {}
+            }
+            let remaining = self.cfg.renew_deadline.saturating_sub(last_renew.elapsed());
+            if let Ok(Ok(true)) = tokio::time::timeout(remaining, self.try_acquire_or_renew()).await {
+                last_renew = Instant::now();
+            }
+            if last_renew.elapsed() >= self.cfg.renew_deadline {
+                tracing::error!("leader election lost while the duties were draining");
+                return false;
+            }
+        }
+    }
+
     async fn release(&mut self) {
         let Some((mut lease, _, _)) = self.observed.take() else {
             return;

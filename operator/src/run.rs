@@ -88,9 +88,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let (leading_tx, leading_rx) = watch::channel(false);
     let duties_stop = CancellationToken::new();
     let duties = tokio::spawn(run_duties(ctx, leading_rx, health_tx, duties_stop.clone()));
-    let outcome = elector.run(leading_tx, shutdown.clone()).await;
+    // On shutdown: stop the duties and wait for their writes in flight
+    // (bounded), all while still holding the lease; only then release it.
+    let stop = duties_stop.clone();
+    let drain = async move {
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), duties).await;
+    };
+    let outcome = elector.run(leading_tx, shutdown.clone(), drain).await;
+    // Lost: the duties stop at once (another replica may lead already).
     duties_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), duties).await;
     match outcome {
         Outcome::Released => {
             shutdown.cancel();

@@ -193,8 +193,8 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
 /// held twice, no replica panics. Short lease timings keep the test fast
 /// (takeover timing itself is tested in the skeleton tests).
 pub fn failover_chaos_burst(_shared: &ControlPlane) -> anyhow::Result<()> {
-    const NODES: usize = 500;
-    const KILLS: usize = 3;
+    const NODES: usize = 2000;
+    const KILLS: usize = 10;
     let cp = ControlPlane::start(Options::default())?;
     let flags: Vec<String> = [
         "--cluster-pool-ipv4-cidr=10.0.0.0/12",
@@ -246,8 +246,13 @@ pub fn failover_chaos_burst(_shared: &ControlPlane) -> anyhow::Result<()> {
                 async move { Ok(idx) }
             })
             .await?;
-            replicas[leader].proc.signal(libc::SIGKILL);
-            replicas[leader].proc.wait_exit(Duration::from_secs(5)).context("killed leader still running")?;
+            // Alternately a clean SIGTERM (duties drain, then the lease is
+            // released) and a kill -9 (the lease expires).
+            let sig = if kill % 2 == 0 { libc::SIGTERM } else { libc::SIGKILL };
+            replicas[leader].proc.signal(sig);
+            replicas[leader].proc.wait_exit(Duration::from_secs(30)).context("stopped leader still running")?;
+            let mid = all_pod_cidrs(&cns).await?;
+            assert_no_duplicates(&mid).with_context(|| format!("after leader stop {}", kill + 1))?;
             let old = replicas.remove(leader);
             ensure!(!old.proc.log_text().contains("panicked"), "{} panicked", old.proc.name);
             let mut fresh = Operator::start(&cp, &format!("chaos-{started}"), "kube-system", &flags)?;
@@ -267,7 +272,9 @@ pub fn failover_chaos_burst(_shared: &ControlPlane) -> anyhow::Result<()> {
         for r in &replicas {
             ensure!(!r.proc.log_text().contains("panicked"), "{} panicked", r.proc.name);
         }
-        eprintln!("failover chaos: {NODES} nodes, {KILLS} leader kills, all allocated, no duplicates");
+        eprintln!(
+            "failover chaos: {NODES} nodes, {KILLS} leader stops (SIGTERM and kill -9 alternately) survived, all allocated, 0 duplicates"
+        );
         anyhow::Ok(())
     });
     result.map_err(|e| e.context(cp.log_tails(15)))

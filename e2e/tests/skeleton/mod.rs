@@ -232,7 +232,12 @@ pub fn leader_election_failover_and_release(cp: &ControlPlane) -> anyhow::Result
     let status = standby.proc.wait_exit(Duration::from_secs(15)).context("no exit 15s after SIGTERM")?;
     ensure!(status.success(), "exit after SIGTERM: {status}\n{}", standby.proc.log_text());
     ensure!(lease_holder(cp, ns)?.is_none(), "lease not released after SIGTERM");
-    ensure!(standby.proc.log_text().contains("released the lease"));
+    let log = standby.proc.log_text();
+    let (drained, released) = (log.find("duties stopped and drained"), log.find("released the lease"));
+    ensure!(
+        matches!((drained, released), (Some(d), Some(r)) if d < r),
+        "the lease must be released only after the duties stopped and drained:\n{log}"
+    );
     eprintln!(
         "leader election: takeover after kill -9 in {:.1}s (budget {}s), SIGTERM exit+release in {:.2}s",
         takeover.as_secs_f64(),
