@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod netns;
 pub mod process;
 pub mod prometheus;
+pub mod proxy;
 pub mod tools;
 
 pub use cluster::{ControlPlane, Etcd, Options};

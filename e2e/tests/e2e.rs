@@ -9,6 +9,7 @@ use std::sync::Arc;
 use e2e::{ControlPlane, Options};
 use libtest_mimic::{Arguments, Failed, Trial};
 
+mod chaos;
 mod chart;
 mod cli;
 mod connectivity;
@@ -58,6 +59,9 @@ fn main() {
         ("policy::upstream_forms_through_the_agents", policy::upstream_forms_through_the_agents),
         ("policy::kubernetes_network_policies", policy::kubernetes_network_policies),
         ("connectivity::upstream_connectivity_scenarios", connectivity::upstream_connectivity_scenarios),
+        ("chaos::etcd_blackhole_longer_than_the_lease", chaos::etcd_blackhole_longer_than_the_lease),
+        ("chaos::deleted_endpoints_of_running_pods_come_back", chaos::deleted_endpoints_of_running_pods_come_back),
+        ("chaos::statefulset_name_reused_on_another_node", chaos::statefulset_name_reused_on_another_node),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

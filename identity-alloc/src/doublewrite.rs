@@ -53,18 +53,16 @@ impl DoubleWriteAllocator {
             Created::Taken => return Ok(false),
             c => c,
         };
-        match self.kv.create_id(id, &key).await {
-            Ok(true) => {}
+        match self.kv.claim(id, &key).await {
+            Ok(true) => Ok(true),
             Ok(false) | Err(_) if created == Created::New => {
                 // The kvstore half failed: undo the CRD we just made.
                 self.crd.delete(id).await?;
-                return Ok(false);
+                Ok(false)
             }
-            Ok(false) => return Ok(false),
-            Err(e) => return Err(e),
+            Ok(false) => Ok(false),
+            Err(e) => Err(e),
         }
-        self.kv.put_value(&key, id).await?;
-        Ok(true)
     }
 
     /// The identity of `labels`, allocating one (in both stores) if needed.

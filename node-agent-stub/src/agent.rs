@@ -69,6 +69,8 @@ struct Live {
     /// The CEP body last written (rewritten only when it changes).
     written: Option<serde_json::Value>,
     reported: BTreeSet<String>,
+    /// Since when its CiliumIdentity is missing from the watch.
+    missing_since: Option<std::time::Instant>,
 }
 
 /// What the metrics and health endpoints need from the agent (the
@@ -181,10 +183,16 @@ impl Agent {
         let range = cilium_identity::cluster_range(s.cluster_id, s.max_connected_clusters)?;
         let kv = || async {
             let ep = s.kvstore.clone().expect("checked by Settings");
-            let c = etcd_client::Client::connect([ep.as_str()], None)
+            // Every request has a deadline: a black-holed etcd fails requests
+            // instead of hanging the reconcile loop.
+            let opts = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(5))
+                .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+            let c = etcd_client::Client::connect([ep.as_str()], Some(opts))
                 .await
                 .with_context(|| format!("connecting to etcd {ep}"))?;
-            anyhow::Ok(KvstoreAllocator::new(c, range.clone(), &node_ip.to_string()).await?)
+            anyhow::Ok(KvstoreAllocator::with_ttl(c, range.clone(), &node_ip.to_string(), s.kvstore_lease_ttl).await?)
         };
         let crd = || CrdAllocator::new(client.clone(), range.clone(), FIELD_MANAGER);
         let alloc = match s.mode.as_str() {
@@ -301,8 +309,49 @@ impl Agent {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
+        // CiliumEndpoints as the API server has them: (namespace, name) ->
+        // (the CEP's uid, the uid of the Pod owning it).
+        let ceps_now: BTreeMap<(String, String), (String, String)> = st
+            .ceps
+            .state()
+            .iter()
+            .filter_map(|c| {
+                let key = (c.metadata.namespace.clone()?, c.metadata.name.clone()?);
+                let owner = c.metadata.owner_references.iter().flatten().find(|o| o.kind == "Pod")?.uid.clone();
+                Some((key, (c.metadata.uid.clone().unwrap_or_default(), owner)))
+            })
+            .collect();
         for uid in gone {
-            self.teardown(&uid).await;
+            self.teardown(&uid, &ceps_now).await;
+        }
+        // A CiliumIdentity in use that vanished (deleted by hand or by a GC
+        // that raced us) is allocated again (a few seconds of grace cover
+        // the watch catching up with a new identity).
+        if self.s.mode != "kvstore" {
+            let ids_now: BTreeSet<u32> =
+                st.ids.state().iter().filter_map(|i| i.metadata.name.as_deref()?.parse().ok()).collect();
+            for l in self.live.values_mut() {
+                if l.identity == 0 || ids_now.contains(&l.identity) {
+                    l.missing_since = None;
+                    continue;
+                }
+                let since = *l.missing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > Duration::from_secs(5) {
+                    tracing::warn!(identity = l.identity, pod = %format!("{}/{}", l.rec.namespace, l.rec.name), "CiliumIdentity in use is gone: allocating it again");
+                    l.labels = Labels::new();
+                    l.missing_since = None;
+                }
+            }
+        }
+        // A CiliumEndpoint of a running pod that is gone (deleted by hand,
+        // by a GC racing a watch, by another agent) or owned by another pod
+        // is written again in this pass.
+        for (uid, l) in self.live.iter_mut() {
+            let key = (l.rec.namespace.clone(), l.rec.name.clone());
+            if l.written.is_some() && ceps_now.get(&key).is_none_or(|(_, owner)| owner != uid) {
+                tracing::warn!(pod = %format!("{}/{}", key.0, key.1), "CiliumEndpoint missing: writing it again");
+                l.written = None;
+            }
         }
         // Policies in force (one engine for operator, agent and CLI), the
         // CIDR identities they need, and every identity they may select.
@@ -520,6 +569,7 @@ impl Agent {
                     ready: false,
                     written: None,
                     reported: BTreeSet::new(),
+                    missing_since: None,
                 },
             );
         }
@@ -631,7 +681,7 @@ impl Agent {
         }
     }
 
-    async fn teardown(&mut self, uid: &str) {
+    async fn teardown(&mut self, uid: &str, ceps_now: &BTreeMap<(String, String), (String, String)>) {
         let live = self.live.remove(uid);
         let rec = live.as_ref().map(|l| l.rec.clone()).or_else(|| self.state.state.endpoints.get(uid).cloned());
         let Some(rec) = rec else { return };
@@ -645,10 +695,27 @@ impl Agent {
         if let Err(e) = netns::delete(&rec.netns) {
             tracing::warn!(error = format!("{e:#}"), netns = %rec.netns, "cannot delete the pod namespace");
         }
+        // Only our pod's CiliumEndpoint, by uid: a pod of the same name on
+        // another node (a StatefulSet) has its own, which stays.
         let api: Api<CiliumEndpoint> = Api::namespaced(self.client.clone(), &rec.namespace);
-        match api.delete(&rec.name, &DeleteParams::default()).await {
+        let cep = ceps_now.get(&(rec.namespace.clone(), rec.name.clone())).filter(|(_, owner)| owner == uid);
+        let deleted = match cep {
+            Some((cep_uid, _)) => {
+                let dp = DeleteParams {
+                    preconditions: Some(kube::api::Preconditions {
+                        uid: Some(cep_uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
+                api.delete(&rec.name, &dp).await.map(|_| ())
+            }
+            None => Ok(()),
+        };
+        match deleted {
             Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            // Gone already, or another object by now: not ours to delete.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
             Err(e) => tracing::warn!(error = %e, "cannot delete the CiliumEndpoint"),
         }
         self.state.state.endpoints.remove(uid);

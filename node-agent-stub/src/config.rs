@@ -45,6 +45,10 @@ pub struct Flags {
     /// etcd address for kvstore modes (overrides kvstore-opt), e.g. http://127.0.0.1:2379.
     #[arg(long)]
     pub kvstore_endpoint: Option<String>,
+    /// TTL of the kvstore session lease (overrides cilium-config
+    /// `kvstore-lease-ttl`; default 15m, as upstream), e.g. `30s`, `15m`.
+    #[arg(long)]
+    pub kvstore_lease_ttl: Option<String>,
     /// Name of the cluster (overrides cilium-config `cluster-name`; default
     /// `default`): endpoints carry it as a label and policies select within it.
     #[arg(long)]
@@ -62,6 +66,23 @@ pub struct Settings {
     /// Identity-relevant label patterns (`labels` option), empty: defaults.
     pub label_patterns: Vec<String>,
     pub cluster_name: String,
+    /// Seconds.
+    pub kvstore_lease_ttl: i64,
+}
+
+/// `90`, `30s`, `15m`, `1h` as seconds (the forms upstream's durations take
+/// for this option).
+fn seconds(v: &str) -> Option<i64> {
+    let v = v.trim();
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: i64 = num.parse().ok()?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return None,
+    };
+    (n > 0).then_some(n * mult)
 }
 
 impl Settings {
@@ -74,6 +95,7 @@ impl Settings {
                 "kvstore-opt",
                 "cluster-id",
                 "cluster-name",
+                "kvstore-lease-ttl",
                 "max-connected-clusters",
                 "labels",
             ] {
@@ -109,7 +131,15 @@ impl Settings {
             cm.get("labels").map(|l| l.split_whitespace().map(str::to_string).collect()).unwrap_or_default();
         let cluster_name =
             flags.cluster_name.clone().or_else(|| cm.get("cluster-name").cloned()).unwrap_or_else(|| "default".into());
+        let ttl_text = flags.kvstore_lease_ttl.clone().or_else(|| cm.get("kvstore-lease-ttl").cloned());
+        let kvstore_lease_ttl = match ttl_text {
+            None => cilium_identity_alloc::kvstore::SESSION_TTL,
+            Some(t) => {
+                seconds(&t).ok_or_else(|| anyhow::anyhow!("invalid kvstore-lease-ttl {t:?}: use e.g. 30s, 15m, 1h"))?
+            }
+        };
         Ok(Settings {
+            kvstore_lease_ttl,
             cluster_name,
             mode,
             kvstore,

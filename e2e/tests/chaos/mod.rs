@@ -1,0 +1,294 @@
+//! Control-plane state under faults, through the real agents and operator:
+//! etcd black-holed for longer than the agents' session lease, CiliumEndpoints
+//! of running pods deleted, a StatefulSet-style pod name reused on another
+//! node while the first node's agent is down. Each counts what it checks and
+//! prints the figures.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use cilium_crds::CiliumEndpoint;
+use e2e::netns::{can_connect, serve};
+use e2e::proxy::Proxy;
+use e2e::{ControlPlane, block_on, eventually};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+
+use crate::datapath::{cluster, cluster_with, expect_conn};
+
+const RULE1: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: rule1\n  namespace: default\nspec:\n  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        org: empire\n    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n";
+
+/// Every endpoint's identity: pod name -> (ID, sorted labels).
+async fn endpoint_identities(client: kube::Client) -> anyhow::Result<BTreeMap<String, (u32, Vec<String>)>> {
+    let ceps: Api<CiliumEndpoint> = Api::namespaced(client, "default");
+    let mut out = BTreeMap::new();
+    for c in ceps.list(&Default::default()).await?.items {
+        let ident = c.status.and_then(|s| s.identity).context("CEP without identity")?;
+        let mut labels = ident.labels.unwrap_or_default();
+        labels.sort();
+        out.insert(c.metadata.name.unwrap_or_default(), (ident.id.context("no id")? as u32, labels));
+    }
+    Ok(out)
+}
+
+/// The kvstore label key of a CEP's labels (`source:key=value;` each).
+fn key_string(labels: &[String]) -> String {
+    labels.iter().map(|l| format!("{l};")).collect()
+}
+
+pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let proxy: RefCell<Option<Proxy>> = RefCell::new(None);
+    let c = cluster_with("bh", &["node-a", "node-b"], |cp| {
+        let target: SocketAddr = cp.etcd_endpoint.trim_start_matches("http://").parse().expect("etcd address");
+        let p = Proxy::start(target).expect("proxy");
+        let through = format!("http://{}", p.addr);
+        *proxy.borrow_mut() = Some(p);
+        let m = "--identity-allocation-mode=kvstore".to_string();
+        (
+            vec![
+                m.clone(),
+                "--kvstore=etcd".into(),
+                format!("--kvstore-opt=etcd.address={}", cp.etcd_endpoint),
+                "--identity-gc-interval=2s".into(),
+            ],
+            vec![m, format!("--kvstore-endpoint={through}"), "--kvstore-lease-ttl=6s".into()],
+        )
+    })?;
+    let proxy = proxy.into_inner().context("proxy")?;
+    let result = (|| -> anyhow::Result<()> {
+        let ds = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
+        block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
+        block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
+        let _srv = serve(&c.pod_ns("node-a", "default", "deathstar"), 80)?;
+        let (tie, xwing) = (c.pod_ns("node-b", "default", "tiefighter"), c.pod_ns("node-b", "default", "xwing"));
+        let t = Duration::from_secs(20);
+        c.kubectl(&["apply", "-f", "-"], Some(RULE1))?;
+        expect_conn(&c, "xwing under rule1", &xwing, ds, 80, false, t)?;
+        expect_conn(&c, "tiefighter under rule1", &tie, ds, 80, true, t)?;
+        let before = block_on(async { endpoint_identities(c.cp.client().await?).await })?;
+
+        // Cut the agents off etcd, longer than their 6 s session lease and
+        // two GC rounds of the operator (which talks to etcd directly).
+        let cut = Instant::now();
+        proxy.blackhole();
+        let vanished = block_on(async {
+            let mut etcd = etcd_client::Client::connect([c.cp.etcd_endpoint.as_str()], None).await?;
+            eventually("the agents' value keys to expire", Duration::from_secs(30), || {
+                let mut etcd = etcd.clone();
+                async move {
+                    let r = etcd
+                        .get(
+                            format!("{}value/", cilium_identity_alloc::kvstore::PREFIX),
+                            Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+                        )
+                        .await?;
+                    Ok((r.count() == 0).then_some(()))
+                }
+            })
+            .await?;
+            // Give the GC its two rounds over the orphaned IDs.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let ids = etcd
+                .get(
+                    format!("{}id/", cilium_identity_alloc::kvstore::PREFIX),
+                    Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await?
+                .count();
+            anyhow::Ok(ids)
+        })?;
+        let cut_for = cut.elapsed();
+        // The datapath keeps enforcing while etcd is away.
+        ensure!(!can_connect(&xwing, ds, 80, Duration::from_millis(700))?, "xwing got through during the outage");
+        proxy.restore();
+        let healed = Instant::now();
+
+        // Every identity in use exists again with its labels and this
+        // node's value key; no two label sets share an ID.
+        block_on(async {
+            let mut etcd = etcd_client::Client::connect([c.cp.etcd_endpoint.as_str()], None).await?;
+            eventually("every in-use identity back in etcd", Duration::from_secs(40), || {
+                let mut etcd = etcd.clone();
+                let before = &before;
+                async move {
+                    for (pod, (id, labels)) in before {
+                        let id_key = cilium_identity_alloc::kvstore::id_key(*id);
+                        let r = etcd.get(id_key.as_str(), None).await?;
+                        let Some(v) = r.kvs().first() else { return Ok(None) };
+                        if v.value_str()? != key_string(labels) {
+                            anyhow::bail!("id/{id} of {pod} holds {} now", v.value_str()?);
+                        }
+                        let values = etcd
+                            .get(
+                                cilium_identity_alloc::kvstore::value_prefix(&key_string(labels)),
+                                Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+                            )
+                            .await?;
+                        if values.count() == 0 {
+                            return Ok(None);
+                        }
+                    }
+                    Ok(Some(()))
+                }
+            })
+            .await?;
+            let after = endpoint_identities(c.cp.client().await?).await?;
+            let mut by_id: BTreeMap<u32, BTreeSet<Vec<String>>> = BTreeMap::new();
+            for (id, labels) in after.values() {
+                by_id.entry(*id).or_default().insert(labels.clone());
+            }
+            for (id, sets) in &by_id {
+                ensure!(sets.len() == 1, "identity {id} shared by {} label sets: {sets:?}", sets.len());
+            }
+            let _ = etcd.status().await?;
+            anyhow::Ok(())
+        })?;
+        let recovered = healed.elapsed();
+        expect_conn(&c, "xwing after the outage", &xwing, ds, 80, false, t)?;
+        expect_conn(&c, "tiefighter after the outage", &tie, ds, 80, true, t)?;
+        eprintln!(
+            "etcd black hole: {:.1}s cut (lease 6s), value keys expired, {vanished} id keys left by the GC, \
+             every in-use identity back {:.1}s after healing, 0 shared, 0 lost",
+            cut_for.as_secs_f64(),
+            recovered.as_secs_f64()
+        );
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(10)))
+}
+
+pub fn deleted_endpoints_of_running_pods_come_back(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let c = cluster("cepback", &["node-a", "node-b"])?;
+    let result = (|| -> anyhow::Result<()> {
+        for (node, name) in [("node-a", "a1"), ("node-a", "a2"), ("node-b", "b1"), ("node-b", "b2")] {
+            block_on(c.pod(node, name, json!({ "app": name })))?;
+        }
+        let mut worst = Duration::ZERO;
+        let mut rounds = 0;
+        block_on(async {
+            let client = c.cp.client().await?;
+            let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), "default");
+            for round in 0..3 {
+                for name in ["a1", "b1", "a2", "b2"] {
+                    let cep = ceps.get(name).await?;
+                    let id = cep.status.as_ref().and_then(|s| s.identity.as_ref()).and_then(|i| i.id);
+                    // By hand (kubectl delete), or as a GC racing its watch
+                    // would (a delete with the CEP's uid as precondition).
+                    let dp = if round % 2 == 0 {
+                        DeleteParams::default()
+                    } else {
+                        DeleteParams {
+                            preconditions: Some(kube::api::Preconditions {
+                                uid: cep.metadata.uid.clone(),
+                                resource_version: None,
+                            }),
+                            ..Default::default()
+                        }
+                    };
+                    let t0 = Instant::now();
+                    ceps.delete(name, &dp).await?;
+                    let back = eventually(&format!("CEP {name} back"), Duration::from_secs(10), || async {
+                        Ok(ceps.get_opt(name).await?.filter(|c| c.metadata.uid != cep.metadata.uid))
+                    })
+                    .await?;
+                    let id2 = back.status.as_ref().and_then(|s| s.identity.as_ref()).and_then(|i| i.id);
+                    ensure!(id2 == id, "{name} came back with identity {id2:?}, had {id:?}");
+                    worst = worst.max(t0.elapsed());
+                    rounds += 1;
+                }
+            }
+            anyhow::Ok(())
+        })?;
+        eprintln!(
+            "CEP deletion: {rounds} CEPs of running pods deleted (by hand and with a uid precondition), all back, worst {:.2}s",
+            worst.as_secs_f64()
+        );
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(10)))
+}
+
+pub fn statefulset_name_reused_on_another_node(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let mut c = cluster("sts", &["node-a", "node-b"])?;
+    let result = (|| -> anyhow::Result<()> {
+        block_on(c.pod("node-a", "web-0", json!({ "app": "web" })))?;
+        block_on(c.pod("node-b", "client", json!({ "app": "client" })))?;
+        // node-a's agent goes down; web-0 is deleted and comes back on
+        // node-b under the same name (a StatefulSet after a node failure).
+        let a = c.agents.get_mut("node-a").context("agent")?;
+        a.proc.signal(libc::SIGKILL);
+        a.proc.wait_exit(Duration::from_secs(5)).context("agent did not exit")?;
+        let old_uid = block_on(async {
+            let client = c.cp.client().await?;
+            let pods: Api<Pod> = Api::namespaced(client, "default");
+            let old = pods.get("web-0").await?;
+            pods.delete("web-0", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
+            eventually("web-0 gone", Duration::from_secs(20), || async {
+                Ok(pods.get_opt("web-0").await?.is_none().then_some(()))
+            })
+            .await?;
+            anyhow::Ok(old.metadata.uid.unwrap_or_default())
+        })?;
+        block_on(c.pod("node-b", "web-0", json!({ "app": "web" })))?;
+        // The old CEP of web-0 may still answer first: wait for the new one.
+        let (new_uid, ip) = block_on(async {
+            let client = c.cp.client().await?;
+            let uid =
+                Api::<Pod>::namespaced(client.clone(), "default").get("web-0").await?.metadata.uid.unwrap_or_default();
+            let ceps: Api<CiliumEndpoint> = Api::namespaced(client, "default");
+            let ip = eventually("the new web-0's CEP", Duration::from_secs(20), || async {
+                let Some(cep) = ceps.get_opt("web-0").await? else { return Ok(None) };
+                let owned = cep.metadata.owner_references.iter().flatten().any(|o| o.uid == uid);
+                let ip = cep.status.and_then(|s| s.networking).and_then(|n| n.addressing.first()?.ipv4.clone());
+                Ok(ip.filter(|_| owned).and_then(|i| i.parse::<std::net::Ipv4Addr>().ok()))
+            })
+            .await?;
+            anyhow::Ok((uid, ip))
+        })?;
+        ensure!(new_uid != old_uid);
+        // The same CEP object throughout (not deleted and written again).
+        let cep_of = || {
+            block_on(async {
+                let ceps: Api<CiliumEndpoint> = Api::namespaced(c.cp.client().await?, "default");
+                anyhow::Ok(ceps.get_opt("web-0").await?.map(|c| {
+                    let owner = c.metadata.owner_references.unwrap_or_default().into_iter().find(|o| o.kind == "Pod");
+                    (c.metadata.uid.unwrap_or_default(), owner.map(|o| o.uid))
+                }))
+            })
+        };
+        let (cep_uid, _) = cep_of()?.context("no CEP for web-0")?;
+        // node-a's agent comes back and tears down the old web-0: the new
+        // web-0's CiliumEndpoint stays.
+        let a = c.agents.get_mut("node-a").context("agent")?;
+        a.respawn()?;
+        a.wait_ready(Duration::from_secs(30))?;
+        let web_ns = c.pod_ns("node-b", "default", "web-0");
+        let _srv = serve(&web_ns, 80)?;
+
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(8) {
+            let now = cep_of()?;
+            ensure!(
+                now == Some((cep_uid.clone(), Some(new_uid.clone()))),
+                "web-0's CiliumEndpoint changed: {now:?}, want ({cep_uid}, {new_uid})"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ensure!(
+            c.agents["node-a"].proc.log_text().contains("endpoint removed"),
+            "node-a did not tear the old web-0 down"
+        );
+        let client_ns = c.pod_ns("node-b", "default", "client");
+        ensure!(can_connect(&client_ns, ip, 80, Duration::from_secs(2))?, "the new web-0 is not reachable");
+        let _ = PostParams::default();
+        eprintln!(
+            "StatefulSet name reuse: the old node's agent tore down web-0 and kept the new web-0's CEP (owner {new_uid})"
+        );
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(10)))
+}
