@@ -46,6 +46,7 @@ fn main() {
         ("identity::kvstore_heartbeat_layout_and_etcd_restart", identity::kvstore_heartbeat_layout_and_etcd_restart),
         ("identity::kvstore_allocation_layout_and_races", identity::kvstore_allocation_layout_and_races),
         ("identity::kvstore_gc_two_rounds", identity::kvstore_gc_two_rounds),
+        ("identity::kvstore_gc_past_the_grpc_limit", identity::kvstore_gc_past_the_grpc_limit),
         ("identity::space_pressure_and_label_explosion", identity::space_pressure_and_label_explosion),
         ("identity::migration_kvstore_to_crd", identity::migration_kvstore_to_crd),
         ("identity::churn_never_deletes_a_used_identity", identity::churn_never_deletes_a_used_identity),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use cilium_crds::CiliumIdentity;
 use cilium_identity_alloc::HEARTBEAT_ANNOTATION;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -73,6 +73,8 @@ pub struct IdentityGcMetrics {
     pub space_pressure: Family<TypeLabels, Counter>,
     /// Distinct values per label key across identities (top 10 keys).
     pub label_key_values: Family<KeyLabels, Gauge>,
+    /// Identities that cannot be read (skipped), per backend.
+    pub malformed: Family<TypeLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,6 +94,7 @@ impl IdentityGcMetrics {
         r.register("runs", "Identity GC runs by outcome", self.runs.clone());
         r.register("latency", "Duration of the last identity GC run in seconds", self.latency.clone());
         r.register("marked", "Unused identities carrying the heartbeat mark after the last run", self.marked.clone());
+        r.register("malformed", "Identities that cannot be read, skipped", self.malformed.clone());
         let r = registry.sub_registry_with_prefix("identity");
         r.register("space_used", "Identities of this cluster's range in use", self.space_used.clone());
         r.register("space_size", "Size of this cluster's identity range", self.space_size.clone());
@@ -161,13 +164,23 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
     if with_kvstore.is_some() {
         backends.push(Backend { name: "kvstore", wake: &wake_kv, progress: &progress_kv });
     }
-    let pressure = watch_pressure(&ctx, &range, &stop, &wake_crd, &wake_kv);
+    // Watch caches of identities and endpoints (CRD modes): passes and the
+    // pressure check read them instead of listing everything each time.
+    let caches = (mode != Mode::Kvstore).then(|| Caches::start(&ctx));
+    if let Some(c) = &caches {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            r = c.ready() => r?,
+        }
+    }
+    let pressure = watch_pressure(&ctx, &range, &stop, &wake_crd, &wake_kv, caches.as_ref());
     let requests = crate::gc_request::serve(&ctx, &stop, backends);
     let crd = async {
         if mode == Mode::Kvstore {
             return Ok(());
         }
-        gc_loop(&ctx, "crd", &stop, &wake_crd, &progress_crd, || pass(&ctx, &range, &limiter)).await
+        let caches = caches.as_ref().expect("CRD mode has caches");
+        gc_loop(&ctx, "crd", &stop, &wake_crd, &progress_crd, || pass(&ctx, &range, caches, &limiter)).await
     };
     let kv = async {
         let Some(kv) = with_kvstore.clone() else {
@@ -184,6 +197,43 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
     };
     let (a, b, (), ()) = tokio::join!(crd, kv, pressure, requests);
     a.and(b)
+}
+
+/// Watch caches of CiliumIdentities and CiliumEndpoints (lean: identity
+/// only), kept by reflectors for the life of the duty.
+pub struct Caches {
+    ids: kube::runtime::reflector::Store<CiliumIdentity>,
+    ceps: kube::runtime::reflector::Store<LeanEndpoint>,
+}
+
+impl Caches {
+    fn start(ctx: &Context) -> Caches {
+        fn spawn<K>(api: Api<K>) -> kube::runtime::reflector::Store<K>
+        where
+            K: kube::Resource<DynamicType = ()>
+                + Clone
+                + serde::de::DeserializeOwned
+                + std::fmt::Debug
+                + Send
+                + Sync
+                + 'static,
+        {
+            use futures::StreamExt;
+            use kube::runtime::WatchStreamExt;
+            let (reader, writer) = kube::runtime::reflector::store();
+            let stream =
+                kube::runtime::reflector(writer, kube::runtime::watcher(api, Default::default())).default_backoff();
+            tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+            reader
+        }
+        Caches { ids: spawn(Api::all(ctx.client.clone())), ceps: spawn(Api::all(ctx.client.clone())) }
+    }
+
+    async fn ready(&self) -> anyhow::Result<()> {
+        self.ids.wait_until_ready().await?;
+        self.ceps.wait_until_ready().await?;
+        Ok(())
+    }
 }
 
 /// Passes started and finished by one GC loop, and how the last one ended:
@@ -224,6 +274,7 @@ async fn watch_pressure(
     stop: &CancellationToken,
     wake_crd: &tokio::sync::Notify,
     wake_kv: &tokio::sync::Notify,
+    caches: Option<&Caches>,
 ) {
     use crate::config::IdentityAllocationMode as Mode;
     let mode = ctx.config.identity_allocation_mode;
@@ -236,8 +287,8 @@ async fn watch_pressure(
     let mut in_pressure = [false, false];
     loop {
         let mut counts: Vec<(usize, &str, &tokio::sync::Notify, Result<u64, String>)> = Vec::new();
-        if mode != Mode::Kvstore {
-            counts.push((0, "crd", wake_crd, count_crd(ctx, range).await.map_err(|e| e.to_string())));
+        if let Some(c) = caches {
+            counts.push((0, "crd", wake_crd, Ok(count_crd(c, range))));
         }
         if let Some(c) = kv_client.as_mut() {
             counts.push((1, "kvstore", wake_kv, count_kvstore(c, range).await.map_err(|e| e.to_string())));
@@ -273,29 +324,24 @@ async fn watch_pressure(
     }
 }
 
-async fn count_crd(ctx: &Context, range: &RangeInclusive<u32>) -> Result<u64, kube::Error> {
-    let list = Api::<CiliumIdentity>::all(ctx.client.clone()).list_metadata(&ListParams::default()).await?;
-    Ok(list
-        .items
+fn count_crd(caches: &Caches, range: &RangeInclusive<u32>) -> u64 {
+    caches
+        .ids
+        .state()
         .iter()
         .filter(|i| {
             i.metadata.name.as_deref().and_then(|n| n.parse::<u32>().ok()).is_some_and(|id| range.contains(&id))
         })
-        .count() as u64)
+        .count() as u64
 }
 
 async fn count_kvstore(c: &mut etcd_client::Client, range: &RangeInclusive<u32>) -> Result<u64, etcd_client::Error> {
     let prefix = format!("{}id/", cilium_identity_alloc::kvstore::PREFIX);
-    let keys = c.get(prefix.as_str(), Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
+    let keys = crate::kvstore::get_prefix(c, &prefix, true).await?;
     Ok(keys
-        .kvs()
         .iter()
         .filter(|kv| {
-            kv.key_str()
-                .ok()
-                .and_then(|k| k.strip_prefix(&prefix))
-                .and_then(|s| s.parse::<u32>().ok())
-                .is_some_and(|id| range.contains(&id))
+            kv.key.strip_prefix(&prefix).and_then(|s| s.parse::<u32>().ok()).is_some_and(|id| range.contains(&id))
         })
         .count() as u64)
 }
@@ -388,39 +434,41 @@ async fn kv_pass(
     limiter: &SharedLimiter,
 ) -> Result<PassStats, etcd_client::Error> {
     use cilium_identity_alloc::kvstore::{PREFIX, id_key, value_prefix};
-    use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     let started = Instant::now();
     let id_prefix = format!("{PREFIX}id/");
-    let ids = client.get(id_prefix.as_str(), Some(GetOptions::new().with_prefix())).await?;
+    // Paged reads: a pass works at any size (one read of 200k keys would
+    // exceed the 4 MiB gRPC limit and fail every pass).
+    let ids = crate::kvstore::get_prefix(&mut client, &id_prefix, false).await?;
     // Every label set with at least one user, from one read of the value
     // keys (`value/<labels>/<node>`; labels contain '/', the node is what
     // follows the last one). The delete transaction re-checks per ID.
     let value_root = format!("{PREFIX}value/");
-    let values = client.get(value_root.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())).await?;
+    let values = crate::kvstore::get_prefix(&mut client, &value_root, true).await?;
     let in_use: HashSet<String> = values
-        .kvs()
         .iter()
-        .filter_map(|kv| kv.key_str().ok()?.strip_prefix(&value_root)?.rsplit_once('/').map(|(l, _)| l.to_string()))
+        .filter_map(|kv| kv.key.strip_prefix(&value_root)?.rsplit_once('/').map(|(l, _)| l.to_string()))
         .collect();
     let (mut alive, mut deleted, mut remembered) = (0i64, 0i64, 0i64);
     let mut present = HashSet::new();
-    for kv in ids.kvs() {
-        let Some(id) = kv.key_str().ok().and_then(|k| k.strip_prefix(&id_prefix)).and_then(|s| s.parse::<u32>().ok())
-        else {
+    for kv in &ids {
+        let Some(id) = kv.key.strip_prefix(&id_prefix).and_then(|s| s.parse::<u32>().ok()) else {
+            ctx.metrics.identity_gc.malformed.get_or_create(&TypeLabels { identity_type: "kvstore".into() }).inc();
+            tracing::warn!(key = %kv.key, "skipping a kvstore identity key that is not id/<number>");
             continue;
         };
         if !range.contains(&id) {
             continue;
         }
         present.insert(id);
-        let labels_key = kv.value_str().unwrap_or_default().to_string();
+        let labels_key = kv.value.clone();
         if in_use.contains(&labels_key) {
             seen.remove(&id);
             alive += 1;
             continue;
         }
-        if seen.get(&id) != Some(&kv.mod_revision()) {
-            seen.insert(id, kv.mod_revision());
+        if seen.get(&id) != Some(&kv.mod_revision) {
+            seen.insert(id, kv.mod_revision);
             alive += 1;
             remembered += 1;
             continue;
@@ -428,7 +476,7 @@ async fn kv_pass(
         limiter.lock().await.acquire().await;
         let txn = Txn::new()
             .when([
-                Compare::mod_revision(id_key(id), CompareOp::Equal, kv.mod_revision()),
+                Compare::mod_revision(id_key(id), CompareOp::Equal, kv.mod_revision),
                 Compare::create_revision(value_prefix(&labels_key), CompareOp::Equal, 0).with_prefix(),
             ])
             .and_then([TxnOp::delete(id_key(id), None)]);
@@ -453,19 +501,25 @@ async fn kv_pass(
     Ok(PassStats { alive, deleted, marked: remembered })
 }
 
-async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimiter) -> Result<PassStats, kube::Error> {
+async fn pass(
+    ctx: &Context,
+    range: &RangeInclusive<u32>,
+    caches: &Caches,
+    limiter: &SharedLimiter,
+) -> Result<PassStats, kube::Error> {
     let started = Instant::now();
     let identities: Api<CiliumIdentity> = Api::all(ctx.client.clone());
-    // Endpoints after identities: an identity created after the identity
-    // list is not judged this run; one referenced by an endpoint created in
-    // between is seen as used.
-    let all = identities.list(&ListParams::default()).await?;
-    let used: HashSet<u32> = Api::<LeanEndpoint>::all(ctx.client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|e| e.status.identity?.id)
+    // From the watch caches, endpoints after identities: an identity created
+    // after the snapshot is not judged this run; one referenced by an
+    // endpoint created in between is seen as used. A stale cache can only
+    // mark an identity early: deletion needs the mark to stay for the whole
+    // heartbeat timeout and is conditional on what was seen.
+    let all: Vec<std::sync::Arc<CiliumIdentity>> = caches.ids.state();
+    let used: HashSet<u32> = caches
+        .ceps
+        .state()
+        .iter()
+        .filter_map(|e| e.status.identity.as_ref()?.id)
         .filter_map(|id| u32::try_from(id).ok())
         .collect();
     let now = jiff::Timestamp::now();
@@ -474,15 +528,19 @@ async fn pass(ctx: &Context, range: &RangeInclusive<u32>, limiter: &SharedLimite
     let (mut alive, mut deleted, mut marked) = (0i64, 0i64, 0i64);
     report_label_explosion(
         ctx,
-        all.items.iter().filter(|i| {
+        all.iter().map(|i| i.as_ref()).filter(|i| {
             i.metadata.name.as_deref().and_then(|n| n.parse::<u32>().ok()).is_some_and(|id| range.contains(&id))
         }),
     );
-    for identity in all.items {
+    for identity in all {
         let Some(name) = identity.metadata.name.clone() else {
             continue;
         };
-        let Some(id) = name.parse::<u32>().ok().filter(|id| range.contains(id)) else {
+        // Every unused identity is collected whatever its number, as
+        // upstream (one left by an earlier cluster-id would leak forever).
+        let Some(id) = name.parse::<u32>().ok() else {
+            ctx.metrics.identity_gc.malformed.get_or_create(&TypeLabels { identity_type: "crd".into() }).inc();
+            tracing::warn!(name = %name, "skipping a CiliumIdentity whose name is not a number");
             continue;
         };
         let mark = identity.metadata.annotations.as_ref().and_then(|a| a.get(HEARTBEAT_ANNOTATION)).map(String::as_str);

@@ -11,7 +11,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -59,6 +59,59 @@ pub async fn connect(cfg: &KvstoreConfig) -> Result<Client, etcd_client::Error> 
         .with_timeout(WRITE_TIMEOUT)
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
     Client::connect(&cfg.endpoints, Some(opts)).await
+}
+
+/// Keys per page of [`get_prefix`]: a page stays far below the 4 MiB gRPC
+/// message limit whatever the keys hold.
+pub const PAGE: i64 = 2000;
+
+/// One key of a paged read.
+pub struct Entry {
+    pub key: String,
+    pub value: String,
+    pub mod_revision: i64,
+}
+
+/// Every key under `prefix`, read in pages of [`PAGE`] at one revision (a
+/// consistent snapshot, like one big read, without its size limit).
+pub async fn get_prefix(client: &mut Client, prefix: &str, keys_only: bool) -> Result<Vec<Entry>, etcd_client::Error> {
+    let mut end = prefix.as_bytes().to_vec();
+    // The range end of a prefix: its last byte plus one.
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if keys_only {
+            opts = opts.with_keys_only();
+        }
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = client.get(from.clone(), Some(opts)).await?;
+        if revision == 0 {
+            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        for kv in resp.kvs() {
+            out.push(Entry {
+                key: kv.key_str().unwrap_or_default().to_string(),
+                value: kv.value_str().unwrap_or_default().to_string(),
+                mod_revision: kv.mod_revision(),
+            });
+        }
+        if !resp.more() || resp.kvs().is_empty() {
+            return Ok(out);
+        }
+        let mut next = resp.kvs().last().map(|kv| kv.key().to_vec()).unwrap_or_default();
+        next.push(0);
+        from = next;
+    }
 }
 
 /// The heartbeat value: the current time as RFC3339 (second precision with

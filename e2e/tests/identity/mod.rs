@@ -704,3 +704,81 @@ pub fn churn_never_deletes_a_used_identity(_shared: &ControlPlane) -> anyhow::Re
     });
     result.map_err(|e| e.context(cp.log_tails(10)))
 }
+
+/// The kvstore GC past the 4 MiB gRPC message limit: 30,000 `id/` keys
+/// (about 5 MB of labels) and 20,000 value keys; one unpaged read of either
+/// would fail every pass. Orphans are deleted (two rounds), every ID in use
+/// stays.
+pub fn kvstore_gc_past_the_grpc_limit(cp: &ControlPlane) -> anyhow::Result<()> {
+    use cilium_identity_alloc::kvstore::{PREFIX, id_key, value_prefix};
+    const IDS: u32 = 30_000;
+    const USED: u32 = 20_000;
+    let ns = "e2e-kvstore-gc-big";
+    let out = cp.kubectl()?.args(["create", "namespace", ns]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let etcd = e2e::Etcd::start()?;
+    let labels = |i: u32| format!("k8s:app=big-{i:05}-{};k8s:io.kubernetes.pod.namespace=default;", "x".repeat(120));
+    let result = block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+        // etcd takes at most 128 operations per transaction.
+        let ids: Vec<u32> = (0..IDS).collect();
+        for chunk in ids.chunks(64) {
+            let mut ops = Vec::new();
+            for i in chunk {
+                ops.push(etcd_client::TxnOp::put(id_key(256 + i), labels(*i), None));
+                if *i < USED {
+                    ops.push(etcd_client::TxnOp::put(
+                        format!("{}192.0.2.1", value_prefix(&labels(*i))),
+                        (256 + i).to_string(),
+                        None,
+                    ));
+                }
+            }
+            c.txn(etcd_client::Txn::new().and_then(ops)).await?;
+        }
+        let flags = vec![
+            "--identity-allocation-mode=kvstore".to_string(),
+            "--kvstore=etcd".into(),
+            format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
+            "--identity-gc-interval=2s".into(),
+            // The size is under test, not the default pace of deletions.
+            "--identity-gc-rate-limit=100000".into(),
+            "--identity-gc-rate-interval=1s".into(),
+        ];
+        let mut op = Operator::start(cp, "operator-kvgc-big", ns, &flags)?;
+        op.wait_healthy(Duration::from_secs(60))?;
+        let count = |prefix: String| {
+            let mut c = c.clone();
+            async move {
+                let r = c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix().with_count_only())).await?;
+                anyhow::Ok(r.count())
+            }
+        };
+        let t0 = std::time::Instant::now();
+        eventually("the orphans deleted", Duration::from_secs(60), || async {
+            Ok((count(format!("{PREFIX}id/")).await? == USED as i64).then_some(()))
+        })
+        .await
+        .map_err(|e| e.context(format!("operator log:\n{}", op.proc.log_text())))?;
+        ensure!(count(format!("{PREFIX}value/")).await? == USED as i64, "value keys touched");
+        for i in [0, USED / 2, USED - 1] {
+            ensure!(!c.get(id_key(256 + i), None).await?.kvs().is_empty(), "id {} in use was deleted", 256 + i);
+        }
+        let text = op.metrics()?;
+        ensure!(
+            text.contains("cilium_operator_identity_gc_runs_total{outcome=\"success\",identity_type=\"kvstore\"}"),
+            "{text}"
+        );
+        ensure!(
+            !text.contains("cilium_operator_identity_gc_runs_total{outcome=\"failure\",identity_type=\"kvstore\"} 1"),
+            "a pass failed: {text}"
+        );
+        eprintln!(
+            "kvstore GC past the gRPC limit: {IDS} ids, {USED} value keys, {} orphans deleted in {:.1}s, 0 in use lost",
+            IDS - USED,
+            t0.elapsed().as_secs_f64()
+        );
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(10)))
+}
