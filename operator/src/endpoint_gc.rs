@@ -5,7 +5,11 @@
 //!   Succeeded/Failed -> delete; no Pod with that UID -> delete. A pod
 //!   re-created under the same name has a new UID, and its CEP points at it.
 //! - owner CiliumNode present (by UID) -> keep; gone -> delete.
-//! - other owner kinds, or no owner -> never touched.
+//! - no owner at all -> judged by the Pod of the same namespace and name
+//!   (upstream): none -> delete.
+//! - other owner kinds -> never touched.
+//! - a CEP younger than one interval is never deleted (its Pod may not be in
+//!   the cache yet; upstream #42413).
 //!
 //! Deletes carry the CEP's UID as precondition and background propagation;
 //! NotFound and Conflict mean someone else already acted.
@@ -125,11 +129,28 @@ impl PodPhase {
     }
 }
 
+/// What the cache keeps of a Pod: its phase and a hash of its namespace and
+/// name (CEPs without an owner are judged by the Pod of their name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    pub phase: PodPhase,
+    pub name: u64,
+}
+
+/// A 64-bit hash of a namespace and name.
+pub fn name_hash(ns: &str, name: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (ns, name).hash(&mut h);
+    h.finish()
+}
+
 /// Who owns a CEP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Owner {
     Pod(Uid),
     CiliumNode(Uid),
+    /// No ownerReference at all: judged by the Pod of the same name.
+    None,
     Other,
 }
 
@@ -142,10 +163,22 @@ pub enum Verdict {
     Untouched,
 }
 
-/// The GC rule, pure.
-pub fn decide(owner: Owner, pods: &HashMap<Uid, PodPhase>, cilium_nodes: &HashSet<Uid>) -> Verdict {
+/// The GC rule, pure. `pod_named`: whether a Pod with the CEP's namespace
+/// and name exists (for a CEP without owner); `young`: created less than
+/// one interval ago (never deleted yet: its Pod may not be in the cache,
+/// upstream #42413).
+pub fn decide(
+    owner: Owner,
+    pods: &HashMap<Uid, PodEntry>,
+    cilium_nodes: &HashSet<Uid>,
+    pod_named: bool,
+    young: bool,
+) -> Verdict {
+    if young {
+        return Verdict::Keep;
+    }
     match owner {
-        Owner::Pod(uid) => match pods.get(&uid) {
+        Owner::Pod(uid) => match pods.get(&uid).map(|p| p.phase) {
             None => Verdict::Delete("pod-gone"),
             Some(PodPhase::Succeeded | PodPhase::Failed) => Verdict::Delete("pod-completed"),
             Some(_) => Verdict::Keep,
@@ -157,11 +190,16 @@ pub fn decide(owner: Owner, pods: &HashMap<Uid, PodPhase>, cilium_nodes: &HashSe
                 Verdict::Delete("ciliumnode-gone")
             }
         }
+        Owner::None if pod_named => Verdict::Keep,
+        Owner::None => Verdict::Delete("no-owner-no-pod"),
         Owner::Other => Verdict::Untouched,
     }
 }
 
 fn owner_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Owner {
+    if meta.owner_references.as_ref().is_none_or(Vec::is_empty) {
+        return Owner::None;
+    }
     for o in meta.owner_references.iter().flatten() {
         match (o.api_version.as_str(), o.kind.as_str()) {
             ("v1", "Pod") => return Owner::Pod(Uid::parse(&o.uid)),
@@ -178,6 +216,8 @@ struct CepEntry {
     /// For the delete precondition.
     uid_text: Box<str>,
     owner: Owner,
+    /// Creation time, Unix seconds.
+    created: i64,
 }
 
 /// A cache fed by one watch: `live` is what passes read; a relist fills
@@ -230,7 +270,7 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
     let mut node_events =
         watcher(Api::<LeanObject<CiliumNode>>::all(ctx.client.clone()), cfg).default_backoff().boxed();
 
-    let mut pods: Cache<Uid, PodPhase> = Cache::new();
+    let mut pods: Cache<Uid, PodEntry> = Cache::new();
     let mut ceps: Cache<(Box<str>, Box<str>), CepEntry> = Cache::new();
     let mut nodes: Cache<Uid, ()> = Cache::new();
     let mut next_run: Option<tokio::time::Instant> = None;
@@ -247,7 +287,7 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {
-                pass(&ctx, &metrics, &pods.live, &ceps.live, &nodes.live).await;
+                pass(&ctx, &metrics, &pods.live, &ceps.live, &nodes.live, interval).await;
                 ran_once = true;
                 next_run = (!interval.is_zero()).then(|| tokio::time::Instant::now() + interval);
                 if interval.is_zero() {
@@ -299,9 +339,13 @@ fn uid_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
     Uid::parse(meta.uid.as_deref().unwrap_or_default())
 }
 
-fn pod_entry(p: DeserializeGuard<LeanPod>, metrics: &EndpointGcMetrics) -> Option<(Uid, PodPhase)> {
+fn pod_entry(p: DeserializeGuard<LeanPod>, metrics: &EndpointGcMetrics) -> Option<(Uid, PodEntry)> {
     match p.0 {
-        Ok(p) => Some((uid_of(&p.metadata), PodPhase::parse(p.status.phase.as_deref()))),
+        Ok(p) => {
+            let m = &p.metadata;
+            let name = name_hash(m.namespace.as_deref().unwrap_or_default(), m.name.as_deref().unwrap_or_default());
+            Some((uid_of(m), PodEntry { phase: PodPhase::parse(p.status.phase.as_deref()), name }))
+        }
         Err(e) => {
             metrics.malformed_objects.inc();
             tracing::warn!(pod = e.metadata.name.as_deref().unwrap_or("?"), error = %e.error, "endpoint GC: skipping malformed Pod");
@@ -314,27 +358,35 @@ fn cep_entry(c: &LeanObject<CiliumEndpoint>) -> ((Box<str>, Box<str>), CepEntry)
     let m = &c.metadata;
     let key = (m.namespace.as_deref().unwrap_or_default().into(), m.name.as_deref().unwrap_or_default().into());
     let uid_text: Box<str> = m.uid.as_deref().unwrap_or_default().into();
-    (key, CepEntry { uid_text, owner: owner_of(m) })
+    let created = m.creation_timestamp.as_ref().map(|t| t.0.as_second()).unwrap_or(0);
+    (key, CepEntry { uid_text, owner: owner_of(m), created })
 }
 
 /// One pass: judge every cached CEP, delete the orphans concurrently.
 async fn pass(
     ctx: &Context,
     metrics: &EndpointGcMetrics,
-    pods: &HashMap<Uid, PodPhase>,
+    pods: &HashMap<Uid, PodEntry>,
     ceps: &HashMap<(Box<str>, Box<str>), CepEntry>,
     nodes: &HashMap<Uid, ()>,
+    interval: std::time::Duration,
 ) {
     let started = Instant::now();
     let node_uids: HashSet<Uid> = nodes.keys().copied().collect();
+    let pod_names: HashSet<u64> = pods.values().map(|p| p.name).collect();
+    let now = jiff::Timestamp::now().as_second();
+    let young_below = now - interval.as_secs() as i64;
     // Owned work items: the delete futures borrow nothing from the caches.
     let doomed: Vec<(String, String, String, String)> = ceps
         .iter()
-        .filter_map(|((ns, name), e)| match decide(e.owner, pods, &node_uids) {
-            Verdict::Delete(reason) => {
-                Some((ns.to_string(), name.to_string(), e.uid_text.to_string(), reason.to_string()))
+        .filter_map(|((ns, name), e)| {
+            let named = pod_names.contains(&name_hash(ns, name));
+            match decide(e.owner, pods, &node_uids, named, e.created > young_below) {
+                Verdict::Delete(reason) => {
+                    Some((ns.to_string(), name.to_string(), e.uid_text.to_string(), reason.to_string()))
+                }
+                _ => None,
             }
-            _ => None,
         })
         .collect();
     let results: Vec<Result<(), ()>> = futures::stream::iter(doomed.clone())
@@ -389,24 +441,32 @@ mod tests {
 
     #[test]
     fn rules() {
-        let pods: HashMap<Uid, PodPhase> = [
-            (uid(1), PodPhase::Running),
-            (uid(2), PodPhase::Succeeded),
-            (uid(3), PodPhase::Failed),
-            (uid(4), PodPhase::Pending),
+        let p = |phase| PodEntry { phase, name: 0 };
+        let pods: HashMap<Uid, PodEntry> = [
+            (uid(1), p(PodPhase::Running)),
+            (uid(2), p(PodPhase::Succeeded)),
+            (uid(3), p(PodPhase::Failed)),
+            (uid(4), p(PodPhase::Pending)),
         ]
         .into();
         let nodes: HashSet<Uid> = [uid(9)].into();
-        assert_eq!(decide(Owner::Pod(uid(1)), &pods, &nodes), Verdict::Keep);
-        assert_eq!(decide(Owner::Pod(uid(4)), &pods, &nodes), Verdict::Keep);
-        assert_eq!(decide(Owner::Pod(uid(2)), &pods, &nodes), Verdict::Delete("pod-completed"));
-        assert_eq!(decide(Owner::Pod(uid(3)), &pods, &nodes), Verdict::Delete("pod-completed"));
+        let d = |o| decide(o, &pods, &nodes, false, false);
+        assert_eq!(d(Owner::Pod(uid(1))), Verdict::Keep);
+        assert_eq!(d(Owner::Pod(uid(4))), Verdict::Keep);
+        assert_eq!(d(Owner::Pod(uid(2))), Verdict::Delete("pod-completed"));
+        assert_eq!(d(Owner::Pod(uid(3))), Verdict::Delete("pod-completed"));
         // Same name, new pod: the CEP still naming the old UID is an orphan;
         // one naming the new UID is kept (compare UIDs, never names).
-        assert_eq!(decide(Owner::Pod(uid(5)), &pods, &nodes), Verdict::Delete("pod-gone"));
-        assert_eq!(decide(Owner::CiliumNode(uid(9)), &pods, &nodes), Verdict::Keep);
-        assert_eq!(decide(Owner::CiliumNode(uid(8)), &pods, &nodes), Verdict::Delete("ciliumnode-gone"));
-        assert_eq!(decide(Owner::Other, &pods, &nodes), Verdict::Untouched);
+        assert_eq!(d(Owner::Pod(uid(5))), Verdict::Delete("pod-gone"));
+        assert_eq!(d(Owner::CiliumNode(uid(9))), Verdict::Keep);
+        assert_eq!(d(Owner::CiliumNode(uid(8))), Verdict::Delete("ciliumnode-gone"));
+        assert_eq!(d(Owner::Other), Verdict::Untouched);
+        // No owner: judged by the Pod of the same name (upstream).
+        assert_eq!(d(Owner::None), Verdict::Delete("no-owner-no-pod"));
+        assert_eq!(decide(Owner::None, &pods, &nodes, true, false), Verdict::Keep);
+        // Younger than one interval: never deleted yet (upstream #42413).
+        assert_eq!(decide(Owner::Pod(uid(5)), &pods, &nodes, false, true), Verdict::Keep);
+        assert_eq!(decide(Owner::None, &pods, &nodes, false, true), Verdict::Keep);
     }
 
     #[test]
@@ -425,7 +485,7 @@ mod tests {
         assert_eq!(owner_of(&meta("Pod", "v1")), Owner::Pod(u));
         assert_eq!(owner_of(&meta("CiliumNode", "cilium.io/v2")), Owner::CiliumNode(u));
         assert_eq!(owner_of(&meta("Deployment", "apps/v1")), Owner::Other);
-        assert_eq!(owner_of(&Default::default()), Owner::Other);
+        assert_eq!(owner_of(&Default::default()), Owner::None);
         assert_ne!(Uid::parse("not-a-uuid"), Uid::parse("not-a-uuid2"));
         assert_eq!(Uid::parse("not-a-uuid"), Uid::parse("not-a-uuid"));
     }

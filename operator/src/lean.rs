@@ -7,7 +7,8 @@ use std::borrow::Cow;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde::{Deserialize, Deserializer};
 
-/// The metadata fields a cache needs: identity, version, owners, deletion.
+/// The metadata fields a cache needs: identity, version, owners, creation,
+/// deletion.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct LeanMetaFields {
@@ -15,6 +16,7 @@ struct LeanMetaFields {
     namespace: Option<String>,
     uid: Option<String>,
     resource_version: Option<String>,
+    creation_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     deletion_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
     #[serde(default)]
     owner_references: Vec<LeanOwner>,
@@ -37,6 +39,7 @@ pub fn lean_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error
         namespace: f.namespace,
         uid: f.uid,
         resource_version: f.resource_version,
+        creation_timestamp: f.creation_timestamp,
         deletion_timestamp: f.deletion_timestamp,
         owner_references: (!f.owner_references.is_empty()).then(|| {
             f.owner_references

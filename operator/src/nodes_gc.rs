@@ -1,5 +1,6 @@
 //! CiliumNode GC: deletes CiliumNodes whose Kubernetes Node is gone and that
-//! no ownerReference will clean up. Two-phase like upstream: a first run
+//! have no ownerReference (an owned one is left to Kubernetes' garbage
+//! collector, whatever its owner, as upstream). Two-phase like upstream: a first run
 //! marks the node a candidate, a later run (`nodes-gc-interval`) deletes it
 //! if its Node is still missing, with the CiliumNode's uid as precondition.
 //! IPAM then releases its pod CIDRs (it watches the deletion).
@@ -18,8 +19,9 @@ use crate::run::Context;
 pub struct Candidate {
     pub name: String,
     pub uid: String,
-    /// An ownerReference to a Node: Kubernetes' garbage collector deletes it.
-    pub owned_by_node: bool,
+    /// Any ownerReference: Kubernetes' garbage collector decides (upstream
+    /// leaves owned CiliumNodes alone, whatever owns them).
+    pub owned: bool,
 }
 
 /// One GC round, pure: returns (candidates for the next round, nodes to
@@ -32,7 +34,7 @@ pub fn decide(
     let mut next = BTreeMap::new();
     let mut delete = Vec::new();
     for cn in cilium_nodes {
-        if nodes.contains(&cn.name) || cn.owned_by_node {
+        if nodes.contains(&cn.name) || cn.owned {
             continue;
         }
         if previous.get(&cn.name) == Some(&cn.uid) {
@@ -42,6 +44,15 @@ pub fn decide(
         }
     }
     (next, delete)
+}
+
+/// What GC looks at of a CiliumNode's metadata.
+pub fn candidate(m: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Candidate {
+    Candidate {
+        name: m.name.unwrap_or_default(),
+        uid: m.uid.unwrap_or_default(),
+        owned: !m.owner_references.unwrap_or_default().is_empty(),
+    }
 }
 
 pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
@@ -69,16 +80,7 @@ async fn pass(ctx: &Context, previous: &BTreeMap<String, String>) -> Result<BTre
         .await?
         .items
         .into_iter()
-        .map(|cn| Candidate {
-            name: cn.metadata.name.unwrap_or_default(),
-            uid: cn.metadata.uid.unwrap_or_default(),
-            owned_by_node: cn
-                .metadata
-                .owner_references
-                .unwrap_or_default()
-                .iter()
-                .any(|o| o.kind == "Node" && o.api_version == "v1"),
-        })
+        .map(|cn| candidate(cn.metadata))
         .collect();
     let (next, delete) = decide(&names, &cns, previous);
     for name in next.keys().filter(|n| !previous.contains_key(*n)) {
@@ -106,7 +108,7 @@ mod tests {
     use super::*;
 
     fn cn(name: &str, uid: &str, owned: bool) -> Candidate {
-        Candidate { name: name.into(), uid: uid.into(), owned_by_node: owned }
+        Candidate { name: name.into(), uid: uid.into(), owned }
     }
 
     #[test]
@@ -119,6 +121,23 @@ mod tests {
         let (marked2, delete) = decide(&nodes, &cns, &marked);
         assert_eq!(delete, vec![cn("n2", "u2", false)]);
         assert!(marked2.is_empty());
+    }
+
+    #[test]
+    fn any_owner_leaves_it_to_kubernetes() {
+        let meta = |owner: serde_json::Value| {
+            serde_json::from_value::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>(
+                serde_json::json!({"name": "n9", "uid": "u9", "ownerReferences": owner}),
+            )
+            .unwrap()
+        };
+        let by_ns = candidate(meta(
+            serde_json::json!([{"apiVersion": "v1", "kind": "Namespace", "name": "x", "uid": "nsuid"}]),
+        ));
+        assert!(by_ns.owned, "owned by a Namespace: Kubernetes' GC decides");
+        let (marked, delete) = decide(&BTreeSet::new(), &[by_ns], &BTreeMap::new());
+        assert!(marked.is_empty() && delete.is_empty());
+        assert!(!candidate(meta(serde_json::json!([]))).owned);
     }
 
     #[test]
