@@ -50,6 +50,7 @@ impl Proc {
             });
         }
         let child = cmd.spawn().with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        crate::shutdown::register_pid(child.id());
         Ok(Proc { name, child, log })
     }
 
@@ -120,6 +121,7 @@ impl Etcd {
     /// Starts etcd with its data and log in a temporary directory of its own.
     pub fn start() -> anyhow::Result<Etcd> {
         let tmp = tempfile::Builder::new().prefix("cilium-rs-etcd.").tempdir()?;
+        crate::shutdown::register_dir(tmp.path().to_path_buf());
         let mut e = Etcd::start_in(tmp.path())?;
         e._tmp = Some(tmp);
         Ok(e)
@@ -208,6 +210,7 @@ impl ControlPlane {
     pub fn start(opts: Options) -> anyhow::Result<ControlPlane> {
         let t0 = Instant::now();
         let dir = tempfile::Builder::new().prefix("cilium-rs-cp.").tempdir()?;
+        crate::shutdown::register_dir(dir.path().to_path_buf());
         make_certs(dir.path())?;
         let etcd = Etcd::start_in(dir.path())?;
         let apiserver_port = free_port();

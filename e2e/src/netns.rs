@@ -198,16 +198,31 @@ pub fn external_host(prefix: &str, name: &str, addr: &str, routes: &[(String, Ip
 /// `/sys/fs/bpf/<prefix>` (unpinning maps and links).
 pub struct Cleanup(pub String);
 
+impl Cleanup {
+    /// Removes `<prefix>-*` namespaces and `/sys/fs/bpf/<prefix>` when
+    /// dropped, or on SIGINT/SIGTERM (see `shutdown`).
+    pub fn new(prefix: String) -> Cleanup {
+        crate::shutdown::register_prefix(&prefix);
+        Cleanup(prefix)
+    }
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir("/var/run/netns") {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&format!("{}-", self.0)) {
-                    let _ = Command::new("ip").args(["netns", "del", &name]).output();
-                }
+        remove_prefix(&self.0);
+        crate::shutdown::unregister_prefix(&self.0);
+    }
+}
+
+/// Deletes every namespace named `<prefix>-*` and `/sys/fs/bpf/<prefix>`.
+pub fn remove_prefix(prefix: &str) {
+    if let Ok(entries) = std::fs::read_dir("/var/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{prefix}-")) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).output();
             }
         }
-        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{}", self.0));
     }
+    let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{prefix}"));
 }

@@ -44,6 +44,7 @@ impl Process {
         cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
         die_with_parent(cmd);
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        crate::shutdown::register_pid(child.id());
         Ok(Process { name: name.to_string(), child, log })
     }
 
@@ -85,6 +86,7 @@ impl Drop for Process {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        crate::shutdown::unregister_pid(self.child.id());
     }
 }
 

@@ -18,6 +18,7 @@ mod endpoint_gc;
 mod identity;
 mod ipam;
 mod policy;
+mod processes;
 mod skeleton;
 
 /// A test body: gets the shared control plane.
@@ -29,6 +30,7 @@ fn trial(cp: &Arc<ControlPlane>, name: &str, f: TestFn) -> Trial {
 }
 
 fn main() {
+    e2e::shutdown::install();
     let args = Arguments::from_args();
     let tests: &[(&str, TestFn)] = &[
         ("skeleton::crds_and_policy_fixtures_against_api_server", skeleton::crds_and_policy_fixtures),
@@ -63,6 +65,7 @@ fn main() {
         ("chaos::etcd_blackhole_longer_than_the_lease", chaos::etcd_blackhole_longer_than_the_lease),
         ("chaos::deleted_endpoints_of_running_pods_come_back", chaos::deleted_endpoints_of_running_pods_come_back),
         ("chaos::statefulset_name_reused_on_another_node", chaos::statefulset_name_reused_on_another_node),
+        ("processes::demo_ends_cleanly_on_sigint_and_sigterm", processes::demo_ends_cleanly_on_sigint_and_sigterm),
     ];
     if args.list {
         let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();

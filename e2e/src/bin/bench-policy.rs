@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     let pairs = endpoints / 2;
     ensure!(policies <= pairs, "need at least 2 endpoints per policy");
     let prefix = format!("bp{}", std::process::id() % 10000);
-    let _cleanup = Cleanup(prefix.clone());
+    let _cleanup = Cleanup::new(prefix.clone());
     let cp = ControlPlane::start(Options::default())?;
     let mut op = Operator::start(
         &cp,

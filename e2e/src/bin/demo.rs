@@ -16,6 +16,9 @@ use e2e::netns::{Cleanup, can_connect, serve};
 use e2e::{Agent, ControlPlane, Operator, Options, tools};
 
 fn main() {
+    // Ctrl-C / SIGTERM: stop every process started and remove every
+    // namespace, pin and temporary directory made (also with --keep).
+    e2e::shutdown::install();
     if let Err(e) = run() {
         eprintln!("demo failed: {e:#}");
         std::process::exit(1);
@@ -39,7 +42,7 @@ fn run() -> anyhow::Result<()> {
     let t0 = Instant::now();
     ensure!(unsafe { libc::geteuid() } == 0, "the demo needs root (network namespaces and eBPF)");
     let prefix = format!("demo{}", std::process::id() % 10000);
-    let _cleanup = Cleanup(prefix.clone());
+    let _cleanup = Cleanup::new(prefix.clone());
     step(t0, "starting etcd, kube-apiserver and kube-controller-manager on 127.0.0.1");
     let cp = ControlPlane::start(Options { controller_manager: true, ..Default::default() })?;
     step(t0, "starting two cilium-operator replicas (pod CIDR pool 10.200.0.0/16, /24 per node)");

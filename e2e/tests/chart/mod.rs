@@ -347,7 +347,7 @@ pub fn rbac_least_privilege(_shared: &ControlPlane) -> anyhow::Result<()> {
         let token = ok(&cp, "kubectl", &["create", "token", "cilium", "-n", "kube-system", "--duration=2h"])?;
         let agent_kubeconfig = cp.token_kubeconfig("cilium", token.trim())?;
         let prefix = format!("rb{}", std::process::id() % 10000);
-        let _cleanup = e2e::netns::Cleanup(prefix.clone());
+        let _cleanup = e2e::netns::Cleanup::new(prefix.clone());
         let mut agent = e2e::Agent::start_with(
             &cp,
             "n1",

@@ -42,7 +42,7 @@ pub fn cluster_with(
 ) -> anyhow::Result<Cluster> {
     let cp = ControlPlane::start(Options::default())?;
     let prefix = format!("{tag}{}", std::process::id() % 10000);
-    let cleanup = Cleanup(prefix.clone());
+    let cleanup = Cleanup::new(prefix.clone());
     let (mut op_flags, agent_flags) = flags(&cp);
     op_flags.push("--cluster-pool-ipv4-cidr=10.200.0.0/16".into());
     let mut operator = Operator::start(&cp, &format!("operator-{tag}"), "kube-system", &op_flags)?;
