@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use e2e::{ControlPlane, tools};
 
-fn leftovers(prefix: &str, dir: &PathBuf) -> Vec<String> {
+fn leftovers(prefix: &str, dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/var/run/netns") {
         for e in entries.flatten() {
