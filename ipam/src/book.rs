@@ -461,3 +461,36 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod arbitrary_input {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+        /// Any strings a node may show as pod CIDRs: observed and decided
+        /// without a panic, and nothing shown is handed to another node.
+        #[test]
+        fn any_strings_never_panic(lists in proptest::collection::vec(proptest::collection::vec(".{0,24}|[0-9.:/a-f]{1,20}", 0..5), 1..5)) {
+            let mut b = Book::new(vec![
+                CidrAllocator::new(Family::V4, &["10.0.0.0/22".parse().unwrap()], 24).unwrap(),
+                CidrAllocator::new(Family::V6, &["fd00::/118".parse().unwrap()], 120).unwrap(),
+            ]);
+            for (i, l) in lists.iter().enumerate() {
+                b.observe(&format!("n{i}"), &format!("u{i}"), l);
+            }
+            for i in 0..lists.len() {
+                if let Decision::Assign(cidrs) = b.decide(&format!("n{i}"), true) {
+                    for (j, other) in lists.iter().enumerate() {
+                        if i == j { continue; }
+                        for s in other.iter().filter_map(|s| parse_pod_cidr(s).ok()) {
+                            let own: Vec<Cidr> = lists[i].iter().filter_map(|x| parse_pod_cidr(x).ok()).collect();
+                            prop_assert!(cidrs.iter().all(|c| !c.overlaps(&s) || own.contains(c)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -128,8 +128,14 @@ impl RateLimiter {
 
     /// Waits until a permit is available.
     pub async fn acquire(&mut self) {
-        let at = self.next.max(tokio::time::Instant::now());
-        tokio::time::sleep_until(at).await;
+        let now = tokio::time::Instant::now();
+        let at = self.next.max(now);
+        // Only sleep when a permit is not yet due: a timer for "now" still
+        // waits for the next timer tick (about 1 ms), which would cap a
+        // high limit at ~1000 deletions a second.
+        if at > now {
+            tokio::time::sleep_until(at).await;
+        }
         self.next = at + self.spacing;
     }
 }
@@ -261,6 +267,9 @@ pub struct PassStats {
     /// deletion on the next round.
     pub marked: i64,
 }
+
+/// kvstore deletions in flight during a pass.
+const KV_DELETES_IN_FLIGHT: usize = 16;
 
 /// How often identity use is compared with the pressure threshold.
 const PRESSURE_CHECK: Duration = Duration::from_secs(5);
@@ -435,6 +444,7 @@ async fn kv_pass(
 ) -> Result<PassStats, etcd_client::Error> {
     use cilium_identity_alloc::kvstore::{PREFIX, id_key, value_prefix};
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    use futures::StreamExt;
     let started = Instant::now();
     let id_prefix = format!("{PREFIX}id/");
     // Paged reads: a pass works at any size (one read of 200k keys would
@@ -451,6 +461,7 @@ async fn kv_pass(
         .collect();
     let (mut alive, mut deleted, mut remembered) = (0i64, 0i64, 0i64);
     let mut present = HashSet::new();
+    let mut doomed: Vec<(u32, String, i64)> = Vec::new();
     for kv in &ids {
         let Some(id) = kv.key.strip_prefix(&id_prefix).and_then(|s| s.parse::<u32>().ok()) else {
             ctx.metrics.identity_gc.malformed.get_or_create(&TypeLabels { identity_type: "kvstore".into() }).inc();
@@ -473,20 +484,36 @@ async fn kv_pass(
             remembered += 1;
             continue;
         }
-        limiter.lock().await.acquire().await;
-        let txn = Txn::new()
-            .when([
-                Compare::mod_revision(id_key(id), CompareOp::Equal, kv.mod_revision),
-                Compare::create_revision(value_prefix(&labels_key), CompareOp::Equal, 0).with_prefix(),
-            ])
-            .and_then([TxnOp::delete(id_key(id), None)]);
-        if client.txn(txn).await?.succeeded() {
+        doomed.push((id, labels_key, kv.mod_revision));
+    }
+    // Deletions, several in flight (each a transaction that re-checks both
+    // conditions, so their order does not matter), paced by the limiter.
+    let results: Vec<(u32, String, Result<bool, etcd_client::Error>)> = futures::stream::iter(doomed)
+        .map(|(id, labels_key, rev)| {
+            let mut client = client.clone();
+            async move {
+                limiter.lock().await.acquire().await;
+                let txn = Txn::new()
+                    .when([
+                        Compare::mod_revision(id_key(id), CompareOp::Equal, rev),
+                        Compare::create_revision(value_prefix(&labels_key), CompareOp::Equal, 0).with_prefix(),
+                    ])
+                    .and_then([TxnOp::delete(id_key(id), None)]);
+                let r = client.txn(txn).await.map(|r| r.succeeded());
+                (id, labels_key, r)
+            }
+        })
+        .buffer_unordered(KV_DELETES_IN_FLIGHT)
+        .collect()
+        .await;
+    for (id, labels_key, r) in results {
+        seen.remove(&id);
+        if r? {
             deleted += 1;
-            tracing::info!(identity = id, labels = %labels_key, "deleted unused kvstore identity");
+            tracing::debug!(identity = id, labels = %labels_key, "deleted unused kvstore identity");
         } else {
             alive += 1;
         }
-        seen.remove(&id);
     }
     seen.retain(|id, _| present.contains(id));
     let m = &ctx.metrics.identity_gc;

@@ -234,3 +234,131 @@ fn icmp_types_and_families() {
     assert!(!c.ingress(DB, WEB, 58, 8), "IPv4 type number on IPv6");
     assert!(!c.ingress(DB, WEB, PROTO_TCP, 8));
 }
+
+mod arbitrary_input {
+    //! Whatever a user or a program writes into a policy, reading and
+    //! compiling it never panics: it is refused with a message or compiled.
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEYS: &[&str] = &[
+        "endpointSelector",
+        "nodeSelector",
+        "ingress",
+        "egress",
+        "ingressDeny",
+        "egressDeny",
+        "fromEndpoints",
+        "toEndpoints",
+        "toPorts",
+        "ports",
+        "port",
+        "endPort",
+        "protocol",
+        "fromCIDR",
+        "toCIDR",
+        "fromCIDRSet",
+        "toCIDRSet",
+        "cidr",
+        "except",
+        "icmps",
+        "fields",
+        "type",
+        "family",
+        "matchLabels",
+        "matchExpressions",
+        "key",
+        "operator",
+        "values",
+        "fromEntities",
+        "toEntities",
+        "enableDefaultDeny",
+        "fromRequires",
+        "toServices",
+        "toFQDNs",
+        "rules",
+        "http",
+        "cidrGroupRef",
+        "fromNodes",
+        "app",
+    ];
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            (0u32..70000).prop_map(serde_json::Value::from),
+            proptest::sample::select(vec![
+                "80",
+                "0",
+                "65536",
+                "http",
+                "TCP",
+                "UDP",
+                "ANY",
+                "SCTP",
+                "ICMP",
+                "10.0.0.0/8",
+                "::/0",
+                "1.2.3.4",
+                "10.0.0.1/33",
+                "world",
+                "cluster",
+                "all",
+                "In",
+                "NotIn",
+                "Exists",
+                "DoesNotExist",
+                "IPv4",
+                "IPv6",
+                "EchoRequest",
+                "",
+                "-",
+                "k8s:app",
+                "reserved:host",
+                "x/y",
+            ])
+            .prop_map(serde_json::Value::from),
+            ".{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(proptest::sample::select(KEYS.to_vec()), inner, 0..5)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+        #[test]
+        fn any_spec_is_refused_or_compiled_never_a_panic(spec in value(), clusterwide: bool) {
+            let cfg = Config::default();
+            let obj = serde_json::json!({"metadata": {"name": "p", "namespace": if clusterwide { "" } else { "default" }}, "spec": spec});
+            let Ok(p) = serde_json::from_value::<CiliumNetworkPolicy>(obj) else { return Ok(()) };
+            let Ok(parsed) = parse_cnp(&p, &cfg) else { return Ok(()) };
+            let u = universe(&["10.0.0.0/8"]);
+            let mut sel = cilium_policy::engine::Selections::new(&u);
+            for id in [WEB, DB, OTHER_NS] {
+                let c = cilium_policy::compile(&u.identities[&id], &[], &parsed.entries, &mut sel);
+                // Rules are a set: their order never changes the result.
+                let r = cilium_policy::compile(&u.identities[&id], &[], parsed.entries.iter().rev(), &mut sel);
+                prop_assert_eq!(&c, &r);
+            }
+        }
+
+        #[test]
+        fn any_network_policy_is_refused_or_compiled(spec in value()) {
+            let obj = serde_json::json!({"metadata": {"name": "k", "namespace": "default"}, "spec": spec});
+            let Ok(np) = serde_json::from_value::<k8s_openapi::api::networking::v1::NetworkPolicy>(obj) else { return Ok(()) };
+            let Ok(parsed) = cilium_policy::knp::parse_knp(&np, &Config::default()) else { return Ok(()) };
+            let u = universe(&[]);
+            let mut sel = cilium_policy::engine::Selections::new(&u);
+            let c = cilium_policy::compile(&u.identities[&WEB], &[], &parsed.entries, &mut sel);
+            let r = cilium_policy::compile(&u.identities[&WEB], &[], parsed.entries.iter().rev(), &mut sel);
+            prop_assert_eq!(c, r);
+        }
+    }
+}

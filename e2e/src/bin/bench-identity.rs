@@ -11,7 +11,12 @@
 //!    creates (CiliumIdentity objects / etcd puts, with IDs outside the
 //!    cluster range so they never collide) one by one.
 //!
-//! Usage: `cargo run --release -p e2e --bin bench-identity -- [N] [--stages=1,2,3,4]`
+//! 5. the kvstore GC at 200,000 keys (50,000 `id/` keys, 150,000 value
+//!    keys; 12,500 IDs unused): the deleting round vs. the least any
+//!    collector must do, paged reads of both prefixes and one delete per
+//!    unused ID.
+//!
+//! Usage: `cargo run --release -p e2e --bin bench-identity -- [N] [--stages=1,2,3,4,5]`
 
 use std::time::{Duration, Instant};
 
@@ -32,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     // `--stages=1,2,3,4` (default: all) selects the benchmarks to run.
     let stages: Vec<u8> = std::env::args()
         .find_map(|a| a.strip_prefix("--stages=").map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect()))
-        .unwrap_or_else(|| vec![1, 2, 3, 4]);
+        .unwrap_or_else(|| vec![1, 2, 3, 4, 5]);
     let rate_window = stages.contains(&3) && !std::env::args().any(|a| a == "--skip-rate-window");
     let mut lines = Vec::new();
 
@@ -78,6 +83,16 @@ fn main() -> anyhow::Result<()> {
         lines.push(format!(
             "- identity-alloc: {ALLOCATIONS} distinct label sets, {backend} backend = {ours:.0} allocations/s (baseline {base:.0} raw writes/s, ratio {:.2})",
             ours / base
+        ));
+    }
+    // 5. kvstore GC at 200k keys.
+    if stages.contains(&5) {
+        let big = Etcd::start()?;
+        let (round, base, total) = e2e::block_on(kv_gc_200k(&cp, &big))?;
+        eprintln!("kvstore GC at {total} keys: round {round:.2}s, baseline {base:.2}s");
+        lines.push(format!(
+            "- identity-gc: kvstore GC deleting round over {total} keys (12500 unused IDs, rate limit off) = {round:.2} s (baseline {base:.2} s paged reads + raw deletes, ratio {:.2})",
+            round / base
         ));
     }
     println!("\nFor docs/benchmarks.md:");
@@ -220,6 +235,99 @@ async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<
         c.delete(k, None).await?;
     }
     Ok((round, started.elapsed().as_secs_f64()))
+}
+
+const BIG_IDS: u32 = 50_000;
+const BIG_USED: u32 = 37_500;
+const BIG_NODES: u32 = 4;
+
+async fn put_big(c: &mut etcd_client::Client, from: u32, to: u32, values: bool) -> anyhow::Result<()> {
+    use cilium_identity_alloc::kvstore::{id_key, value_prefix};
+    let label = |i: u32| format!("k8s:app=big-{i:05};k8s:io.kubernetes.pod.namespace=default;");
+    let all: Vec<u32> = (from..to).collect();
+    for chunk in all.chunks(24) {
+        let mut ops = Vec::new();
+        for &i in chunk {
+            ops.push(etcd_client::TxnOp::put(id_key(256 + i), label(i), None));
+            if values && i < BIG_USED {
+                for n in 0..BIG_NODES {
+                    ops.push(etcd_client::TxnOp::put(
+                        format!("{}10.0.0.{n}", value_prefix(&label(i))),
+                        (256 + i).to_string(),
+                        None,
+                    ));
+                }
+            }
+        }
+        c.txn(etcd_client::Txn::new().and_then(ops)).await?;
+    }
+    Ok(())
+}
+
+/// Returns (deleting round seconds, baseline seconds, keys).
+async fn kv_gc_200k(cp: &ControlPlane, etcd: &Etcd) -> anyhow::Result<(f64, f64, u32)> {
+    let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+    put_big(&mut c, 0, BIG_IDS, true).await?;
+    let total = BIG_IDS + BIG_USED * BIG_NODES;
+    eprintln!("created {total} kvstore keys");
+    let op = Operator::start(
+        cp,
+        "bench-kv-gc-200k",
+        "kube-system",
+        &[
+            "--identity-allocation-mode=kvstore".into(),
+            "--kvstore=etcd".into(),
+            format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
+            "--identity-gc-interval=5s".into(),
+            "--identity-gc-rate-limit=100000000".into(),
+        ],
+    )?;
+    let unused = (BIG_IDS - BIG_USED) as usize;
+    let round = wait_run_seconds(&op, "kvstore identity GC run done", unused, Duration::from_secs(900))?;
+    drop(op);
+    put_big(&mut c, BIG_USED, BIG_IDS, false).await?;
+    // Baseline: what any collector must do at least: read both prefixes
+    // (paged: one read is over the gRPC limit) and delete each unused ID.
+    let started = Instant::now();
+    let page = |prefix: String, keys_only: bool| {
+        let mut c = c.clone();
+        async move {
+            let mut end = prefix.clone().into_bytes();
+            *end.last_mut().expect("prefix") += 1;
+            let mut from = prefix.into_bytes();
+            let mut out: Vec<(String, String)> = Vec::new();
+            loop {
+                let mut o = etcd_client::GetOptions::new().with_range(end.clone()).with_limit(2000);
+                if keys_only {
+                    o = o.with_keys_only();
+                }
+                let r = c.get(from.clone(), Some(o)).await?;
+                for kv in r.kvs() {
+                    out.push((kv.key_str()?.to_string(), kv.value_str()?.to_string()));
+                }
+                if !r.more() {
+                    return anyhow::Ok(out);
+                }
+                from = r.kvs().last().map(|kv| kv.key().to_vec()).unwrap_or_default();
+                from.push(0);
+            }
+        }
+    };
+    let ids = page(format!("{PREFIX}id/"), false).await?;
+    let values = page(format!("{PREFIX}value/"), true).await?;
+    let used: std::collections::HashSet<String> = values
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix(&format!("{PREFIX}value/"))?.rsplit_once('/').map(|(l, _)| l.to_string()))
+        .collect();
+    let mut deleted = 0;
+    for (k, v) in &ids {
+        if !used.contains(v) {
+            c.delete(k.as_str(), None).await?;
+            deleted += 1;
+        }
+    }
+    ensure!(deleted == unused, "baseline deleted {deleted}, want {unused}");
+    Ok((round, started.elapsed().as_secs_f64(), total))
 }
 
 /// Deletions in the two minutes after the first one, at the default limit.
