@@ -17,6 +17,10 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "fuzz targets: fmt + clippy (they run in the bench tier: scripts/fuzz.sh)"
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+cargo clippy --manifest-path fuzz/Cargo.toml --locked -- -D warnings
+
 step "build"
 cargo build --workspace --bins --tests --locked
 

@@ -2,12 +2,13 @@
 //! labels and the label key string, identity-relevant label filtering with
 //! upstream's defaults, and numeric identity ranges. The operator, the node
 //! agent and the CLI share it.
-//! GC decisions (`gc`) are here too; the allocator backends are in
+//! GC decisions (`gc`, `kvstore`) are here too; the allocator backends are in
 //! `cilium-identity-alloc`.
 
 pub mod explosion;
 pub mod filter;
 pub mod gc;
+pub mod kvstore;
 pub mod labels;
 pub mod ranges;
 

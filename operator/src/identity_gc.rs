@@ -271,6 +271,10 @@ pub struct PassStats {
 /// kvstore deletions in flight during a pass.
 const KV_DELETES_IN_FLIGHT: usize = 16;
 
+/// CiliumIdentity writes (marks, unmarks, deletions) in flight during a
+/// pass; the client's default QPS limits do not apply to kube-rs.
+const CRD_WRITES_IN_FLIGHT: usize = 16;
+
 /// How often identity use is compared with the pressure threshold.
 const PRESSURE_CHECK: Duration = Duration::from_secs(5);
 
@@ -446,50 +450,33 @@ async fn kv_pass(
     use etcd_client::{Compare, CompareOp, Txn, TxnOp};
     use futures::StreamExt;
     let started = Instant::now();
-    let id_prefix = format!("{PREFIX}id/");
     // Paged reads: a pass works at any size (one read of 200k keys would
-    // exceed the 4 MiB gRPC limit and fail every pass).
-    let ids = crate::kvstore::get_prefix(&mut client, &id_prefix, false).await?;
-    // Every label set with at least one user, from one read of the value
-    // keys (`value/<labels>/<node>`; labels contain '/', the node is what
-    // follows the last one). The delete transaction re-checks per ID.
-    let value_root = format!("{PREFIX}value/");
-    let values = crate::kvstore::get_prefix(&mut client, &value_root, true).await?;
-    let in_use: HashSet<String> = values
-        .iter()
-        .filter_map(|kv| kv.key.strip_prefix(&value_root)?.rsplit_once('/').map(|(l, _)| l.to_string()))
-        .collect();
-    let (mut alive, mut deleted, mut remembered) = (0i64, 0i64, 0i64);
-    let mut present = HashSet::new();
-    let mut doomed: Vec<(u32, String, i64)> = Vec::new();
-    for kv in &ids {
-        let Some(id) = kv.key.strip_prefix(&id_prefix).and_then(|s| s.parse::<u32>().ok()) else {
-            ctx.metrics.identity_gc.malformed.get_or_create(&TypeLabels { identity_type: "kvstore".into() }).inc();
-            tracing::warn!(key = %kv.key, "skipping a kvstore identity key that is not id/<number>");
-            continue;
-        };
-        if !range.contains(&id) {
-            continue;
-        }
-        present.insert(id);
-        let labels_key = kv.value.clone();
-        if in_use.contains(&labels_key) {
-            seen.remove(&id);
-            alive += 1;
-            continue;
-        }
-        if seen.get(&id) != Some(&kv.mod_revision) {
-            seen.insert(id, kv.mod_revision);
-            alive += 1;
-            remembered += 1;
-            continue;
-        }
-        doomed.push((id, labels_key, kv.mod_revision));
+    // exceed the 4 MiB gRPC limit and fail every pass). The value keys show
+    // every label set with at least one user.
+    let ids = crate::kvstore::get_prefix(&mut client, &format!("{PREFIX}id/"), false).await?;
+    let values = crate::kvstore::get_prefix(&mut client, &format!("{PREFIX}value/"), true).await?;
+    fn relative(k: &str) -> &str {
+        k.strip_prefix(PREFIX).unwrap_or(k)
     }
+    let round = cilium_identity::kvstore::judge(
+        ids.iter().map(|kv| cilium_identity::kvstore::KeyValue {
+            key: relative(&kv.key),
+            value: &kv.value,
+            mod_revision: kv.mod_revision,
+        }),
+        values.iter().map(|kv| relative(&kv.key)),
+        range,
+        seen,
+    );
+    for key in &round.malformed {
+        ctx.metrics.identity_gc.malformed.get_or_create(&TypeLabels { identity_type: "kvstore".into() }).inc();
+        tracing::warn!(key = %key, "skipping a kvstore identity key that is not id/<number>");
+    }
+    let (mut alive, mut deleted, remembered) = (round.alive, 0i64, round.remembered);
     // Deletions, several in flight (each a transaction that re-checks both
     // conditions, so their order does not matter), paced by the limiter.
-    let results: Vec<(u32, String, Result<bool, etcd_client::Error>)> = futures::stream::iter(doomed)
-        .map(|(id, labels_key, rev)| {
+    let results: Vec<(u32, String, Result<bool, etcd_client::Error>)> = futures::stream::iter(round.doomed)
+        .map(|cilium_identity::kvstore::Doomed { id, labels: labels_key, mod_revision: rev }| {
             let mut client = client.clone();
             async move {
                 limiter.lock().await.acquire().await;
@@ -507,7 +494,6 @@ async fn kv_pass(
         .collect()
         .await;
     for (id, labels_key, r) in results {
-        seen.remove(&id);
         if r? {
             deleted += 1;
             tracing::debug!(identity = id, labels = %labels_key, "deleted unused kvstore identity");
@@ -515,7 +501,6 @@ async fn kv_pass(
             alive += 1;
         }
     }
-    seen.retain(|id, _| present.contains(id));
     let m = &ctx.metrics.identity_gc;
     m.entries.get_or_create(&EntryLabels { status: "alive".into(), identity_type: "kvstore".into() }).set(alive);
     m.entries.get_or_create(&EntryLabels { status: "deleted".into(), identity_type: "kvstore".into() }).set(deleted);
@@ -559,6 +544,16 @@ async fn pass(
             i.metadata.name.as_deref().and_then(|n| n.parse::<u32>().ok()).is_some_and(|id| range.contains(&id))
         }),
     );
+    // Decide every identity first, then write: marks, unmarks and deletions
+    // run several at a time (each conditional on what was seen, so their
+    // order does not matter), deletions paced by the limiter.
+    enum Write {
+        Unmark(String),
+        Mark(String, Option<String>),
+        Delete(String, u32, Preconditions),
+    }
+    use futures::StreamExt;
+    let mut writes = Vec::new();
     for identity in all {
         let Some(name) = identity.metadata.name.clone() else {
             continue;
@@ -576,39 +571,66 @@ async fn pass(
             Action::Keep => alive += 1,
             Action::Unmark => {
                 alive += 1;
-                let body = serde_json::json!({ "metadata": { "annotations": { HEARTBEAT_ANNOTATION: null } } });
-                ignore_gone(identities.patch(&name, &pp, &Patch::Merge(&body)).await)?;
+                writes.push(Write::Unmark(name));
             }
             Action::Mark => {
                 alive += 1;
                 marked += 1;
-                // resourceVersion makes the mark conditional on what we saw.
-                let body = serde_json::json!({ "metadata": {
-                    "resourceVersion": rv,
-                    "annotations": { HEARTBEAT_ANNOTATION: now.to_string() },
-                } });
-                ignore_gone(identities.patch(&name, &pp, &Patch::Merge(&body)).await)?;
+                writes.push(Write::Mark(name, rv));
             }
             Action::Wait => {
                 alive += 1;
                 marked += 1;
             }
-            Action::Delete => {
-                limiter.lock().await.acquire().await;
-                let dp = DeleteParams {
-                    preconditions: Some(Preconditions { uid: identity.metadata.uid.clone(), resource_version: rv }),
-                    ..Default::default()
-                };
-                match identities.delete(&name, &dp).await {
-                    Ok(_) => {
-                        deleted += 1;
-                        tracing::info!(identity = id, "deleted unused identity");
+            Action::Delete => writes.push(Write::Delete(
+                name,
+                id,
+                Preconditions { uid: identity.metadata.uid.clone(), resource_version: rv },
+            )),
+        }
+    }
+    let results: Vec<Result<Option<bool>, kube::Error>> = futures::stream::iter(writes)
+        .map(|w| {
+            let identities = identities.clone();
+            let pp = pp.clone();
+            async move {
+                match w {
+                    Write::Unmark(name) => {
+                        let body = serde_json::json!({ "metadata": { "annotations": { HEARTBEAT_ANNOTATION: null } } });
+                        ignore_gone(identities.patch(&name, &pp, &Patch::Merge(&body)).await).map(|_| None)
                     }
-                    // Reused (mark removed) or already gone: not ours to delete.
-                    Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => alive += 1,
-                    Err(e) => return Err(e),
+                    Write::Mark(name, rv) => {
+                        // resourceVersion makes the mark conditional on what we saw.
+                        let body = serde_json::json!({ "metadata": {
+                            "resourceVersion": rv,
+                            "annotations": { HEARTBEAT_ANNOTATION: now.to_string() },
+                        } });
+                        ignore_gone(identities.patch(&name, &pp, &Patch::Merge(&body)).await).map(|_| None)
+                    }
+                    Write::Delete(name, id, preconditions) => {
+                        limiter.lock().await.acquire().await;
+                        let dp = DeleteParams { preconditions: Some(preconditions), ..Default::default() };
+                        match identities.delete(&name, &dp).await {
+                            Ok(_) => {
+                                tracing::info!(identity = id, "deleted unused identity");
+                                Ok(Some(true))
+                            }
+                            // Reused (mark removed) or already gone: not ours to delete.
+                            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(Some(false)),
+                            Err(e) => Err(e),
+                        }
+                    }
                 }
             }
+        })
+        .buffer_unordered(CRD_WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    for r in results {
+        match r? {
+            Some(true) => deleted += 1,
+            Some(false) => alive += 1,
+            None => {}
         }
     }
     let m = &ctx.metrics.identity_gc;

@@ -202,15 +202,11 @@ async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<(f64, f64)> 
     Ok((pass, started.elapsed().as_secs_f64()))
 }
 
-async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<(f64, f64)> {
-    let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
-    for i in 0..n {
-        c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=kv-{i};"), None).await?;
-    }
-    eprintln!("created {n} stale kvstore identities");
-    let op = Operator::start(
+/// An operator collecting kvstore identities every 5 s, rate limit off.
+fn kv_gc_operator(cp: &ControlPlane, etcd: &Etcd, name: &str) -> anyhow::Result<Operator> {
+    Operator::start(
         cp,
-        "bench-kv-gc",
+        name,
         "kube-system",
         &[
             "--identity-allocation-mode=kvstore".into(),
@@ -219,7 +215,16 @@ async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<
             "--identity-gc-interval=5s".into(),
             "--identity-gc-rate-limit=100000000".into(),
         ],
-    )?;
+    )
+}
+
+async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<(f64, f64)> {
+    let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+    for i in 0..n {
+        c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=kv-{i};"), None).await?;
+    }
+    eprintln!("created {n} stale kvstore identities");
+    let op = kv_gc_operator(cp, etcd, "bench-kv-gc")?;
     let round = wait_run_seconds(&op, "kvstore identity GC run done", n, Duration::from_secs(900))?;
     drop(op);
     for i in 0..n {
@@ -270,18 +275,7 @@ async fn kv_gc_200k(cp: &ControlPlane, etcd: &Etcd) -> anyhow::Result<(f64, f64,
     put_big(&mut c, 0, BIG_IDS, true).await?;
     let total = BIG_IDS + BIG_USED * BIG_NODES;
     eprintln!("created {total} kvstore keys");
-    let op = Operator::start(
-        cp,
-        "bench-kv-gc-200k",
-        "kube-system",
-        &[
-            "--identity-allocation-mode=kvstore".into(),
-            "--kvstore=etcd".into(),
-            format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
-            "--identity-gc-interval=5s".into(),
-            "--identity-gc-rate-limit=100000000".into(),
-        ],
-    )?;
+    let op = kv_gc_operator(cp, etcd, "bench-kv-gc-200k")?;
     let unused = (BIG_IDS - BIG_USED) as usize;
     let round = wait_run_seconds(&op, "kvstore identity GC run done", unused, Duration::from_secs(900))?;
     drop(op);
