@@ -33,7 +33,8 @@ pub struct Round {
     pub alive: i64,
     /// Unused for the first round: remembered in `seen`.
     pub remembered: i64,
-    /// Keys under `id/` that are not `id/<number>`.
+    /// Keys under `id/` that are not `id/<number>` in canonical form, and
+    /// repeats.
     pub malformed: Vec<String>,
 }
 
@@ -54,14 +55,21 @@ pub fn judge<'a>(
     let mut out = Round::default();
     let mut present = HashSet::new();
     for kv in ids {
-        let Some(id) = kv.key.strip_prefix("id/").and_then(|s| s.parse::<u32>().ok()) else {
+        // Only the canonical form: `id/017` or `id/+17` is another key
+        // than `id/17`, which the delete would name instead.
+        let Some(id) = kv.key.strip_prefix("id/").and_then(|s| s.parse::<u32>().ok().filter(|id| id.to_string() == s))
+        else {
             out.malformed.push(kv.key.to_string());
             continue;
         };
         if !range.contains(&id) {
             continue;
         }
-        present.insert(id);
+        // Keys read from etcd are unique; a repeat is judged once.
+        if !present.insert(id) {
+            out.malformed.push(kv.key.to_string());
+            continue;
+        }
         if in_use.contains(kv.value) {
             seen.remove(&id);
             out.alive += 1;
@@ -116,6 +124,20 @@ mod tests {
         // Labels containing '/' are matched whole.
         judge([kv("id/301", "k8s:a/b=c;", 1)], ["value/k8s:a/b=c;/n1"], &range, &mut seen);
         assert!(seen.is_empty());
+    }
+
+    #[test]
+    fn only_canonical_keys_are_judged() {
+        // Found by fuzzing: `id/0300` parsed as 300, and the round doomed it
+        // (deleting `id/300`) on the strength of the other key's mark.
+        let range = 256..=65535;
+        let mut seen = HashMap::new();
+        let ids = [kv("id/300", "k8s:app=a;", 3), kv("id/0300", "k8s:app=a;", 3), kv("id/+300", "k8s:app=a;", 3)];
+        let r = judge(ids.clone(), [], &range, &mut seen);
+        assert_eq!((r.remembered, r.doomed.len()), (1, 0));
+        assert_eq!(r.malformed, ["id/0300", "id/+300"]);
+        let r = judge([kv("id/300", "k8s:app=a;", 3), kv("id/300", "k8s:app=a;", 3)], [], &range, &mut HashMap::new());
+        assert_eq!((r.remembered, r.doomed.len(), r.malformed.len()), (1, 0, 1));
     }
 
     #[test]
