@@ -48,6 +48,7 @@ fn main() {
         ("identity::kvstore_heartbeat_layout_and_etcd_restart", identity::kvstore_heartbeat_layout_and_etcd_restart),
         ("identity::kvstore_allocation_layout_and_races", identity::kvstore_allocation_layout_and_races),
         ("identity::kvstore_gc_two_rounds", identity::kvstore_gc_two_rounds),
+        ("identity::kvstore_local_id_taken_by_other_labels", identity::kvstore_local_id_taken_by_other_labels),
         ("identity::kvstore_gc_past_the_grpc_limit", identity::kvstore_gc_past_the_grpc_limit),
         ("identity::space_pressure_and_label_explosion", identity::space_pressure_and_label_explosion),
         ("identity::migration_kvstore_to_crd", identity::migration_kvstore_to_crd),

@@ -20,7 +20,7 @@
 //! value key is written again, re-creating a local identity's `id/` key that
 //! the GC deleted meanwhile.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,6 +65,9 @@ pub struct KvstoreAllocator {
     session: Arc<AtomicI64>,
     /// The identities this allocator holds (labels key -> ID).
     local: Arc<Mutex<BTreeMap<String, u32>>>,
+    /// Local IDs found holding other labels (collected during an outage and
+    /// taken by another label set): their users need a new identity.
+    lost: Arc<Mutex<BTreeSet<u32>>>,
     maintainer: tokio::task::JoinHandle<()>,
 }
 
@@ -92,12 +95,21 @@ impl KvstoreAllocator {
         let mut c = client.clone();
         let session = Arc::new(AtomicI64::new(c.lease_grant(ttl, None).await.map_err(kv)?.id()));
         let local: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
-        let maintainer = tokio::spawn(maintain(client.clone(), session.clone(), local.clone(), node.to_string(), ttl));
-        Ok(KvstoreAllocator { client, range, node: node.to_string(), session, local, maintainer })
+        let lost: Arc<Mutex<BTreeSet<u32>>> = Arc::default();
+        let maintainer =
+            tokio::spawn(maintain(client.clone(), session.clone(), local.clone(), lost.clone(), node.to_string(), ttl));
+        Ok(KvstoreAllocator { client, range, node: node.to_string(), session, local, lost, maintainer })
     }
 
     pub fn session_lease(&self) -> i64 {
         self.session.load(Ordering::SeqCst)
+    }
+
+    /// Takes the local IDs found holding other labels since the last call:
+    /// whoever uses one must allocate its labels again (which gives another
+    /// ID).
+    pub fn take_lost(&self) -> BTreeSet<u32> {
+        std::mem::take(&mut *self.lost.lock().expect("lost identities"))
     }
 
     fn remember(&self, key: &str, id: u32) {
@@ -250,6 +262,7 @@ async fn maintain(
     client: Client,
     session: Arc<AtomicI64>,
     local: Arc<Mutex<BTreeMap<String, u32>>>,
+    taken: Arc<Mutex<BTreeSet<u32>>>,
     node: String,
     ttl: i64,
 ) {
@@ -297,11 +310,18 @@ async fn maintain(
         for (key, id) in mine {
             match claim(&client, &node, s, id, &key).await {
                 Ok(true) => {}
-                Ok(false) => tracing::error!(
-                    id,
-                    labels = %key,
-                    "the id/ key of a local identity holds other labels now; its endpoints need a new identity"
-                ),
+                Ok(false) => {
+                    tracing::error!(
+                        id,
+                        labels = %key,
+                        "the id/ key of a local identity holds other labels now: its endpoints get a new identity"
+                    );
+                    let mut l = local.lock().expect("local identities");
+                    if l.get(&key) == Some(&id) {
+                        l.remove(&key);
+                    }
+                    taken.lock().expect("lost identities").insert(id);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "kvstore: cannot re-sync the local identity keys yet");
                     break;

@@ -52,6 +52,15 @@ impl Allocator {
             Allocator::DoubleWrite(a) => a.allocate(labels).await?.id,
         })
     }
+
+    /// kvstore IDs of ours found holding other labels since the last call.
+    fn take_lost(&self) -> BTreeSet<u32> {
+        match self {
+            Allocator::Crd(_) => BTreeSet::new(),
+            Allocator::Kvstore(a) => a.take_lost(),
+            Allocator::DoubleWrite(a) => a.kv.take_lost(),
+        }
+    }
 }
 
 /// A local endpoint as the agent runs it.
@@ -342,6 +351,14 @@ impl Agent {
                     l.missing_since = None;
                 }
             }
+        }
+        // A kvstore ID of ours that now holds other labels (collected during
+        // an outage and taken by another label set): its endpoints get a
+        // new identity in this pass.
+        let lost = self.alloc.take_lost();
+        for l in self.live.values_mut().filter(|l| lost.contains(&l.identity)) {
+            tracing::warn!(identity = l.identity, pod = %format!("{}/{}", l.rec.namespace, l.rec.name), "kvstore identity taken by other labels: allocating a new one");
+            l.labels = Labels::new();
         }
         // A CiliumEndpoint of a running pod that is gone (deleted by hand,
         // by a GC racing a watch, by another agent) or owned by another pod

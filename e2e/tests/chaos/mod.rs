@@ -40,6 +40,9 @@ fn key_string(labels: &[String]) -> String {
     labels.iter().map(|l| format!("{l};")).collect()
 }
 
+/// Labels another node allocates the tiefighter's freed ID for.
+const INTRUDER: &str = "k8s:app=intruder;k8s:io.kubernetes.pod.namespace=default;";
+
 pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::Result<()> {
     let proxy: RefCell<Option<Proxy>> = RefCell::new(None);
     let c = cluster_with("bh", &["node-a", "node-b"], |cp| {
@@ -99,6 +102,13 @@ pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::R
                 )
                 .await?
                 .count();
+            // Another node takes the tiefighter's ID for other labels
+            // meanwhile (as it may once the GC freed it); its value key keeps
+            // the GC off it.
+            let taken = before["tiefighter"].0;
+            etcd.put(cilium_identity_alloc::kvstore::id_key(taken), INTRUDER, None).await?;
+            let user = format!("{}192.0.2.8", cilium_identity_alloc::kvstore::value_prefix(INTRUDER));
+            etcd.put(user, taken.to_string(), None).await?;
             anyhow::Ok(ids)
         })?;
         let cut_for = cut.elapsed();
@@ -115,7 +125,7 @@ pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::R
                 let mut etcd = etcd.clone();
                 let before = &before;
                 async move {
-                    for (pod, (id, labels)) in before {
+                    for (pod, (id, labels)) in before.iter().filter(|(pod, _)| *pod != "tiefighter") {
                         let id_key = cilium_identity_alloc::kvstore::id_key(*id);
                         let r = etcd.get(id_key.as_str(), None).await?;
                         let Some(v) = r.kvs().first() else { return Ok(None) };
@@ -136,6 +146,31 @@ pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::R
                 }
             })
             .await?;
+            // The tiefighter gets a new ID holding its labels; the other
+            // label set keeps the old one.
+            let (old_tie, tie_labels) = before["tiefighter"].clone();
+            eventually("the tiefighter re-identified", Duration::from_secs(40), || {
+                let mut etcd = etcd.clone();
+                let (c, tie_labels) = (&c, &tie_labels);
+                async move {
+                    let now = endpoint_identities(c.cp.client().await?).await?;
+                    let id = now["tiefighter"].0;
+                    if id == old_tie {
+                        return Ok(None);
+                    }
+                    let r = etcd.get(cilium_identity_alloc::kvstore::id_key(id), None).await?;
+                    Ok(r.kvs()
+                        .first()
+                        .is_some_and(|v| v.value_str().ok() == Some(&key_string(tie_labels)))
+                        .then_some(()))
+                }
+            })
+            .await?;
+            let r = etcd.get(cilium_identity_alloc::kvstore::id_key(old_tie), None).await?;
+            ensure!(
+                r.kvs().first().and_then(|v| v.value_str().ok()) == Some(INTRUDER),
+                "the other label set lost id/{old_tie}"
+            );
             let after = endpoint_identities(c.cp.client().await?).await?;
             let mut by_id: BTreeMap<u32, BTreeSet<Vec<String>>> = BTreeMap::new();
             for (id, labels) in after.values() {
@@ -152,7 +187,7 @@ pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::R
         expect_conn(&c, "tiefighter after the outage", &tie, ds, 80, true, t)?;
         eprintln!(
             "etcd black hole: {:.1}s cut (lease 6s), value keys expired, {vanished} id keys left by the GC, \
-             every in-use identity back {:.1}s after healing, 0 shared, 0 lost",
+             every in-use identity back {:.1}s after healing (one re-identified: its ID was taken meanwhile), 0 shared, 0 lost",
             cut_for.as_secs_f64(),
             recovered.as_secs_f64()
         );

@@ -393,6 +393,56 @@ pub fn kvstore_gc_two_rounds(cp: &ControlPlane) -> anyhow::Result<()> {
     result.map_err(|e| e.context(cp.log_tails(10)))
 }
 
+/// A local kvstore ID collected during an outage and taken by other labels
+/// meanwhile: the allocator's re-sync notices within a round, hands the ID
+/// over (`take_lost`), and allocating the labels again gives a new ID while
+/// the other label set keeps its own.
+pub fn kvstore_local_id_taken_by_other_labels(_cp: &ControlPlane) -> anyhow::Result<()> {
+    use cilium_identity_alloc::kvstore::{KvstoreAllocator, id_key, value_prefix};
+    let etcd = e2e::Etcd::start()?;
+    block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+        let alloc = KvstoreAllocator::new(c.clone(), 256..=65535, "192.0.2.7").await?;
+        let ours = labels("taken");
+        let x = alloc.allocate(&ours).await?.id;
+        // What an outage plus a GC round plus another node make of it: our
+        // value key gone with the session, id/X deleted and re-claimed by
+        // other labels.
+        let intruder = labels("intruder").key_string();
+        c.delete(value_prefix(&ours.key_string()), Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
+        c.put(id_key(x), intruder.clone(), None).await?;
+        c.put(format!("{}192.0.2.8", value_prefix(&intruder)), x.to_string(), None).await?;
+        let started = Instant::now();
+        let mut lost = std::collections::BTreeSet::new();
+        while !lost.contains(&x) {
+            ensure!(started.elapsed() < Duration::from_secs(20), "ID {x} not reported as taken within 20 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            lost.extend(alloc.take_lost());
+        }
+        let noticed = started.elapsed();
+        let y = alloc.allocate(&ours).await?.id;
+        ensure!(y != x, "the labels got back ID {x}, which holds other labels");
+        let get = |k: String| {
+            let mut c = c.clone();
+            async move {
+                let r = c.get(k, None).await?;
+                anyhow::Ok(r.kvs().first().map(|kv| kv.value_str().unwrap_or_default().to_string()))
+            }
+        };
+        ensure!(get(id_key(y)).await? == Some(ours.key_string()), "id/{y} does not hold our labels");
+        ensure!(get(id_key(x)).await? == Some(intruder.clone()), "id/{x} lost the other labels");
+        ensure!(
+            get(format!("{}192.0.2.7", value_prefix(&ours.key_string()))).await? == Some(y.to_string()),
+            "our value key does not name the new ID"
+        );
+        // A later round does not report it again.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        ensure!(alloc.take_lost().is_empty(), "reported again after re-allocation");
+        eprintln!("identity: local ID {x} taken by other labels noticed after {noticed:.1?}, re-allocated as {y}");
+        anyhow::Ok(())
+    })
+}
+
 /// Identity-space pressure (threshold crossed) runs GC at once despite a 1h
 /// interval, emits an Event and counts it; the label key that multiplies
 /// identities is named in a metric and a log line with its fix.
