@@ -18,9 +18,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 
-use crate::datapath::{cluster, cluster_with, expect_conn};
-
-const RULE1: &str = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata:\n  name: rule1\n  namespace: default\nspec:\n  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        org: empire\n    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n";
+use crate::datapath::{RULE1, cluster, cluster_with, expect_conn, star_wars};
 
 /// Every endpoint's identity: pod name -> (ID, sorted labels).
 async fn endpoint_identities(client: kube::Client) -> anyhow::Result<BTreeMap<String, (u32, Vec<String>)>> {
@@ -63,11 +61,8 @@ pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::R
     })?;
     let proxy = proxy.into_inner().context("proxy")?;
     let result = (|| -> anyhow::Result<()> {
-        let ds = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
-        block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
-        block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
-        let _srv = serve(&c.pod_ns("node-a", "default", "deathstar"), 80)?;
-        let (tie, xwing) = (c.pod_ns("node-b", "default", "tiefighter"), c.pod_ns("node-b", "default", "xwing"));
+        let sw = star_wars(&c, &[80])?;
+        let (ds, tie, xwing) = (sw.deathstar, sw.tie.clone(), sw.xwing.clone());
         let t = Duration::from_secs(20);
         c.kubectl(&["apply", "-f", "-"], Some(RULE1))?;
         expect_conn(&c, "xwing under rule1", &xwing, ds, 80, false, t)?;

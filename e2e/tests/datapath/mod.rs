@@ -195,7 +195,7 @@ pub fn expect_conn(
     }
 }
 
-const RULE1: &str = r#"
+pub const RULE1: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata:
@@ -217,18 +217,38 @@ spec:
         protocol: TCP
 "#;
 
+/// The Star Wars demo's pods: the deathstar on node-a serving `ports`, the
+/// tiefighter (org=empire) and the xwing (org=alliance) on node-b.
+pub struct StarWars {
+    pub deathstar: Ipv4Addr,
+    /// Network namespaces of the two ships.
+    pub tie: String,
+    pub xwing: String,
+    _servers: Vec<e2e::netns::Server>,
+}
+
+pub fn star_wars(c: &Cluster, ports: &[u16]) -> anyhow::Result<StarWars> {
+    let deathstar = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
+    block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
+    block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
+    let ds_ns = c.pod_ns("node-a", "default", "deathstar");
+    let servers = ports.iter().map(|p| serve(&ds_ns, *p)).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(StarWars {
+        deathstar,
+        tie: c.pod_ns("node-b", "default", "tiefighter"),
+        xwing: c.pod_ns("node-b", "default", "xwing"),
+        _servers: servers,
+    })
+}
+
 /// The Star Wars demo: tiefighter -> deathstar:80 allowed, xwing dropped;
 /// removing the policy restores traffic; an agent restart (kill -9 and
 /// start again) keeps enforcing throughout.
 pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Result<()> {
     let mut c = cluster("sw", &["node-a", "node-b"])?;
     let result = (|| -> anyhow::Result<()> {
-        let deathstar = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
-        block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
-        block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
-        let _srv = serve(&c.pod_ns("node-a", "default", "deathstar"), 80)?;
-        let tie = c.pod_ns("node-b", "default", "tiefighter");
-        let xwing = c.pod_ns("node-b", "default", "xwing");
+        let sw = star_wars(&c, &[80])?;
+        let (deathstar, tie, xwing) = (sw.deathstar, sw.tie.clone(), sw.xwing.clone());
         let long = Duration::from_secs(20);
         expect_conn(&c, "tiefighter before any policy", &tie, deathstar, 80, true, long)?;
         expect_conn(&c, "xwing before any policy", &xwing, deathstar, 80, true, long)?;
@@ -362,13 +382,8 @@ fn policy(kind: &str, name: &str, spec: &str) -> String {
 pub fn egress_deny_cidr_entities_expressions(_shared: &ControlPlane) -> anyhow::Result<()> {
     let c = cluster("dp", &["node-a", "node-b"])?;
     let result = (|| -> anyhow::Result<()> {
-        let ds = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
-        block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
-        block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
-        let ds_ns = c.pod_ns("node-a", "default", "deathstar");
-        let (_s80, _s8080) = (serve(&ds_ns, 80)?, serve(&ds_ns, 8080)?);
-        let tie = c.pod_ns("node-b", "default", "tiefighter");
-        let xwing = c.pod_ns("node-b", "default", "xwing");
+        let sw = star_wars(&c, &[80, 8080])?;
+        let (ds, tie, xwing) = (sw.deathstar, sw.tie.clone(), sw.xwing.clone());
         let via = c.node_ips["node-a"];
         let route = vec![(format!("{ds}/32"), via)];
         let ext1 = external_host(&c.prefix, "ext1", "192.168.210.100/24", &route)?;
@@ -470,11 +485,8 @@ fn identities_in_etcd(tag: &str, mode: &str) -> anyhow::Result<()> {
         (vec![m.clone(), "--kvstore=etcd".into(), kv], vec![m, format!("--kvstore-endpoint={}", cp.etcd_endpoint)])
     })?;
     let result = (|| -> anyhow::Result<()> {
-        let ds = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
-        block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
-        block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
-        let _srv = serve(&c.pod_ns("node-a", "default", "deathstar"), 80)?;
-        let (tie, xwing) = (c.pod_ns("node-b", "default", "tiefighter"), c.pod_ns("node-b", "default", "xwing"));
+        let sw = star_wars(&c, &[80])?;
+        let (ds, tie, xwing) = (sw.deathstar, sw.tie.clone(), sw.xwing.clone());
         let t = Duration::from_secs(20);
         c.kubectl(&["apply", "-f", "-"], Some(RULE1))?;
         expect_conn(&c, &format!("{mode}: xwing"), &xwing, ds, 80, false, t)?;
