@@ -61,6 +61,13 @@ impl Output {
         }
     }
 
+    /// A warning on stderr (always shown; machine output stays clean).
+    pub fn warn(&self, what: &str) {
+        self.done();
+        let head = self.paint("warning:", Style::Warn);
+        eprintln!("{head} {what}");
+    }
+
     /// Clears the progress line.
     pub fn done(&self) {
         if self.progress {

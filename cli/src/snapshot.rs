@@ -11,6 +11,7 @@ use etcd_client::GetOptions;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
+use kube::core::DeserializeGuard;
 use serde::Serialize;
 
 use crate::ctx::{Ctx, one_line};
@@ -99,6 +100,23 @@ pub struct KvInfo {
     pub locks: Vec<LockInfo>,
 }
 
+/// The objects of a list that decode; each one that does not is named in a
+/// warning (one object stored in a shape we cannot read must not hide the
+/// rest).
+fn decoded<K: kube::Resource>(ctx: &Ctx, kind: &str, items: Vec<DeserializeGuard<K>>) -> Vec<K> {
+    items
+        .into_iter()
+        .filter_map(|g| match g.0 {
+            Ok(k) => Some(k),
+            Err(bad) => {
+                let name = cilium_crds::guard::name_of(&bad);
+                ctx.out.warn(&format!("{kind} {name} cannot be decoded, skipped: {}", bad.error));
+                None
+            }
+        })
+        .collect()
+}
+
 /// Lists with resourceVersion 0: served from the API server's watch cache,
 /// one round trip even for tens of thousands of objects.
 fn cached() -> ListParams {
@@ -113,20 +131,22 @@ pub async fn crd_identities(
     ctx.out.step("listing CiliumIdentities");
     let mut lp = cached();
     lp.label_selector = selector.map(str::to_string);
-    let list = Api::<CiliumIdentity>::all(ctx.client.clone()).list(&lp).await.map_err(|e| match (&e, selector) {
-        (kube::Error::Api(s), Some(sel)) if s.code == 400 => {
-            anyhow::anyhow!("invalid label selector {sel:?}: {}", s.message)
-        }
-        _ => ctx.kube_error(e, "listing CiliumIdentities"),
-    })?;
+    let list =
+        Api::<DeserializeGuard<CiliumIdentity>>::all(ctx.client.clone()).list(&lp).await.map_err(|e| {
+            match (&e, selector) {
+                (kube::Error::Api(s), Some(sel)) if s.code == 400 => {
+                    anyhow::anyhow!("invalid label selector {sel:?}: {}", s.message)
+                }
+                _ => ctx.kube_error(e, "listing CiliumIdentities"),
+            }
+        })?;
     let mut users: HashMap<u32, usize> = HashMap::new();
     for e in endpoints {
         if let Some(id) = e.identity {
             *users.entry(id).or_default() += 1;
         }
     }
-    let mut out: Vec<IdentityInfo> = list
-        .items
+    let mut out: Vec<IdentityInfo> = decoded(ctx, "CiliumIdentity", list.items)
         .into_iter()
         .filter_map(|i| {
             let id = i.metadata.name.as_deref()?.parse::<u32>().ok()?;
@@ -140,10 +160,17 @@ pub async fn crd_identities(
 
 /// One CiliumIdentity by ID (a single GET), with its users among `endpoints`.
 pub async fn crd_identity(ctx: &Ctx, id: u32, endpoints: &[EndpointInfo]) -> anyhow::Result<Option<IdentityInfo>> {
-    let found = Api::<CiliumIdentity>::all(ctx.client.clone())
+    let found = Api::<DeserializeGuard<CiliumIdentity>>::all(ctx.client.clone())
         .get_opt(&id.to_string())
         .await
         .map_err(|e| ctx.kube_error(e, &format!("reading CiliumIdentity {id}")))?;
+    let found = match found {
+        Some(DeserializeGuard(Err(bad))) => {
+            anyhow::bail!("CiliumIdentity {id} exists but cannot be decoded: {}", bad.error)
+        }
+        Some(DeserializeGuard(Ok(i))) => Some(i),
+        None => None,
+    };
     Ok(found.map(|i| from_crd(id, i, endpoints.iter().filter(|e| e.identity == Some(id)).count())))
 }
 
@@ -228,13 +255,12 @@ pub async fn identities(
 
 pub async fn endpoints(ctx: &Ctx, namespace: Option<&str>) -> anyhow::Result<Vec<EndpointInfo>> {
     ctx.out.step("listing CiliumEndpoints");
-    let api: Api<CiliumEndpoint> = match namespace {
+    let api: Api<DeserializeGuard<CiliumEndpoint>> = match namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
     let list = api.list(&cached()).await.map_err(|e| ctx.kube_error(e, "listing CiliumEndpoints"))?;
-    let mut out: Vec<EndpointInfo> = list
-        .items
+    let mut out: Vec<EndpointInfo> = decoded(ctx, "CiliumEndpoint", list.items)
         .into_iter()
         .map(|e| {
             let status = e.status.unwrap_or_default();
@@ -267,12 +293,11 @@ pub async fn endpoints(ctx: &Ctx, namespace: Option<&str>) -> anyhow::Result<Vec
 
 pub async fn nodes(ctx: &Ctx) -> anyhow::Result<Vec<NodeInfo>> {
     ctx.out.step("listing CiliumNodes");
-    let list = Api::<CiliumNode>::all(ctx.client.clone())
+    let list = Api::<DeserializeGuard<CiliumNode>>::all(ctx.client.clone())
         .list(&cached())
         .await
         .map_err(|e| ctx.kube_error(e, "listing CiliumNodes"))?;
-    let mut out: Vec<NodeInfo> = list
-        .items
+    let mut out: Vec<NodeInfo> = decoded(ctx, "CiliumNode", list.items)
         .into_iter()
         .map(|n| NodeInfo {
             name: n.metadata.name.unwrap_or_default(),

@@ -13,6 +13,7 @@
 
 pub mod crd;
 pub mod endpoint;
+pub mod guard;
 pub mod identity;
 pub mod node;
 pub mod policy;

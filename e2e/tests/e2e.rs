@@ -66,6 +66,7 @@ fn main() {
         ("chaos::etcd_blackhole_longer_than_the_lease", chaos::etcd_blackhole_longer_than_the_lease),
         ("chaos::deleted_endpoints_of_running_pods_come_back", chaos::deleted_endpoints_of_running_pods_come_back),
         ("chaos::statefulset_name_reused_on_another_node", chaos::statefulset_name_reused_on_another_node),
+        ("chaos::malformed_objects_are_skipped_and_named", chaos::malformed_objects_are_skipped_and_named),
         ("processes::demo_ends_cleanly_on_sigint_and_sigterm", processes::demo_ends_cleanly_on_sigint_and_sigterm),
     ];
     if args.list {

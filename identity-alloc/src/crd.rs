@@ -15,6 +15,7 @@ use cilium_crds::CiliumIdentity;
 use cilium_identity::{Labels, labels::SOURCE_K8S};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::core::DeserializeGuard;
 
 use crate::{AllocError, HEARTBEAT_ANNOTATION, Identity, probe_order};
 
@@ -23,6 +24,9 @@ const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
 
 pub struct CrdAllocator {
     api: Api<CiliumIdentity>,
+    /// Reads decode object by object: a CiliumIdentity stored in a shape we
+    /// cannot read (an older schema) holds its ID, it does not stall us.
+    read: Api<DeserializeGuard<CiliumIdentity>>,
     range: RangeInclusive<u32>,
     field_manager: String,
 }
@@ -96,8 +100,8 @@ impl CrdAllocator {
         let pp = PostParams { field_manager: Some(self.field_manager.clone()), ..Default::default() };
         match self.api.create(&pp, &identity_object(id, labels)).await {
             Ok(_) => Ok(Created::New),
-            Err(kube::Error::Api(s)) if s.code == 409 => match self.api.get_opt(&id.to_string()).await? {
-                Some(found) if key_of(&found) == labels.key_string() && self.unmark(&found).await? => {
+            Err(kube::Error::Api(s)) if s.code == 409 => match self.get(&id.to_string()).await? {
+                Some(Ok(found)) if key_of(&found) == labels.key_string() && self.unmark(&found).await? => {
                     Ok(Created::Existing)
                 }
                 _ => Ok(Created::Taken),
@@ -117,7 +121,12 @@ impl CrdAllocator {
     }
 
     pub fn new(client: kube::Client, range: RangeInclusive<u32>, field_manager: &str) -> CrdAllocator {
-        CrdAllocator { api: Api::all(client), range, field_manager: field_manager.into() }
+        CrdAllocator {
+            api: Api::all(client.clone()),
+            read: Api::all(client),
+            range,
+            field_manager: field_manager.into(),
+        }
     }
 
     pub fn range(&self) -> &RangeInclusive<u32> {
@@ -148,17 +157,18 @@ impl CrdAllocator {
         let pp = PostParams { field_manager: Some(self.field_manager.clone()), ..Default::default() };
         for id in probe_order(labels, &self.range) {
             let name = id.to_string();
-            if let Some(found) = self.api.get_opt(&name).await? {
-                if key_of(&found) != wanted {
-                    continue;
+            match self.get(&name).await? {
+                Some(Ok(found)) if key_of(&found) == wanted => {
+                    return Ok(self.unmark(&found).await?.then(|| Identity { id, labels: labels.clone() }));
                 }
-                return Ok(self.unmark(&found).await?.then(|| Identity { id, labels: labels.clone() }));
+                Some(_) => continue,
+                None => {}
             }
             match self.api.create(&pp, &identity_object(id, labels)).await {
                 Ok(_) => return Ok(Some(Identity { id, labels: labels.clone() })),
                 // Someone created this ID first: ours if the labels match.
                 Err(kube::Error::Api(s)) if s.code == 409 => {
-                    if let Some(found) = self.api.get_opt(&name).await?
+                    if let Some(Ok(found)) = self.get(&name).await?
                         && key_of(&found) == wanted
                     {
                         return Ok(Some(Identity { id, labels: labels.clone() }));
@@ -183,10 +193,14 @@ impl CrdAllocator {
         // Served from the API server's watch cache (resourceVersion 0): an
         // in-memory filter instead of a full etcd read per allocation. A
         // just-created identity it misses is found by the probe below.
-        let list = self.api.list(&ListParams::default().labels(&selector.join(",")).match_any()).await?;
+        let list = self.read.list(&ListParams::default().labels(&selector.join(",")).match_any()).await?;
         let wanted = labels.key_string();
-        let mut matches: Vec<CiliumIdentity> =
-            list.items.into_iter().filter(|i| key_of(i) == wanted && self.id_of(i).is_some()).collect();
+        let mut matches: Vec<CiliumIdentity> = list
+            .items
+            .into_iter()
+            .filter_map(|g| g.0.ok())
+            .filter(|i| key_of(i) == wanted && self.id_of(i).is_some())
+            .collect();
         matches.sort_by_key(|i| (i.metadata.creation_timestamp.as_ref().map(|t| t.0), self.id_of(i)));
         let Some(oldest) = matches.into_iter().next() else {
             return Ok(None);
@@ -197,9 +211,16 @@ impl CrdAllocator {
         Ok(Some(Identity { id: self.id_of(&oldest).expect("filtered"), labels: labels.clone() }))
     }
 
-    /// The identity with this ID, if it exists.
-    pub async fn lookup_by_id(&self, id: u32) -> Result<Option<Identity>, AllocError> {
-        Ok(self.api.get_opt(&id.to_string()).await?.map(|i| Identity { id, labels: labels_of(&i) }))
+    /// The CiliumIdentity named `name`, if it exists: `Err` with the
+    /// reason when it cannot be decoded (its ID is held all the same).
+    async fn get(&self, name: &str) -> Result<Option<Result<CiliumIdentity, String>>, AllocError> {
+        let found = self.read.get_opt(name).await?;
+        Ok(found.map(|g| {
+            g.0.map_err(|bad| {
+                tracing::warn!(identity = name, error = %bad.error, "CiliumIdentity cannot be decoded; its ID stays taken");
+                bad.error
+            })
+        }))
     }
 
     fn id_of(&self, i: &CiliumIdentity) -> Option<u32> {

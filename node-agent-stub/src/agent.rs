@@ -92,6 +92,9 @@ pub struct Snapshot {
     pub endpoints_not_ready: usize,
     /// Failed writes to the policy map.
     pub policy_map_errors: u64,
+    /// Objects skipped because they do not decode, by kind (each time one
+    /// is listed or changed).
+    pub malformed_objects: BTreeMap<&'static str, u64>,
 }
 
 struct Stores {
@@ -129,6 +132,39 @@ where
 {
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
+    tokio::spawn(async move {
+        stream
+            .for_each(|ev| {
+                if let Err(e) = &ev {
+                    tracing::debug!(error = %e, "watch error (retrying)");
+                }
+                wake.notify_one();
+                futures::future::ready(())
+            })
+            .await;
+    });
+    reader
+}
+
+/// Like [`spawn_store`] for our CRD kinds, which a user, another agent or
+/// an older schema may have written in a shape we cannot decode: such an
+/// object is left out of the cache, logged and counted, and the cache
+/// keeps working (a typed watch would retry its failing list forever).
+fn spawn_guarded<K: cilium_crds::guard::Cached>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    wake: Arc<tokio::sync::Notify>,
+    snapshot: Arc<Mutex<Snapshot>>,
+) -> Store<K> {
+    let kind: &'static str = match K::kind(&()) {
+        std::borrow::Cow::Borrowed(k) => k,
+        std::borrow::Cow::Owned(k) => k.leak(),
+    };
+    let api: Api<kube::core::DeserializeGuard<K>> = Api::all(api.into_client());
+    let (reader, stream) = cilium_crds::guard::reflector(api, cfg, move |bad| {
+        *snapshot.lock().expect("snapshot").malformed_objects.entry(kind).or_default() += 1;
+        tracing::warn!(kind, name = %cilium_crds::guard::name_of(bad), error = %bad.error, "skipping an object that cannot be decoded");
+    });
     tokio::spawn(async move {
         stream
             .for_each(|ev| {
@@ -240,19 +276,25 @@ impl Agent {
         let wake = Arc::new(tokio::sync::Notify::new());
         let c = &self.client;
         let cfg = watcher::Config::default();
+        let snap = self.snapshot.clone();
         let stores = Stores {
             pods: spawn_store(
                 Api::<Pod>::all(c.clone()),
                 watcher::Config::default().fields(&format!("spec.nodeName={}", self.s.flags.node_name)),
                 wake.clone(),
             ),
-            ceps: spawn_store(Api::<CiliumEndpoint>::all(c.clone()), cfg.clone(), wake.clone()),
-            ids: spawn_store(Api::<CiliumIdentity>::all(c.clone()), cfg.clone(), wake.clone()),
-            cnps: spawn_store(Api::<CiliumNetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
-            ccnps: spawn_store(Api::<CiliumClusterwideNetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
+            ceps: spawn_guarded(Api::<CiliumEndpoint>::all(c.clone()), cfg.clone(), wake.clone(), snap.clone()),
+            ids: spawn_guarded(Api::<CiliumIdentity>::all(c.clone()), cfg.clone(), wake.clone(), snap.clone()),
+            cnps: spawn_guarded(Api::<CiliumNetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone(), snap.clone()),
+            ccnps: spawn_guarded(
+                Api::<CiliumClusterwideNetworkPolicy>::all(c.clone()),
+                cfg.clone(),
+                wake.clone(),
+                snap.clone(),
+            ),
             knps: spawn_store(Api::<NetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
             namespaces: spawn_store(Api::<Namespace>::all(c.clone()), cfg.clone(), wake.clone()),
-            cnodes: spawn_store(Api::<CiliumNode>::all(c.clone()), cfg, wake.clone()),
+            cnodes: spawn_guarded(Api::<CiliumNode>::all(c.clone()), cfg, wake.clone(), snap.clone()),
         };
         for (name, ready) in [
             ("pods", stores.pods.wait_until_ready().boxed()),

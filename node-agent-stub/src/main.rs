@@ -122,5 +122,9 @@ async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String
         "# HELP cilium_bpf_map_ops_total Failed writes to the datapath maps\n# TYPE cilium_bpf_map_ops_total counter\ncilium_bpf_map_ops_total{{map_name=\"cilium_policy\",operation=\"update\",outcome=\"fail\"}} {}\n",
         s.policy_map_errors
     ));
+    out.push_str("# HELP cilium_k8s_malformed_objects_total Objects skipped because they cannot be decoded, by kind\n# TYPE cilium_k8s_malformed_objects_total counter\n");
+    for (kind, n) in &s.malformed_objects {
+        out.push_str(&format!("cilium_k8s_malformed_objects_total{{kind=\"{kind}\"}} {n}\n"));
+    }
     out
 }

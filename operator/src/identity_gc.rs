@@ -214,25 +214,19 @@ pub struct Caches {
 
 impl Caches {
     fn start(ctx: &Context) -> Caches {
-        fn spawn<K>(api: Api<K>) -> kube::runtime::reflector::Store<K>
-        where
-            K: kube::Resource<DynamicType = ()>
-                + Clone
-                + serde::de::DeserializeOwned
-                + std::fmt::Debug
-                + Send
-                + Sync
-                + 'static,
-        {
+        fn spawn<K: cilium_crds::guard::Cached>(
+            ctx: &Context,
+            kind: &'static str,
+        ) -> kube::runtime::reflector::Store<K> {
             use futures::StreamExt;
-            use kube::runtime::WatchStreamExt;
-            let (reader, writer) = kube::runtime::reflector::store();
-            let stream =
-                kube::runtime::reflector(writer, kube::runtime::watcher(api, Default::default())).default_backoff();
+            let metrics = ctx.metrics.clone();
+            let api = Api::<kube::core::DeserializeGuard<K>>::all(ctx.client.clone());
+            let (reader, stream) =
+                cilium_crds::guard::reflector(api, Default::default(), move |bad| metrics.malformed(kind, bad));
             tokio::spawn(stream.for_each(|_| futures::future::ready(())));
             reader
         }
-        Caches { ids: spawn(Api::all(ctx.client.clone())), ceps: spawn(Api::all(ctx.client.clone())) }
+        Caches { ids: spawn(ctx, "CiliumIdentity"), ceps: spawn(ctx, "CiliumEndpoint") }
     }
 
     async fn ready(&self) -> anyhow::Result<()> {

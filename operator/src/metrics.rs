@@ -5,9 +5,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
@@ -25,6 +31,9 @@ pub struct ProcessMetrics {
     /// Seconds since the Unix epoch when the CRDs were last confirmed
     /// Established.
     pub crds_established_time: Gauge<f64, AtomicU64>,
+    /// Objects the watch caches skipped because they do not decode, by
+    /// kind (counted each time one is listed or changed).
+    pub malformed_objects: Family<KindLabels, Counter>,
 }
 
 impl ProcessMetrics {
@@ -39,6 +48,11 @@ impl ProcessMetrics {
             "crds_established_time_seconds",
             "Unix time when the operator last confirmed its CRDs Established",
             self.crds_established_time.clone(),
+        );
+        registry.register(
+            "malformed_objects",
+            "Objects skipped by the watch caches because they cannot be decoded, by kind",
+            self.malformed_objects.clone(),
         );
         self.build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
     }
@@ -71,6 +85,12 @@ impl Metrics {
         let doublewrite = crate::doublewrite::DoubleWriteMetrics::default();
         doublewrite.register(&mut registry);
         Metrics { registry: Arc::new(registry), process, ipam, endpoint_gc, identity_gc, kvstore, doublewrite }
+    }
+
+    /// Counts, and logs, an object a watch cache skipped.
+    pub fn malformed(&self, kind: &str, bad: &kube::core::error_boundary::InvalidObject) {
+        self.process.malformed_objects.get_or_create(&KindLabels { kind: kind.into() }).inc();
+        tracing::warn!(kind, name = %cilium_crds::guard::name_of(bad), error = %bad.error, "skipping an object that cannot be decoded");
     }
 
     /// The exposition text.

@@ -5,11 +5,14 @@
 //! reading the agents enforce: a policy marked invalid here is one no agent
 //! enforces.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use cilium_crds::policy::{CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy, PolicyCondition};
 use futures::StreamExt;
+use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +20,8 @@ use crate::run::Context;
 
 pub const FIELD_MANAGER: &str = "cilium-operator-policy-status";
 pub const VALID_MESSAGE: &str = "Policy validation succeeded";
+/// Start of the Valid=False message of a policy that cannot be decoded.
+pub const UNDECODABLE: &str = "Policy cannot be decoded";
 
 /// The engine's reading of the cluster (the agents read policies with the
 /// same configuration, so what is Valid here is what they enforce).
@@ -49,34 +54,71 @@ fn desired(current: Option<&Vec<PolicyCondition>>, verdict: &Result<(), String>)
 }
 
 pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
-    let cnps: Api<CiliumNetworkPolicy> = Api::all(ctx.client.clone());
-    let ccnps: Api<CiliumClusterwideNetworkPolicy> = Api::all(ctx.client.clone());
+    let cnps: Api<DeserializeGuard<CiliumNetworkPolicy>> = Api::all(ctx.client.clone());
+    let ccnps: Api<DeserializeGuard<CiliumClusterwideNetworkPolicy>> = Api::all(ctx.client.clone());
     let pp = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     let engine = engine_config(&ctx);
     let cfg = watcher::Config::default();
-    let mut a = watcher(cnps.clone(), cfg.clone()).default_backoff().applied_objects().boxed();
+    let mut a = watcher(cnps, cfg.clone()).default_backoff().applied_objects().boxed();
     let mut b = watcher(ccnps.clone(), cfg).default_backoff().applied_objects().boxed();
+    // Undecodable policies already marked, by uid (their old condition
+    // cannot be read back, so this keeps from rewriting it on every event).
+    let mut marked_bad: HashMap<String, String> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             Some(ev) = a.next() => {
                 let Ok(p) = ev else { continue };
-                let verdict = verdict(cilium_policy::parse::parse_cnp(&p, &engine));
-                if let Some(body) = desired(p.status.as_ref().and_then(|s| s.conditions.as_ref()), &verdict) {
-                    let (ns, name) = (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default());
-                    let api: Api<CiliumNetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-                    log_outcome("CiliumNetworkPolicy", &format!("{ns}/{name}"), &verdict, api.patch_status(&name, &pp, &Patch::Merge(&body)).await.err());
-                }
+                let Some((verdict, body)) = judge(&ctx, &p, "CiliumNetworkPolicy", &mut marked_bad, |p| {
+                    (p.status.as_ref().and_then(|s| s.conditions.as_ref()), verdict(cilium_policy::parse::parse_cnp(p, &engine)))
+                }) else { continue };
+                let (ns, name) = (p.meta().namespace.clone().unwrap_or_default(), p.meta().name.clone().unwrap_or_default());
+                let api: Api<DeserializeGuard<CiliumNetworkPolicy>> = Api::namespaced(ctx.client.clone(), &ns);
+                let err = api.patch_status(&name, &pp, &Patch::Merge(&body)).await.err();
+                if err.is_some() { marked_bad.remove(p.meta().uid.as_deref().unwrap_or_default()); }
+                log_outcome("CiliumNetworkPolicy", &format!("{ns}/{name}"), &verdict, err);
             }
             Some(ev) = b.next() => {
                 let Ok(p) = ev else { continue };
-                let verdict = verdict(cilium_policy::parse::parse_ccnp(&p, &engine));
-                if let Some(body) = desired(p.status.as_ref().and_then(|s| s.conditions.as_ref()), &verdict) {
-                    let name = p.metadata.name.clone().unwrap_or_default();
-                    log_outcome("CiliumClusterwideNetworkPolicy", &name, &verdict, ccnps.patch_status(&name, &pp, &Patch::Merge(&body)).await.err());
-                }
+                let Some((verdict, body)) = judge(&ctx, &p, "CiliumClusterwideNetworkPolicy", &mut marked_bad, |p| {
+                    (p.status.as_ref().and_then(|s| s.conditions.as_ref()), verdict(cilium_policy::parse::parse_ccnp(p, &engine)))
+                }) else { continue };
+                let name = p.meta().name.clone().unwrap_or_default();
+                let err = ccnps.patch_status(&name, &pp, &Patch::Merge(&body)).await.err();
+                if err.is_some() { marked_bad.remove(p.meta().uid.as_deref().unwrap_or_default()); }
+                log_outcome("CiliumClusterwideNetworkPolicy", &name, &verdict, err);
             }
             else => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// The verdict on one watched policy and the status to write, or None when
+/// nothing needs writing. A policy that does not decode is invalid (no
+/// agent enforces it): it is counted, logged and marked `Valid=False` once.
+fn judge<K: kube::Resource>(
+    ctx: &Context,
+    p: &DeserializeGuard<K>,
+    kind: &str,
+    marked_bad: &mut HashMap<String, String>,
+    read: impl Fn(&K) -> (Option<&Vec<PolicyCondition>>, Result<(), String>),
+) -> Option<(Result<(), String>, serde_json::Value)> {
+    let uid = p.meta().uid.clone().unwrap_or_default();
+    match &p.0 {
+        Ok(k) => {
+            marked_bad.remove(&uid);
+            let (conditions, verdict) = read(k);
+            desired(conditions, &verdict).map(|body| (verdict, body))
+        }
+        Err(bad) => {
+            ctx.metrics.malformed(kind, bad);
+            let verdict = Err(format!("{UNDECODABLE}: {}", bad.error));
+            let message = verdict.clone().unwrap_err();
+            if marked_bad.get(&uid) == Some(&message) {
+                return None;
+            }
+            marked_bad.insert(uid, message);
+            desired(None, &verdict).map(|body| (verdict, body))
         }
     }
 }
