@@ -11,6 +11,7 @@
 //! CiliumEndpoint, `spec` *or* `specs` for policies), so the types here
 //! implement [`kube::Resource`] by hand instead of using the derive macro.
 
+pub mod cidr_group;
 pub mod crd;
 pub mod endpoint;
 pub mod guard;
@@ -20,6 +21,7 @@ pub mod policy;
 pub mod selector;
 pub mod typemeta;
 
+pub use cidr_group::CiliumCidrGroup;
 pub use endpoint::CiliumEndpoint;
 pub use identity::CiliumIdentity;
 pub use node::CiliumNode;
@@ -71,6 +73,7 @@ pub fn all_crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiext
         node::CiliumNode::crd(),
         policy::CiliumNetworkPolicy::crd(),
         policy::CiliumClusterwideNetworkPolicy::crd(),
+        cidr_group::CiliumCidrGroup::crd(),
     ]
 }
 

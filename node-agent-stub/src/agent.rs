@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use cilium_crds::policy::{CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy};
-use cilium_crds::{CiliumEndpoint, CiliumIdentity, CiliumNode};
+use cilium_crds::{CiliumCidrGroup, CiliumEndpoint, CiliumIdentity, CiliumNode};
 use cilium_identity::{Label, LabelFilter, Labels};
 use cilium_identity_alloc::crd::CrdAllocator;
 use cilium_identity_alloc::doublewrite::{DoubleWriteAllocator, ReadFrom};
@@ -106,6 +106,7 @@ struct Stores {
     knps: Store<NetworkPolicy>,
     namespaces: Store<Namespace>,
     cnodes: Store<CiliumNode>,
+    cidr_groups: Store<CiliumCidrGroup>,
 }
 
 pub struct Agent {
@@ -122,6 +123,8 @@ pub struct Agent {
     policy_cfg: cilium_policy::Config,
     /// Refused policies already reported (policy -> reason).
     refused_reported: BTreeMap<PolicyRef, String>,
+    /// CiliumCIDRGroups (name, resourceVersion) with bad CIDRs, reported.
+    bad_groups_reported: BTreeSet<(String, String)>,
     routes: BTreeMap<String, Ipv4Addr>,
     pub snapshot: Arc<Mutex<Snapshot>>,
 }
@@ -180,6 +183,21 @@ fn spawn_guarded<K: cilium_crds::guard::Cached>(
 }
 
 impl Agent {
+    /// The CIDR groups as the engine reads them; a CIDR that does not
+    /// parse is skipped and logged once per change of the group.
+    fn cidr_groups(&mut self, objects: &[Arc<CiliumCidrGroup>]) -> Vec<cilium_policy::cidr_group::CidrGroup> {
+        let mut out = Vec::new();
+        for o in objects {
+            let (g, bad) = cilium_policy::cidr_group::CidrGroup::from_crd(o);
+            let version = o.metadata.resource_version.clone().unwrap_or_default();
+            if !bad.is_empty() && self.bad_groups_reported.insert((g.name.clone(), version)) {
+                tracing::warn!(group = %g.name, problems = ?bad, "CiliumCIDRGroup: skipping CIDRs that do not parse");
+            }
+            out.push(g);
+        }
+        out
+    }
+
     pub async fn start(s: Settings, client: kube::Client, snapshot: Arc<Mutex<Snapshot>>) -> anyhow::Result<Agent> {
         let node = &s.flags.node_name;
         let (ip_text, _) = s
@@ -267,6 +285,7 @@ impl Agent {
             cidrs,
             policy_cfg,
             refused_reported: BTreeMap::new(),
+            bad_groups_reported: BTreeSet::new(),
             routes: BTreeMap::new(),
             snapshot,
         })
@@ -294,7 +313,8 @@ impl Agent {
             ),
             knps: spawn_store(Api::<NetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
             namespaces: spawn_store(Api::<Namespace>::all(c.clone()), cfg.clone(), wake.clone()),
-            cnodes: spawn_guarded(Api::<CiliumNode>::all(c.clone()), cfg, wake.clone(), snap.clone()),
+            cnodes: spawn_guarded(Api::<CiliumNode>::all(c.clone()), cfg.clone(), wake.clone(), snap.clone()),
+            cidr_groups: spawn_guarded(Api::<CiliumCidrGroup>::all(c.clone()), cfg, wake.clone(), snap.clone()),
         };
         for (name, ready) in [
             ("pods", stores.pods.wait_until_ready().boxed()),
@@ -305,6 +325,7 @@ impl Agent {
             ("networkpolicies", stores.knps.wait_until_ready().boxed()),
             ("namespaces", stores.namespaces.wait_until_ready().boxed()),
             ("ciliumnodes", stores.cnodes.wait_until_ready().boxed()),
+            ("ciliumcidrgroups", stores.cidr_groups.wait_until_ready().boxed()),
         ] {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -416,9 +437,15 @@ impl Agent {
         // CIDR identities they need, and every identity they may select.
         let view = enforce::gather(&st.cnps.state(), &st.ccnps.state(), &st.knps.state(), &self.policy_cfg);
         self.report_refused(&view.refused).await;
-        self.cidrs.sync(&cilium_policy::engine::cidr_prefixes(&view.entries));
+        // CiliumCIDRGroups: each CIDR of each group is a CIDR identity with
+        // the group's labels (upstream), named by a policy or not.
+        let groups = self.cidr_groups(&st.cidr_groups.state());
+        let mut prefixes = cilium_policy::engine::cidr_prefixes(&view.entries);
+        prefixes.extend(groups.iter().flat_map(|g| g.cidrs.iter().copied()));
+        self.cidrs.sync(&prefixes);
         let ceps = st.ceps.state();
-        let universe = enforce::universe(&self.policy_cfg, &st.ids.state(), &ceps, &self.cidrs);
+        let mut universe = enforce::universe(&self.policy_cfg, &st.ids.state(), &ceps, &self.cidrs);
+        universe.add_cidr_groups(&groups);
         let mut selections = Selections::new(&universe);
         let namespaces: BTreeMap<String, Arc<Namespace>> =
             st.namespaces.state().into_iter().filter_map(|n| Some((n.metadata.name.clone()?, n))).collect();

@@ -219,12 +219,56 @@ fn entities() -> impl Strategy<Value = Value> {
     .prop_map(|v| json!(v))
 }
 
+/// The CiliumCIDRGroups of every case: name, labels, CIDRs (one nested in
+/// another group's, one prefix in two groups, one group empty).
+const GROUPS: &[(&str, &[(&str, &str)], &[&str])] = &[
+    ("corp", &[("team", "a"), ("env", "prod")], &["192.0.2.0/24", "2001:db8::/32"]),
+    ("partners", &[("team", "b")], &["198.51.100.0/24", "192.0.2.16/28"]),
+    ("edge", &[("env", "prod")], &["203.0.113.0/24", "192.0.2.16/28"]),
+    ("empty", &[("team", "c")], &[]),
+];
+
+fn cidr_groups() -> Vec<cilium_policy::cidr_group::CidrGroup> {
+    GROUPS
+        .iter()
+        .map(|(name, labels, cidrs)| cilium_policy::cidr_group::CidrGroup {
+            name: name.to_string(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            cidrs: cidrs.iter().map(|c| Prefix::parse(c, false).unwrap()).collect(),
+        })
+        .collect()
+}
+
+fn group_selector() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        pick(&["a", "b", "c"]).prop_map(|t| json!({"matchLabels": {"team": t}})),
+        Just(json!({"matchLabels": {"env": "prod"}})),
+        Just(json!({"matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["a"]}]})),
+        Just(json!({"matchExpressions": [{"key": "team", "operator": "In", "values": ["a", "b"]}]})),
+        Just(json!({"matchExpressions": [{"key": "env", "operator": "DoesNotExist"}]})),
+        Just(json!({"matchExpressions": [{"key": "env", "operator": "Exists"}]})),
+    ]
+}
+
 fn cidr_set() -> impl Strategy<Value = Value> {
-    pick(CIDRS).prop_flat_map(|c| {
-        let ex = excepts_of(c);
-        proptest::sample::subsequence(ex.to_vec(), 0..=ex.len().min(2))
-            .prop_map(move |e| if e.is_empty() { json!({"cidr": c}) } else { json!({"cidr": c, "except": e}) })
-    })
+    let with_except = |mut v: Value, e: Vec<&str>| {
+        if !e.is_empty() {
+            v["except"] = json!(e);
+        }
+        v
+    };
+    let group_excepts =
+        || proptest::sample::subsequence(vec!["192.0.2.16/28", "192.0.2.5/32", "2001:db8:1::/48"], 0..=1);
+    prop_oneof![
+        3 => pick(CIDRS).prop_flat_map(move |c| {
+            let ex = excepts_of(c);
+            proptest::sample::subsequence(ex.to_vec(), 0..=ex.len().min(2))
+                .prop_map(move |e| with_except(json!({"cidr": c}), e))
+        }),
+        1 => (pick(&["corp", "partners", "edge", "empty", "missing"]), group_excepts())
+            .prop_map(move |(g, e)| with_except(json!({"cidrGroupRef": g}), e)),
+        1 => (group_selector(), group_excepts()).prop_map(move |(g, e)| with_except(json!({"cidrGroupSelector": g}), e)),
+    ]
 }
 
 /// One peer field of a section (or none), including empty lists.
@@ -549,7 +593,11 @@ fn check(b: &mut Bench, oracle: &mut Oracle, c: &Case, stats: &mut Stats) -> Res
             Err(e) => ours_valid.push(Err(e)),
         }
     }
-    let prefixes = cilium_policy::engine::cidr_prefixes(&entries);
+    // The policies' CIDRs and every group's (upstream puts each group CIDR
+    // in the ipcache whether or not a policy names the group).
+    let groups = cidr_groups();
+    let mut prefixes = cilium_policy::engine::cidr_prefixes(&entries);
+    prefixes.extend(groups.iter().flat_map(|g| g.cidrs.iter().copied()));
     let mut u = Universe::new(cfg.clone());
     let mut ipc: Vec<(Prefix, u32)> = vec![
         (Prefix::parse("0.0.0.0/0", false).unwrap(), cilium_policy::identity::world_id(&cfg, true)),
@@ -578,7 +626,18 @@ fn check(b: &mut Bench, oracle: &mut Oracle, c: &Case, stats: &mut Stats) -> Res
         let id = LOCAL_FLAG | (i as u32 + 1);
         u.identities.insert(id, cidr_labels(&cfg, p));
         ipc.push((*p, id));
-        oracle_ids.push(json!({"id": id, "cidr": p.to_string()}));
+    }
+    // Group labels on the CIDR identities: the oracle gets those labels
+    // as they are (its own selectors then match them).
+    u.add_cidr_groups(&groups);
+    for (i, p) in prefixes.iter().enumerate() {
+        let id = LOCAL_FLAG | (i as u32 + 1);
+        let labels = &u.identities[&id];
+        if labels == &cidr_labels(&cfg, p) {
+            oracle_ids.push(json!({"id": id, "cidr": p.to_string()}));
+        } else {
+            oracle_ids.push(json!({"id": id, "labels": labels.to_strings()}));
+        }
     }
     b.dp.ct_flush().unwrap();
     let ipc_strings: Vec<(String, u32)> = ipc.iter().map(|(p, id)| (p.to_string(), *id)).collect();

@@ -42,6 +42,44 @@ impl Universe {
         }
         u
     }
+
+    /// Gives every world-labelled identity (CIDR identities, and world for
+    /// `0.0.0.0/0` or `::/0`) the labels of the groups whose CIDRs contain
+    /// its prefix. The caller makes each group CIDR a CIDR identity.
+    pub fn add_cidr_groups(&mut self, groups: &[crate::cidr_group::CidrGroup]) {
+        if groups.is_empty() {
+            return;
+        }
+        let cfg = self.cfg.clone();
+        for (id, labels) in self.identities.iter_mut() {
+            if !is_world(labels) {
+                continue;
+            }
+            let prefixes: Vec<Prefix> = match labels.cidr() {
+                Some(p) => vec![p],
+                None => world_prefixes(&cfg, *id),
+            };
+            let extra: Vec<_> = prefixes.iter().flat_map(|p| crate::cidr_group::labels_for(groups, p)).collect();
+            if !extra.is_empty() {
+                *labels = labels.iter().cloned().chain(extra).collect();
+            }
+        }
+    }
+}
+
+/// The default routes a world identity stands for.
+fn world_prefixes(cfg: &Config, id: u32) -> Vec<Prefix> {
+    use crate::identity::{WORLD, WORLD_IPV4, WORLD_IPV6};
+    let any4 = Prefix::parse("0.0.0.0/0", false).expect("valid");
+    let any6 = Prefix::parse("::/0", false).expect("valid");
+    match id {
+        WORLD_IPV4 => vec![any4],
+        WORLD_IPV6 => vec![any6],
+        WORLD if cfg.ipv4 && cfg.ipv6 => Vec::new(),
+        WORLD if cfg.ipv6 => vec![any6],
+        WORLD => vec![any4],
+        _ => Vec::new(),
+    }
 }
 
 /// The identities a peer selects.
@@ -103,6 +141,17 @@ fn select(u: &Universe, peer: &Peer) -> Selection {
         }
         Peer::Cidr { prefix, except } => Selection::Ids(
             u.identities.iter().filter(|(_, l)| cidr_selects(&u.cfg, prefix, except, l)).map(|(id, _)| *id).collect(),
+        ),
+        Peer::CidrGroup { selector, encoded, except } => Selection::Ids(
+            u.identities
+                .iter()
+                .filter(|(_, l)| {
+                    let matches =
+                        if *encoded { crate::cidr_group::selector_matches(selector, l) } else { selector.matches(l) };
+                    is_world(l) && matches && !except.iter().any(|e| l.cidr().is_some_and(|c| e.contains(&c)))
+                })
+                .map(|(id, _)| *id)
+                .collect(),
         ),
         Peer::Nothing(_) => Selection::Ids(Vec::new()),
     }
@@ -347,11 +396,17 @@ pub fn cidr_prefixes<'e>(entries: impl IntoIterator<Item = &'e Entry>) -> BTreeS
     let mut out = BTreeSet::new();
     for e in entries {
         for p in e.l3.iter().flatten() {
-            if let Peer::Cidr { prefix, except } = p {
-                if prefix.prefix_len() > 0 {
-                    out.insert(*prefix);
+            match p {
+                Peer::Cidr { prefix, except } => {
+                    if prefix.prefix_len() > 0 {
+                        out.insert(*prefix);
+                    }
+                    out.extend(except.iter().filter(|x| x.prefix_len() > 0).copied());
                 }
-                out.extend(except.iter().filter(|x| x.prefix_len() > 0).copied());
+                // The groups' own CIDRs are identities whether or not a
+                // policy names them (see `Universe::add_cidr_groups`).
+                Peer::CidrGroup { except, .. } => out.extend(except.iter().filter(|x| x.prefix_len() > 0).copied()),
+                _ => {}
             }
         }
     }

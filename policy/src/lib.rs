@@ -12,6 +12,7 @@
 //!
 //! Pure: no kube client, no I/O.
 
+pub mod cidr_group;
 pub mod engine;
 pub mod identity;
 pub mod knp;

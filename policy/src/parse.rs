@@ -10,7 +10,7 @@ use cilium_crds::policy::{
 };
 use cilium_crds::selector::EndpointSelector;
 
-use crate::labels::{CLUSTER_KEY, NAMESPACE_KEY, NAMESPACE_LABELS_PREFIX, SOURCE_RESERVED};
+use crate::labels::{CLUSTER_KEY, NAMESPACE_KEY, NAMESPACE_LABELS_PREFIX, SOURCE_CIDR_GROUP, SOURCE_RESERVED};
 use crate::prefix::Prefix;
 use crate::selector::{Op, RawSelector, Selector};
 use crate::{Config, PolicyKind, PolicyRef};
@@ -36,6 +36,10 @@ pub enum Peer {
     /// CIDR identities (and world) inside `prefix` and outside every
     /// `except`; `0.0.0.0/0` and `::/0` also select their family's world.
     Cidr { prefix: Prefix, except: Vec<Prefix> },
+    /// CIDR identities of CiliumCIDRGroups: those whose group labels
+    /// `selector` matches (`encoded`: value by value, for
+    /// `cidrGroupSelector`), outside every `except`.
+    CidrGroup { selector: Selector, encoded: bool, except: Vec<Prefix> },
     /// A peer this engine does not resolve: selects nothing (fail closed).
     Nothing(String),
 }
@@ -384,7 +388,7 @@ impl RuleReader<'_> {
             peers.push(Peer::Cidr { prefix, except: Vec::new() });
         }
         for set in s.cidr_set.into_iter().flatten() {
-            peers.push(cidr_rule(set, &mut notes, &origin)?);
+            peers.push(cidr_rule(set)?);
         }
         if json_len(s.groups) > 0 {
             let why = format!("{origin}: {from}Groups (cloud provider groups) are not resolved: it selects no peer");
@@ -540,7 +544,7 @@ pub fn entity_selectors(e: Entity, cluster_name: &str) -> Vec<Selector> {
     }
 }
 
-fn cidr_rule(set: &CidrRule, notes: &mut Vec<String>, origin: &Origin) -> Result<Peer, String> {
+fn cidr_rule(set: &CidrRule) -> Result<Peer, String> {
     let n = usize::from(set.cidr.is_some())
         + usize::from(set.cidr_group_ref.is_some())
         + usize::from(set.cidr_group_selector.is_some());
@@ -550,19 +554,31 @@ fn cidr_rule(set: &CidrRule, notes: &mut Vec<String>, origin: &Origin) -> Result
     if n > 1 {
         return Err("more than one of cidr, cidrGroupRef, or cidrGroupSelector may not be set".into());
     }
+    let parse_except = |ex: &cilium_crds::policy::Cidr| {
+        Prefix::parse(ex.as_str(), false).map_err(|e| format!("unable to parse except {:?}: {e}", ex.as_str()))
+    };
     let Some(c) = &set.cidr else {
-        let why = format!(
-            "{origin}: cidrGroupRef/cidrGroupSelector (CiliumCIDRGroup) is not resolved yet: it selects no peer"
-        );
-        notes.push(why.clone());
-        return Ok(Peer::Nothing(why));
+        // A group peer: upstream checks neither the groups nor the excepts
+        // against each other.
+        let except = set.except.iter().flatten().map(parse_except).collect::<Result<Vec<_>, _>>()?;
+        if let Some(name) = &set.cidr_group_ref {
+            return Ok(Peer::CidrGroup { selector: crate::cidr_group::ref_selector(name), encoded: false, except });
+        }
+        let es = set.cidr_group_selector.as_ref().expect("counted above");
+        let mut raw = RawSelector::from_crd(es, "");
+        // Every key is a group label, whatever it is written with.
+        raw.match_labels = raw.match_labels.into_iter().map(|(k, v)| (format!("{SOURCE_CIDR_GROUP}:{k}"), v)).collect();
+        for (k, _, _) in &mut raw.exprs {
+            *k = format!("{SOURCE_CIDR_GROUP}:{k}");
+        }
+        let selector = raw.sanitize().map_err(|e| format!("failed to sanitize cidrGroupSelector: {e}"))?;
+        return Ok(Peer::CidrGroup { selector, encoded: true, except });
     };
     let prefix =
         Prefix::parse(c.as_str(), false).map_err(|e| format!("unable to parse CIDRRule {:?}: {e}", c.as_str()))?;
     let mut except = Vec::new();
     for ex in set.except.iter().flatten() {
-        let e =
-            Prefix::parse(ex.as_str(), false).map_err(|e| format!("unable to parse except {:?}: {e}", ex.as_str()))?;
+        let e = parse_except(ex)?;
         if !prefix.contains(&e) {
             return Err(format!(
                 "allow CIDR prefix {} does not contain exclude CIDR prefix {}",

@@ -521,3 +521,66 @@ fn identities_in_etcd(tag: &str, mode: &str) -> anyhow::Result<()> {
     })();
     result.map_err(|e| e.context(c.cp.log_tails(5)))
 }
+
+fn cidr_group(api_version: &str, name: &str, zone: &str, cidrs: &[&str]) -> String {
+    let list: Vec<String> = cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+    format!(
+        "apiVersion: {api_version}\nkind: CiliumCIDRGroup\nmetadata:\n  name: {name}\n  labels:\n    zone: {zone}\nspec:\n  externalCIDRs: [{}]\n",
+        list.join(", ")
+    )
+}
+
+/// CiliumCIDRGroups (`cilium.io/v2alpha1` and `v2`) through the agents,
+/// with real connections from hosts outside the cluster: `cidrGroupRef`
+/// with an except, `cidrGroupSelector`, a group changed under a policy,
+/// and a deny by group.
+pub fn cidr_groups_select_external_hosts(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let c = cluster("ccg", &["node-a", "node-b"])?;
+    let result = (|| -> anyhow::Result<()> {
+        let sw = star_wars(&c, &[80])?;
+        let ds = sw.deathstar;
+        let route = vec![(format!("{ds}/32"), c.node_ips["node-a"])];
+        let ext1 = external_host(&c.prefix, "ext1", "192.168.210.100/24", &route)?;
+        let ext2 = external_host(&c.prefix, "ext2", "192.168.210.101/24", &route)?;
+        let ext3 = external_host(&c.prefix, "ext3", "192.168.210.102/24", &route)?;
+        let t = Duration::from_secs(20);
+        c.kubectl(
+            &["apply", "-f", "-"],
+            Some(&cidr_group("cilium.io/v2alpha1", "trusted", "dmz", &["192.168.210.100/32", "192.168.210.102/32"])),
+        )?;
+        c.kubectl(&["apply", "-f", "-"], Some(&cidr_group("cilium.io/v2", "lab", "lab", &["192.168.210.101/32"])))?;
+
+        let by_ref = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromCIDRSet:\n    - cidrGroupRef: trusted\n      except: [\"192.168.210.102/32\"]\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "ccg", by_ref)))?;
+        expect_conn(&c, "cidrGroupRef: ext2 not in the group", &ext2, ds, 80, false, t)?;
+        expect_conn(&c, "cidrGroupRef: ext1 in the group", &ext1, ds, 80, true, t)?;
+        expect_conn(&c, "cidrGroupRef: ext3 excepted", &ext3, ds, 80, false, t)?;
+        expect_conn(&c, "cidrGroupRef: tiefighter is no CIDR", &sw.tie, ds, 80, false, t)?;
+
+        let by_labels = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromCIDRSet:\n    - cidrGroupSelector:\n        matchLabels:\n          zone: lab\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "ccg", by_labels)))?;
+        expect_conn(&c, "cidrGroupSelector: ext1 (zone dmz)", &ext1, ds, 80, false, t)?;
+        expect_conn(&c, "cidrGroupSelector: ext2 (zone lab)", &ext2, ds, 80, true, t)?;
+        // The group changes under the policy.
+        c.kubectl(
+            &["apply", "-f", "-"],
+            Some(&cidr_group("cilium.io/v2", "lab", "lab", &["192.168.210.101/32", "192.168.210.100/32"])),
+        )?;
+        expect_conn(&c, "group grown: ext1 now in lab", &ext1, ds, 80, true, t)?;
+        c.kubectl(&["delete", "ciliumcidrgroup", "lab"], None)?;
+        expect_conn(&c, "group deleted: ext2", &ext2, ds, 80, false, t)?;
+        c.kubectl(&["delete", "cnp", "ccg", "-n", "default"], None)?;
+
+        // Deny by group beats an allow of the world.
+        let deny = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEntities: [world]\n  ingressDeny:\n  - fromCIDRSet:\n    - cidrGroupRef: trusted\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "ccg-deny", deny)))?;
+        expect_conn(&c, "deny by group: ext1", &ext1, ds, 80, false, t)?;
+        expect_conn(&c, "deny by group: ext2 (world)", &ext2, ds, 80, true, t)?;
+        expect_conn(&c, "deny by group: ext3", &ext3, ds, 80, false, t)?;
+        eprintln!(
+            "CIDR groups: cidrGroupRef with except, cidrGroupSelector, a group changed and deleted, deny by group: all enforced"
+        );
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(10)))
+}
