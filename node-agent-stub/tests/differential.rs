@@ -221,7 +221,10 @@ fn entities() -> impl Strategy<Value = Value> {
 
 /// The CiliumCIDRGroups of every case: name, labels, CIDRs (one nested in
 /// another group's, one prefix in two groups, one group empty).
-const GROUPS: &[(&str, &[(&str, &str)], &[&str])] = &[
+/// (name, labels, CIDRs) of one group.
+type GroupDef = (&'static str, &'static [(&'static str, &'static str)], &'static [&'static str]);
+
+const GROUPS: &[GroupDef] = &[
     ("corp", &[("team", "a"), ("env", "prod")], &["192.0.2.0/24", "2001:db8::/32"]),
     ("partners", &[("team", "b")], &["198.51.100.0/24", "192.0.2.16/28"]),
     ("edge", &[("env", "prod")], &["203.0.113.0/24", "192.0.2.16/28"]),
