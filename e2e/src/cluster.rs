@@ -275,7 +275,6 @@ impl ControlPlane {
             .arg("--bind-address=127.0.0.1")
             .arg("--advertise-address=127.0.0.1")
             .arg(format!("--secure-port={}", self.apiserver_port))
-            .arg("--insecure-port=0")
             .arg(format!("--cert-dir={}", p("apiserver-certs")))
             .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
             .arg(format!("--tls-private-key-file={}", p("apiserver.key")))
@@ -316,7 +315,6 @@ impl ControlPlane {
             .arg(format!("--root-ca-file={}", d.join("ca.crt").display()))
             .arg("--bind-address=127.0.0.1")
             .arg("--secure-port=0")
-            .arg("--port=0")
             .arg("--leader-elect=false")
             .arg("--v=0");
         let mut proc = Proc::spawn("kube-controller-manager", d, &mut cmd)?;

@@ -115,11 +115,10 @@ pub fn helm_install_upgrade_uninstall(_shared: &ControlPlane) -> anyhow::Result<
         ensure!(d.spec.as_ref().and_then(|s| s.replicas) == Some(1), "upgraded replicas: {:?}", d.spec);
         let data = cms.get("cilium-config").await?.data.unwrap_or_default();
         ensure!(data.get("identity-gc-interval").map(String::as_str) == Some("10m"), "{data:?}");
-        // Kubernetes 1.20 has no policy/v1: the chart picked policy/v1beta1.
         let pdb = ok(
             &cp,
             "kubectl",
-            &["get", "poddisruptionbudgets.v1beta1.policy", "-n", "kube-system", "cilium-operator", "-o", "name"],
+            &["get", "poddisruptionbudgets.v1.policy", "-n", "kube-system", "cilium-operator", "-o", "name"],
         )?;
         ensure!(pdb.contains("cilium-operator"), "{pdb}");
 

@@ -326,6 +326,19 @@ fn scenarios() -> Vec<Scenario> {
             traffic: [pod_to_pod(CLIENTS), pod_to_cidr()].concat(),
             expect: |t| matches!(t, Traffic::PodToPod { .. }),
         },
+        // Needs a current API server: 1.20 dropped `endPort` (the policy
+        // then allowed port 4096 only and the echo on 8080 was dropped).
+        Scenario {
+            name: "client-egress-knp-port-range",
+            manifests: vec![knp(
+                "client-egress-to-echo-port-range",
+                &format!(
+                    "  podSelector:\n    matchLabels:\n      kind: client\n  egress:\n    - to:\n        - podSelector:\n            matchLabels:\n              kind: echo\n            matchExpressions:\n              - {CLUSTER_EXISTS}\n      ports:\n        - port: 4096\n          endPort: 8191\n          protocol: TCP\n"
+                ),
+            )],
+            traffic: [pod_to_pod(CLIENTS), pod_to_cidr()].concat(),
+            expect: |t| matches!(t, Traffic::PodToPod { .. }),
+        },
         Scenario {
             name: "client-egress-expression",
             manifests: vec![cnp(

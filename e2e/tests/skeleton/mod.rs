@@ -48,7 +48,7 @@ fn yaml_files(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
 pub fn crds_and_policy_fixtures(cp: &ControlPlane) -> anyhow::Result<()> {
     let root = workspace_root();
     let crds = yaml_files(&root.join("crds"))?;
-    ensure!(crds.len() == 5, "expected 5 CRD manifests in crds/, found {}", crds.len());
+    ensure!(crds.len() == 6, "expected 6 CRD manifests in crds/, found {}", crds.len());
     for f in &crds {
         kubectl_ok(cp, &["apply", "--server-side", "--field-manager=e2e", "-f", f.to_str().unwrap()])?;
     }
