@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use cilium_crds::CiliumIdentity;
 use cilium_identity_alloc::HEARTBEAT_ANNOTATION;
+use kube::Resource;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -205,28 +206,103 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
     a.and(b)
 }
 
-/// Watch caches of CiliumIdentities and CiliumEndpoints (lean: identity
-/// only), kept by reflectors for the life of the duty.
+/// Watch caches of CiliumIdentities and of the identity ID of every
+/// CiliumEndpoint, kept for the life of the duty.
 pub struct Caches {
     ids: kube::runtime::reflector::Store<CiliumIdentity>,
-    ceps: kube::runtime::reflector::Store<LeanEndpoint>,
+    ceps: EndpointIds,
+}
+
+/// The identity ID of every CiliumEndpoint, by `namespace/name`: all the GC
+/// needs of an endpoint (tens of bytes each, where a cached object with
+/// its metadata took hundreds).
+#[derive(Clone)]
+struct EndpointIds {
+    ids: std::sync::Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    ready: watch::Receiver<bool>,
+}
+
+impl EndpointIds {
+    fn start(ctx: &Context) -> EndpointIds {
+        use futures::StreamExt;
+        use kube::core::DeserializeGuard;
+        use kube::runtime::WatchStreamExt;
+        use kube::runtime::watcher::{Event, watcher};
+        let (tx, ready) = watch::channel(false);
+        let ids = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let cache = EndpointIds { ids: ids.clone(), ready };
+        let metrics = ctx.metrics.clone();
+        let api = Api::<DeserializeGuard<LeanEndpoint>>::all(ctx.client.clone());
+        // The key of an object, and its identity ID if it has one (an
+        // endpoint that does not decode holds none; it is counted).
+        let read = move |g: &DeserializeGuard<LeanEndpoint>| -> (String, Option<u32>) {
+            let key =
+                format!("{}/{}", g.meta().namespace.as_deref().unwrap_or(""), g.meta().name.as_deref().unwrap_or(""));
+            let id = match &g.0 {
+                Ok(e) => e.status.identity.as_ref().and_then(|i| i.id).and_then(|id| u32::try_from(id).ok()),
+                Err(bad) => {
+                    metrics.malformed("CiliumEndpoint", bad);
+                    None
+                }
+            };
+            (key, id)
+        };
+        tokio::spawn(async move {
+            let mut stream = watcher(api, Default::default()).default_backoff().boxed();
+            let mut buffer: HashMap<String, u32> = HashMap::new();
+            while let Some(ev) = stream.next().await {
+                let Ok(ev) = ev else { continue };
+                let mut live = ids.lock().expect("endpoint ids");
+                match ev {
+                    Event::Init => buffer = HashMap::new(),
+                    Event::InitApply(g) => {
+                        if let (key, Some(id)) = read(&g) {
+                            buffer.insert(key, id);
+                        }
+                    }
+                    Event::InitDone => {
+                        *live = std::mem::take(&mut buffer);
+                        live.shrink_to_fit();
+                        tx.send_replace(true);
+                    }
+                    Event::Apply(g) => match read(&g) {
+                        (key, Some(id)) => {
+                            live.insert(key, id);
+                        }
+                        (key, None) => {
+                            live.remove(&key);
+                        }
+                    },
+                    Event::Delete(g) => {
+                        live.remove(&read(&g).0);
+                    }
+                }
+            }
+        });
+        cache
+    }
+
+    /// Every identity ID some endpoint uses.
+    fn used(&self) -> HashSet<u32> {
+        self.ids.lock().expect("endpoint ids").values().copied().collect()
+    }
+
+    async fn wait_until_ready(&self) -> anyhow::Result<()> {
+        let mut r = self.ready.clone();
+        r.wait_for(|ready| *ready).await.map_err(|_| anyhow::anyhow!("the CiliumEndpoint watch stopped"))?;
+        Ok(())
+    }
 }
 
 impl Caches {
     fn start(ctx: &Context) -> Caches {
-        fn spawn<K: cilium_crds::guard::Cached>(
-            ctx: &Context,
-            kind: &'static str,
-        ) -> kube::runtime::reflector::Store<K> {
-            use futures::StreamExt;
-            let metrics = ctx.metrics.clone();
-            let api = Api::<kube::core::DeserializeGuard<K>>::all(ctx.client.clone());
-            let (reader, stream) =
-                cilium_crds::guard::reflector(api, Default::default(), move |bad| metrics.malformed(kind, bad));
-            tokio::spawn(stream.for_each(|_| futures::future::ready(())));
-            reader
-        }
-        Caches { ids: spawn(ctx, "CiliumIdentity"), ceps: spawn(ctx, "CiliumEndpoint") }
+        use futures::StreamExt;
+        let metrics = ctx.metrics.clone();
+        let api = Api::<kube::core::DeserializeGuard<CiliumIdentity>>::all(ctx.client.clone());
+        let (ids, stream) =
+            cilium_crds::guard::reflector(api, Default::default(), move |bad| metrics.malformed("CiliumIdentity", bad));
+        tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+        Caches { ids, ceps: EndpointIds::start(ctx) }
     }
 
     async fn ready(&self) -> anyhow::Result<()> {
@@ -521,13 +597,7 @@ async fn pass(
     // mark an identity early: deletion needs the mark to stay for the whole
     // heartbeat timeout and is conditional on what was seen.
     let all: Vec<std::sync::Arc<CiliumIdentity>> = caches.ids.state();
-    let used: HashSet<u32> = caches
-        .ceps
-        .state()
-        .iter()
-        .filter_map(|e| e.status.identity.as_ref()?.id)
-        .filter_map(|id| u32::try_from(id).ok())
-        .collect();
+    let used: HashSet<u32> = caches.ceps.used();
     let now = jiff::Timestamp::now();
     let timeout = ctx.config.identity_heartbeat_timeout;
     let pp = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
