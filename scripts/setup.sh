@@ -78,7 +78,6 @@ fi
 # kubelet) and etcd v3.6, built from Go modules through the module proxy by
 # scripts/build-kube.sh and cached in $cache (cold: ~8 min on 2 cores).
 command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || die "Go >= 1.26 not found (needed to build Kubernetes and etcd)"
-need_space "$cache" 6000
 mkdir -p "$bin"
 bash "$here/scripts/build-kube.sh" --link "$bin" >/dev/null || die "building Kubernetes and etcd failed (scripts/build-kube.sh)"
 
