@@ -129,12 +129,12 @@ pub struct Agent {
     pub snapshot: Arc<Mutex<Snapshot>>,
 }
 
-fn spawn_store<K>(api: Api<K>, cfg: watcher::Config, wake: Arc<tokio::sync::Notify>) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
+/// Polls a cache's watch stream for the life of the agent, waking the
+/// reconcile loop on every event (watch errors are retried with backoff).
+fn drive<T, E: std::fmt::Display>(
+    stream: impl futures::Stream<Item = Result<T, E>> + Send + 'static,
+    wake: Arc<tokio::sync::Notify>,
+) {
     tokio::spawn(async move {
         stream
             .for_each(|ev| {
@@ -146,6 +146,15 @@ where
             })
             .await;
     });
+}
+
+fn spawn_store<K>(api: Api<K>, cfg: watcher::Config, wake: Arc<tokio::sync::Notify>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
+    drive(stream, wake);
     reader
 }
 
@@ -168,17 +177,7 @@ fn spawn_guarded<K: cilium_crds::guard::Cached>(
         *snapshot.lock().expect("snapshot").malformed_objects.entry(kind).or_default() += 1;
         tracing::warn!(kind, name = %cilium_crds::guard::name_of(bad), error = %bad.error, "skipping an object that cannot be decoded");
     });
-    tokio::spawn(async move {
-        stream
-            .for_each(|ev| {
-                if let Err(e) = &ev {
-                    tracing::debug!(error = %e, "watch error (retrying)");
-                }
-                wake.notify_one();
-                futures::future::ready(())
-            })
-            .await;
-    });
+    drive(stream, wake);
     reader
 }
 
