@@ -34,6 +34,8 @@ cache=${CILIUM_RS_CACHE:-/var/cache/cilium-rs}
 
 log() { printf '[build-kube] %s\n' "$*" >&2; }
 die() { printf '[build-kube] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=scripts/go-toolchain.sh
+. "$here/scripts/go-toolchain.sh"
 
 KUBE_VERSION=v1.35.4 # staging modules k8s.io/*: v0.35.4
 ETCD_VERSION=v3.6.16
@@ -108,26 +110,8 @@ if complete "$kube_out" "${KUBE_BINS[@]}" && complete "$etcd_out" "${ETCD_BINS[@
 fi
 
 # ------------------------------------------------------------ toolchain
-# Go >= 1.26: etcd 3.6.16's go.mod says "go 1.26.0", and GOTOOLCHAIN=local
-# below forbids fetching a newer toolchain.
-go_ok() { # go-binary
-  local v
-  v=$("$1" env GOVERSION 2>/dev/null) || return 1
-  v=${v#go}
-  [ "$(printf '%s\n' 1.26 "$v" | sort -V | head -1)" = 1.26 ]
-}
-go=""
-for g in /usr/local/go/bin/go "$(command -v go 2>/dev/null || true)"; do
-  if [ -n "$g" ] && [ -x "$g" ] && go_ok "$g"; then
-    go=$g
-    break
-  fi
-done
-[ -n "$go" ] || die "Go >= 1.26 not found (looked at /usr/local/go/bin/go and PATH)"
-
-mkdir -p "$cache" || die "cannot create $cache"
-avail=$(df -Pm "$cache" | awk 'NR==2 {print $4}')
-[ "$avail" -ge 6000 ] || die "not enough disk space in $cache: ${avail} MB free, need 6000 MB"
+find_go
+need_space "$cache" 6000
 
 jobs=${BUILD_JOBS:-$(nproc)}
 # -mod=readonly: go.mod/go.sum are never rewritten; a missing go.sum entry fails.

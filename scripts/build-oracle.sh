@@ -22,6 +22,8 @@ bin="$here/.tools/bin"
 
 log() { printf '[build-oracle] %s\n' "$*" >&2; }
 die() { printf '[build-oracle] error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=scripts/go-toolchain.sh
+. "$here/scripts/go-toolchain.sh"
 
 CILIUM_VERSION=v1.20.2
 # Bump RECIPE when the build recipe below changes: it keys the cache (changes
@@ -47,26 +49,9 @@ if [ -x "$out/policy-oracle" ]; then
   exit 0
 fi
 
-# Go >= 1.26: upstream's go.mod says "go 1.26.0" and GOTOOLCHAIN=local below
-# forbids fetching a newer toolchain.
-go_ok() { # go-binary
-  local v
-  v=$("$1" env GOVERSION 2>/dev/null) || return 1
-  v=${v#go}
-  [ "$(printf '%s\n' 1.26 "$v" | sort -V | head -1)" = 1.26 ]
-}
-go=""
-for g in /usr/local/go/bin/go "$(command -v go 2>/dev/null || true)"; do
-  if [ -n "$g" ] && [ -x "$g" ] && go_ok "$g"; then
-    go=$g
-    break
-  fi
-done
-[ -n "$go" ] || die "Go >= 1.26 not found (looked at /usr/local/go/bin/go and PATH)"
-
-mkdir -p "$cache" || die "cannot create $cache"
-avail=$(df -Pm "$cache" | awk 'NR==2 {print $4}')
-[ "$avail" -ge 2000 ] || die "not enough disk space in $cache: ${avail} MB free, need 2000 MB"
+# ------------------------------------------------------------ toolchain
+find_go
+need_space "$cache" 2000
 
 work=$(mktemp -d "$cache/$name.tmp.XXXXXX")
 chmod 755 "$work" # mktemp makes it 0700; the cached binary is for every user

@@ -94,7 +94,7 @@ pub struct Snapshot {
     pub policy_map_errors: u64,
     /// Objects skipped because they do not decode, by kind (each time one
     /// is listed or changed).
-    pub malformed_objects: BTreeMap<&'static str, u64>,
+    pub malformed_objects: BTreeMap<String, u64>,
 }
 
 struct Stores {
@@ -163,18 +163,15 @@ where
 /// object is left out of the cache, logged and counted, and the cache
 /// keeps working (a typed watch would retry its failing list forever).
 fn spawn_guarded<K: cilium_crds::guard::Cached>(
-    api: Api<K>,
+    client: &kube::Client,
     cfg: watcher::Config,
     wake: Arc<tokio::sync::Notify>,
     snapshot: Arc<Mutex<Snapshot>>,
 ) -> Store<K> {
-    let kind: &'static str = match K::kind(&()) {
-        std::borrow::Cow::Borrowed(k) => k,
-        std::borrow::Cow::Owned(k) => k.leak(),
-    };
-    let api: Api<kube::core::DeserializeGuard<K>> = Api::all(api.into_client());
+    let kind = K::kind(&()).into_owned();
+    let api: Api<kube::core::DeserializeGuard<K>> = Api::all(client.clone());
     let (reader, stream) = cilium_crds::guard::reflector(api, cfg, move |bad| {
-        *snapshot.lock().expect("snapshot").malformed_objects.entry(kind).or_default() += 1;
+        *snapshot.lock().expect("snapshot").malformed_objects.entry(kind.clone()).or_default() += 1;
         tracing::warn!(kind, name = %cilium_crds::guard::name_of(bad), error = %bad.error, "skipping an object that cannot be decoded");
     });
     drive(stream, wake);
@@ -301,19 +298,14 @@ impl Agent {
                 watcher::Config::default().fields(&format!("spec.nodeName={}", self.s.flags.node_name)),
                 wake.clone(),
             ),
-            ceps: spawn_guarded(Api::<CiliumEndpoint>::all(c.clone()), cfg.clone(), wake.clone(), snap.clone()),
-            ids: spawn_guarded(Api::<CiliumIdentity>::all(c.clone()), cfg.clone(), wake.clone(), snap.clone()),
-            cnps: spawn_guarded(Api::<CiliumNetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone(), snap.clone()),
-            ccnps: spawn_guarded(
-                Api::<CiliumClusterwideNetworkPolicy>::all(c.clone()),
-                cfg.clone(),
-                wake.clone(),
-                snap.clone(),
-            ),
+            ceps: spawn_guarded::<CiliumEndpoint>(c, cfg.clone(), wake.clone(), snap.clone()),
+            ids: spawn_guarded::<CiliumIdentity>(c, cfg.clone(), wake.clone(), snap.clone()),
+            cnps: spawn_guarded::<CiliumNetworkPolicy>(c, cfg.clone(), wake.clone(), snap.clone()),
+            ccnps: spawn_guarded::<CiliumClusterwideNetworkPolicy>(c, cfg.clone(), wake.clone(), snap.clone()),
             knps: spawn_store(Api::<NetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
             namespaces: spawn_store(Api::<Namespace>::all(c.clone()), cfg.clone(), wake.clone()),
-            cnodes: spawn_guarded(Api::<CiliumNode>::all(c.clone()), cfg.clone(), wake.clone(), snap.clone()),
-            cidr_groups: spawn_guarded(Api::<CiliumCidrGroup>::all(c.clone()), cfg, wake.clone(), snap.clone()),
+            cnodes: spawn_guarded::<CiliumNode>(c, cfg.clone(), wake.clone(), snap.clone()),
+            cidr_groups: spawn_guarded::<CiliumCidrGroup>(c, cfg, wake.clone(), snap.clone()),
         };
         for (name, ready) in [
             ("pods", stores.pods.wait_until_ready().boxed()),
