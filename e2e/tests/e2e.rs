@@ -59,6 +59,7 @@ fn main() {
         ("datapath::star_wars_policy_with_real_packets", datapath::star_wars_policy_with_real_packets),
         ("datapath::egress_deny_cidr_entities_expressions", datapath::egress_deny_cidr_entities_expressions),
         ("datapath::cidr_groups_select_external_hosts", datapath::cidr_groups_select_external_hosts),
+        ("datapath::to_services_select_service_backends", datapath::to_services_select_service_backends),
         ("datapath::kvstore_mode_identities", datapath::kvstore_mode_identities),
         ("datapath::doublewrite_mode_identities", datapath::doublewrite_mode_identities),
         ("policy::upstream_forms_through_the_agents", policy::upstream_forms_through_the_agents),

@@ -24,7 +24,8 @@ use serde_json::json;
 
 use cilium_policy::engine::{NamedPort, Selections};
 use cilium_policy::{EndpointPolicy, Entry, PolicyRef, Prefix};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::config::Settings;
@@ -107,6 +108,8 @@ struct Stores {
     namespaces: Store<Namespace>,
     cnodes: Store<CiliumNode>,
     cidr_groups: Store<CiliumCidrGroup>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
 }
 
 pub struct Agent {
@@ -305,7 +308,9 @@ impl Agent {
             knps: spawn_store(Api::<NetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
             namespaces: spawn_store(Api::<Namespace>::all(c.clone()), cfg.clone(), wake.clone()),
             cnodes: spawn_guarded::<CiliumNode>(c, cfg.clone(), wake.clone(), snap.clone()),
-            cidr_groups: spawn_guarded::<CiliumCidrGroup>(c, cfg, wake.clone(), snap.clone()),
+            cidr_groups: spawn_guarded::<CiliumCidrGroup>(c, cfg.clone(), wake.clone(), snap.clone()),
+            services: spawn_store(Api::<Service>::all(c.clone()), cfg.clone(), wake.clone()),
+            endpoint_slices: spawn_store(Api::<EndpointSlice>::all(c.clone()), cfg, wake.clone()),
         };
         for (name, ready) in [
             ("pods", stores.pods.wait_until_ready().boxed()),
@@ -317,6 +322,8 @@ impl Agent {
             ("namespaces", stores.namespaces.wait_until_ready().boxed()),
             ("ciliumnodes", stores.cnodes.wait_until_ready().boxed()),
             ("ciliumcidrgroups", stores.cidr_groups.wait_until_ready().boxed()),
+            ("services", stores.services.wait_until_ready().boxed()),
+            ("endpointslices", stores.endpoint_slices.wait_until_ready().boxed()),
         ] {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
@@ -426,8 +433,11 @@ impl Agent {
         }
         // Policies in force (one engine for operator, agent and CLI), the
         // CIDR identities they need, and every identity they may select.
-        let view = enforce::gather(&st.cnps.state(), &st.ccnps.state(), &st.knps.state(), &self.policy_cfg);
+        let mut view = enforce::gather(&st.cnps.state(), &st.ccnps.state(), &st.knps.state(), &self.policy_cfg);
         self.report_refused(&view.refused).await;
+        // toServices: the pods or addresses behind the Services named.
+        let services = enforce::services(&st.services.state(), &st.endpoint_slices.state());
+        cilium_policy::service::resolve(&mut view.entries, &services, &self.policy_cfg);
         // CiliumCIDRGroups: each CIDR of each group is a CIDR identity with
         // the group's labels (upstream), named by a policy or not.
         let groups = self.cidr_groups(&st.cidr_groups.state());

@@ -72,6 +72,45 @@ pub fn gather(
     v
 }
 
+/// Services as `toServices` reads them: each with its labels, its pod
+/// selector and every address of the EndpointSlices labelled with its
+/// name (`kubernetes.io/service-name`), whatever their conditions, as
+/// upstream's service table has them.
+pub fn services(
+    svcs: &[std::sync::Arc<k8s_openapi::api::core::v1::Service>],
+    slices: &[std::sync::Arc<k8s_openapi::api::discovery::v1::EndpointSlice>],
+) -> Vec<cilium_policy::service::Service> {
+    let mut backends: BTreeMap<(String, String), Vec<std::net::IpAddr>> = BTreeMap::new();
+    for s in slices {
+        if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        let (Some(ns), Some(name)) = (
+            s.metadata.namespace.clone(),
+            s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).cloned(),
+        ) else {
+            continue;
+        };
+        let list = backends.entry((ns, name)).or_default();
+        list.extend(
+            s.endpoints.iter().flat_map(|e| e.addresses.iter()).filter_map(|a| a.parse::<std::net::IpAddr>().ok()),
+        );
+    }
+    svcs.iter()
+        .filter_map(|svc| {
+            let namespace = svc.metadata.namespace.clone()?;
+            let name = svc.metadata.name.clone()?;
+            Some(cilium_policy::service::Service {
+                labels: svc.metadata.labels.clone().unwrap_or_default(),
+                selector: svc.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default(),
+                backends: backends.remove(&(namespace.clone(), name.clone())).unwrap_or_default(),
+                namespace,
+                name,
+            })
+        })
+        .collect()
+}
+
 /// Node-local identities of the CIDRs policies name, stable while a prefix
 /// stays referenced and freed when none does.
 #[derive(Clone, Debug, Default)]
@@ -198,6 +237,37 @@ mod tests {
         assert!(v.refused.values().any(|w| w.contains("at least one of")));
         assert!(v.entries.iter().all(|e| e.origin.policy.name == "fine"));
         assert_eq!(v.entries.len(), 1);
+    }
+
+    #[test]
+    fn services_take_their_slices_addresses() {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ext", "namespace": "prod", "labels": {"tier": "data"}},
+            "spec": {"ports": [{"port": 5432}]}
+        }))
+        .unwrap();
+        let slice = |name: &str, ns: &str, svc: &str, kind: &str, addrs: &[&str]| {
+            std::sync::Arc::new(
+                serde_json::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(serde_json::json!({
+                    "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+                    "addressType": kind,
+                    "endpoints": [{"addresses": addrs, "conditions": {"ready": false}}]
+                }))
+                .unwrap(),
+            )
+        };
+        let slices = [
+            slice("ext-1", "prod", "ext", "IPv4", &["192.0.2.7"]),
+            slice("ext-2", "prod", "ext", "IPv6", &["2001:db8::7"]),
+            slice("ext-3", "prod", "ext", "FQDN", &["db.example.com"]),
+            slice("ext-4", "dev", "ext", "IPv4", &["192.0.2.99"]),
+        ];
+        let got = services(&[std::sync::Arc::new(svc)], &slices);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].labels["tier"], "data");
+        assert!(got[0].selector.is_empty());
+        let addrs: Vec<String> = got[0].backends.iter().map(|a| a.to_string()).collect();
+        assert_eq!(addrs, ["192.0.2.7", "2001:db8::7"], "same namespace, IP slices only, not-ready included");
     }
 
     #[test]

@@ -153,7 +153,7 @@ fn select(u: &Universe, peer: &Peer) -> Selection {
                 .map(|(id, _)| *id)
                 .collect(),
         ),
-        Peer::Nothing(_) => Selection::Ids(Vec::new()),
+        Peer::Nothing(_) | Peer::Service(_) => Selection::Ids(Vec::new()),
     }
 }
 

@@ -20,6 +20,7 @@ pub mod labels;
 pub mod parse;
 pub mod prefix;
 pub mod selector;
+pub mod service;
 
 pub use engine::{Direction, EndpointPolicy, MapKey, Selections, Universe, compile};
 pub use labels::{Label, LabelSet};

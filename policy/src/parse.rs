@@ -40,6 +40,9 @@ pub enum Peer {
     /// `selector` matches (`encoded`: value by value, for
     /// `cidrGroupSelector`), outside every `except`.
     CidrGroup { selector: Selector, encoded: bool, except: Vec<Prefix> },
+    /// A `toServices` entry: selects nothing itself; `service::resolve`
+    /// adds the peers of the Services it matches next to it.
+    Service(crate::service::ServiceSel),
     /// A peer this engine does not resolve: selects nothing (fail closed).
     Nothing(String),
 }
@@ -395,10 +398,23 @@ impl RuleReader<'_> {
             notes.push(why.clone());
             peers.push(Peer::Nothing(why));
         }
-        if json_len(s.services) > 0 {
-            let why = format!("{origin}: toServices is not resolved yet: it selects no peer");
-            notes.push(why.clone());
-            peers.push(Peer::Nothing(why));
+        // Each entry selects nothing until `service::resolve` adds the
+        // peers of the Services it matches.
+        let services: Vec<&serde_json::Value> = match s.services {
+            Some(serde_json::Value::Array(a)) => a.iter().collect(),
+            Some(serde_json::Value::Null) | None => Vec::new(),
+            Some(v) => vec![v],
+        };
+        for v in services {
+            match crate::service::parse_entry(v) {
+                Ok(Some(sel)) => peers.push(Peer::Service(sel)),
+                Ok(None) => peers.push(Peer::Nothing(format!("{origin}: a toServices entry names no Service"))),
+                Err(e) => {
+                    let why = format!("{origin}: {e}: it selects no peer");
+                    notes.push(why.clone());
+                    peers.push(Peer::Nothing(why));
+                }
+            }
         }
         if s.fqdns > 0 {
             let why = format!("{origin}: toFQDNs needs a DNS proxy, which this agent does not run: it selects no peer");

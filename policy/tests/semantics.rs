@@ -8,6 +8,7 @@ use cilium_crds::policy::CiliumNetworkPolicy;
 use cilium_policy::engine::{NamedPort, Selections, Universe, compile};
 use cilium_policy::identity::{LOCAL_FLAG, WORLD, cidr_labels};
 use cilium_policy::parse::{Entry, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, parse_cnp};
+use cilium_policy::service::Service;
 use cilium_policy::{Config, LabelSet, Prefix};
 use serde_json::json;
 
@@ -107,7 +108,7 @@ fn a_port_without_protocol_is_tcp_udp_and_sctp_for_allow_and_deny() {
 #[test]
 fn peers_the_agent_cannot_resolve_select_nothing() {
     for peer in [
-        json!({"toServices": [{"k8sService": {"serviceName": "db", "namespace": "default"}}]}),
+        json!({"toServices": [{"k8sService": "not an object"}]}),
         json!({"toGroups": [{"aws": {"securityGroupsIds": ["sg-1"]}}]}),
         json!({"toFQDNs": [{"matchName": "example.com"}]}),
     ] {
@@ -361,4 +362,66 @@ mod arbitrary_input {
             prop_assert_eq!(c, r);
         }
     }
+}
+
+fn service(name: &str, labels: &[(&str, &str)], selector: &[(&str, &str)], backends: &[&str]) -> Service {
+    let m = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Service {
+        namespace: "default".into(),
+        name: name.into(),
+        labels: m(labels),
+        selector: m(selector),
+        backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+    }
+}
+
+#[test]
+fn to_services_selects_the_pods_or_addresses_behind_matching_services() {
+    let services = [
+        // A Service with a selector: its pods, in its namespace only.
+        service("db", &[("tier", "data")], &[("app", "db")], &["10.0.0.9"]),
+        // Without one: the addresses of its EndpointSlices.
+        service("ext", &[("tier", "data")], &[], &["192.0.2.7"]),
+        service("other", &[("tier", "web")], &[], &["192.0.2.8"]),
+    ];
+    let u = universe(&["192.0.2.7/32", "192.0.2.8/32"]);
+    let (ext, other) = (cidr_id(&u, "192.0.2.7/32"), cidr_id(&u, "192.0.2.8/32"));
+    let case = |to: serde_json::Value| {
+        let mut entries = cnp(json!({"endpointSelector": {"matchLabels": {"app": "web"}},
+            "egress": [{"toServices": to, "toPorts": [{"ports": [{"port": "5432", "protocol": "TCP"}]}]}]}));
+        cilium_policy::service::resolve(&mut entries, &services, &Config::default());
+        Case::new(u.clone(), entries)
+    };
+    let c = case(json!([{"k8sService": {"serviceName": "db", "namespace": "default"}}]));
+    assert!(c.egress(WEB, DB, PROTO_TCP, 5432), "the Service's pod");
+    assert!(!c.egress(WEB, DB, PROTO_TCP, 5433), "another port");
+    assert!(!c.egress(WEB, OTHER_NS, PROTO_TCP, 5432), "not selected by the Service");
+    assert!(!c.egress(WEB, ext, PROTO_TCP, 5432));
+    assert!(!c.egress(WEB, WORLD, PROTO_TCP, 5432));
+    let c = case(json!([{"k8sService": {"serviceName": "ext"}}]));
+    assert!(c.egress(WEB, ext, PROTO_TCP, 5432), "the selectorless Service's address");
+    assert!(!c.egress(WEB, other, PROTO_TCP, 5432));
+    assert!(!c.egress(WEB, DB, PROTO_TCP, 5432));
+    let c = case(json!([{"k8sServiceSelector": {"selector": {"matchLabels": {"tier": "data"}}}}]));
+    assert!(c.egress(WEB, DB, PROTO_TCP, 5432) && c.egress(WEB, ext, PROTO_TCP, 5432), "both tier=data");
+    assert!(!c.egress(WEB, other, PROTO_TCP, 5432), "tier=web");
+    // Matching nothing selects nothing, never every peer on the port.
+    for to in [
+        json!([{"k8sService": {"serviceName": "db", "namespace": "elsewhere"}}]),
+        json!([{"k8sService": {"serviceName": "gone"}}]),
+        json!([{"k8sServiceSelector": {"selector": {"matchLabels": {"tier": "none"}}}}]),
+    ] {
+        let c = case(to.clone());
+        for peer in [WEB, DB, OTHER_NS, ext, other, WORLD] {
+            assert!(!c.egress(WEB, peer, PROTO_TCP, 5432), "{to} allowed {peer}");
+        }
+    }
+    // A deny by Service beats an allow of everything.
+    let mut entries = cnp(json!({"endpointSelector": {"matchLabels": {"app": "web"}},
+        "egress": [{"toEntities": ["all"]}],
+        "egressDeny": [{"toServices": [{"k8sService": {"serviceName": "ext"}}]}]}));
+    cilium_policy::service::resolve(&mut entries, &services, &Config::default());
+    let c = Case::new(u.clone(), entries);
+    assert!(!c.egress(WEB, ext, PROTO_TCP, 80));
+    assert!(c.egress(WEB, other, PROTO_TCP, 80));
 }

@@ -249,7 +249,7 @@ fn upstream_documentation_examples_get_upstreams_verdicts() {
         }
     }
     eprintln!(
-        "upstream examples: {n_policies} policies from {} files, {n_verdicts} verdicts compared, {n_invalid} invalid for both, {} skipped (toServices/groups: fail closed by design)",
+        "upstream examples: {n_policies} policies from {} files, {n_verdicts} verdicts compared, {n_invalid} invalid for both, {} skipped (toServices: resolved from Services the oracle has no table of; groups: fail closed by design)",
         paths.len(),
         skipped.len()
     );

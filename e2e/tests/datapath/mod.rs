@@ -584,3 +584,83 @@ pub fn cidr_groups_select_external_hosts(_shared: &ControlPlane) -> anyhow::Resu
     })();
     result.map_err(|e| e.context(c.cp.log_tails(10)))
 }
+
+/// A Service and, for one without a selector, its EndpointSlice.
+fn service(name: &str, tier: &str, selector: Option<&str>, port: u16, addrs: &[&str]) -> String {
+    let sel = selector.map(|s| format!("  selector:\n    class: {s}\n")).unwrap_or_default();
+    let mut out = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    tier: {tier}\nspec:\n{sel}  ports:\n  - port: {port}\n"
+    );
+    if selector.is_none() {
+        let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        out.push_str(&format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- port: {port}\n  protocol: TCP\nendpoints:\n- addresses: [{}]\n",
+            list.join(", ")
+        ));
+    }
+    out
+}
+
+/// `toServices` through the agents with real connections: by name to a
+/// Service with a selector (its pods), by labels to a Service without one
+/// (the addresses of its EndpointSlice, hosts outside the cluster), the
+/// slice growing and the Service deleted under the policy, and a deny by
+/// Service beating an allow of everything.
+pub fn to_services_select_service_backends(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let c = cluster("svc", &["node-a", "node-b"])?;
+    let result = (|| -> anyhow::Result<()> {
+        let ds = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
+        let tie = block_on(c.pod("node-b", "tiefighter", json!({ "org": "empire", "class": "tiefighter" })))?;
+        let xwing_ip = block_on(c.pod("node-b", "xwing", json!({ "org": "alliance", "class": "xwing" })))?;
+        let xwing = c.pod_ns("node-b", "default", "xwing");
+        let _pod_servers = (
+            serve(&c.pod_ns("node-a", "default", "deathstar"), 80)?,
+            serve(&c.pod_ns("node-b", "default", "tiefighter"), 80)?,
+        );
+        let back = vec![(format!("{xwing_ip}/32"), c.node_ips["node-b"])];
+        let ext1 = external_host(&c.prefix, "ext1", "192.168.210.100/24", &back)?;
+        let ext2 = external_host(&c.prefix, "ext2", "192.168.210.101/24", &back)?;
+        let (ext1_ip, ext2_ip) = (Ipv4Addr::new(192, 168, 210, 100), Ipv4Addr::new(192, 168, 210, 101));
+        let _ext_servers = (serve(&ext1, 443)?, serve(&ext2, 443)?);
+        let t = Duration::from_secs(20);
+        expect_conn(&c, "xwing -> ext1 before any policy", &xwing, ext1_ip, 443, true, t)?;
+
+        c.kubectl(&["apply", "-f", "-"], Some(&service("deathstar", "core", Some("deathstar"), 80, &[])))?;
+        c.kubectl(&["apply", "-f", "-"], Some(&service("fighters", "core", Some("tiefighter"), 80, &[])))?;
+        c.kubectl(&["apply", "-f", "-"], Some(&service("external-db", "external", None, 443, &["192.168.210.100"])))?;
+
+        let by_name = "  endpointSelector:\n    matchLabels:\n      class: xwing\n  egress:\n  - toServices:\n    - k8sService:\n        serviceName: deathstar\n        namespace: default\n    toPorts:\n    - ports:\n      - port: \"80\"\n        protocol: TCP\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "svc", by_name)))?;
+        expect_conn(&c, "by name: xwing -> tiefighter (another Service's pod)", &xwing, tie, 80, false, t)?;
+        expect_conn(&c, "by name: xwing -> deathstar (the Service's pod)", &xwing, ds, 80, true, t)?;
+        expect_conn(&c, "by name: xwing -> ext1 (another Service)", &xwing, ext1_ip, 443, false, t)?;
+
+        let by_labels = "  endpointSelector:\n    matchLabels:\n      class: xwing\n  egress:\n  - toServices:\n    - k8sServiceSelector:\n        selector:\n          matchLabels:\n            tier: external\n    toPorts:\n    - ports:\n      - port: \"443\"\n        protocol: TCP\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "svc", by_labels)))?;
+        expect_conn(&c, "by labels: xwing -> ext1 (the slice's address)", &xwing, ext1_ip, 443, true, t)?;
+        expect_conn(&c, "by labels: xwing -> ext2 (not in the slice)", &xwing, ext2_ip, 443, false, t)?;
+        expect_conn(&c, "by labels: xwing -> deathstar (tier core)", &xwing, ds, 80, false, t)?;
+        // The slice grows under the policy, then the Service goes.
+        c.kubectl(
+            &["apply", "-f", "-"],
+            Some(&service("external-db", "external", None, 443, &["192.168.210.100", "192.168.210.101"])),
+        )?;
+        expect_conn(&c, "slice grown: xwing -> ext2", &xwing, ext2_ip, 443, true, t)?;
+        c.kubectl(&["delete", "service", "external-db", "-n", "default"], None)?;
+        expect_conn(&c, "Service deleted: xwing -> ext1", &xwing, ext1_ip, 443, false, t)?;
+        expect_conn(&c, "Service deleted: xwing -> ext2", &xwing, ext2_ip, 443, false, t)?;
+
+        // A deny by Service beats an allow of everything.
+        c.kubectl(&["apply", "-f", "-"], Some(&service("external-db", "external", None, 443, &["192.168.210.100"])))?;
+        let deny = "  endpointSelector:\n    matchLabels:\n      class: xwing\n  egress:\n  - toEntities: [all]\n  egressDeny:\n  - toServices:\n    - k8sService:\n        serviceName: external-db\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "svc", deny)))?;
+        expect_conn(&c, "deny by Service: xwing -> ext1", &xwing, ext1_ip, 443, false, t)?;
+        expect_conn(&c, "deny by Service: xwing -> ext2", &xwing, ext2_ip, 443, true, t)?;
+        expect_conn(&c, "deny by Service: xwing -> deathstar", &xwing, ds, 80, true, t)?;
+        eprintln!(
+            "toServices: by name (selector Service), by labels (selectorless Service), slice grown, Service deleted, deny by Service: all enforced"
+        );
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(10)))
+}
