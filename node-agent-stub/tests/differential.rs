@@ -1,8 +1,10 @@
 //! Differential test against upstream Cilium's own policy engine.
 //!
 //! Generated policy sets (CNPs and CCNPs with random selectors, entities,
-//! CIDRs with excepts, ports, ranges, named ports, protocols, ICMP types,
-//! deny rules and default-deny settings) over a fixed set of identities
+//! CIDRs with excepts, node selectors (with and without
+//! `enable-node-selector-labels`), ports, ranges, named ports, protocols,
+//! ICMP types, deny rules and default-deny settings) over a fixed set of
+//! identities
 //! are judged twice:
 //!
 //! - ours: parsed and compiled by `cilium-policy`, written into the maps
@@ -126,6 +128,15 @@ fn named_ports(id: u32) -> Vec<NamedPort> {
 
 const HOST_IP: &str = "192.168.1.1";
 const REMOTE_NODE_IP: &str = "192.168.1.2";
+const REMOTE_NODE2_IP: &str = "192.168.1.3";
+
+/// Node labels (with `enable-node-selector-labels` the nodes' identities
+/// carry them): this node, and the two remote nodes by address.
+const NODES: &[(&str, &[(&str, &str)])] = &[
+    (HOST_IP, &[("kubernetes.io/hostname", "node-a"), ("zone", "a"), ("role", "worker")]),
+    (REMOTE_NODE_IP, &[("kubernetes.io/hostname", "node-b"), ("zone", "b"), ("role", "worker")]),
+    (REMOTE_NODE2_IP, &[("kubernetes.io/hostname", "node-c"), ("zone", "a"), ("role", "control-plane")]),
+];
 
 /// CIDRs the generated policies name (pairs nest and overlap on purpose).
 const CIDRS: &[&str] = &[
@@ -194,6 +205,19 @@ fn selector() -> impl Strategy<Value = Value> {
         Just(json!({"matchLabels": {"io.cilium.k8s.policy.serviceaccount": "db"}})),
         Just(json!({"matchLabels": {"reserved:host": ""}})),
         Just(json!({"matchLabels": {"k8s:io.cilium.k8s.policy.cluster": "other-cluster"}})),
+    ]
+}
+
+fn node_selector() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!({})),
+        pick(&["a", "b", "c"]).prop_map(|z| json!({"matchLabels": {"zone": z}})),
+        pick(&["node-a", "node-b", "node-c"]).prop_map(|n| json!({"matchLabels": {"kubernetes.io/hostname": n}})),
+        Just(json!({"matchLabels": {"node:role": "worker"}})),
+        Just(json!({"matchLabels": {"k8s:role": "worker"}})),
+        Just(json!({"matchExpressions": [{"key": "role", "operator": "NotIn", "values": ["worker"]}]})),
+        Just(json!({"matchExpressions": [{"key": "zone", "operator": "Exists"}]})),
+        Just(json!({"matchLabels": {"reserved:host": ""}})),
     ]
 }
 
@@ -277,9 +301,10 @@ fn cidr_set() -> impl Strategy<Value = Value> {
 /// One peer field of a section (or none), including empty lists.
 fn l3(ingress: bool) -> impl Strategy<Value = Option<(String, Value)>> {
     let f = |name: &str| format!("{}{name}", if ingress { "from" } else { "to" });
-    let (ep, ent, cidr, set) = (f("Endpoints"), f("Entities"), f("CIDR"), f("CIDRSet"));
+    let (ep, ent, cidr, set, nodes) = (f("Endpoints"), f("Entities"), f("CIDR"), f("CIDRSet"), f("Nodes"));
     prop_oneof![
         3 => Just(None),
+        2 => proptest::collection::vec(node_selector(), 0..=2).prop_map(move |v| Some((nodes.clone(), json!(v)))),
         4 => proptest::collection::vec(selector(), 1..=2).prop_map({ let ep = ep.clone(); move |v| Some((ep.clone(), json!(v))) }),
         1 => Just(Some((ep, json!([])))),
         3 => entities().prop_map({ let ent = ent.clone(); move |v| Some((ent.clone(), v)) }),
@@ -482,7 +507,7 @@ struct Query {
 fn query() -> impl Strategy<Value = Query> {
     let peer = prop_oneof![
         3 => (0..PODS.len(), any::<bool>()).prop_map(|(i, v6)| if v6 { PODS[i].v6 } else { PODS[i].v4 }),
-        1 => pick(&[HOST_IP, REMOTE_NODE_IP]),
+        2 => pick(&[HOST_IP, REMOTE_NODE_IP, REMOTE_NODE2_IP]),
         4 => pick(WORLD_ADDRS),
     ];
     let l4 = prop_oneof![
@@ -501,6 +526,8 @@ fn query() -> impl Strategy<Value = Query> {
 #[derive(Clone, Debug)]
 struct Case {
     dual_stack: bool,
+    /// `enable-node-selector-labels`.
+    node_labels: bool,
     policies: Vec<Value>,
     queries: Vec<Query>,
 }
@@ -508,8 +535,8 @@ struct Case {
 fn case() -> impl Strategy<Value = Case> {
     let one = |n: usize| prop_oneof![3 => policy(n), 1 => knp(n)];
     let policies = (1usize..=3).prop_flat_map(move |n| (0..n).map(one).collect::<Vec<_>>());
-    (any::<bool>(), policies, proptest::collection::vec(query(), 1..=380))
-        .prop_map(|(dual_stack, policies, queries)| Case { dual_stack, policies, queries })
+    (any::<bool>(), any::<bool>(), policies, proptest::collection::vec(query(), 1..=380))
+        .prop_map(|(dual_stack, node_labels, policies, queries)| Case { dual_stack, node_labels, policies, queries })
 }
 
 // ---------------------------------------------------------------- the oracle
@@ -583,7 +610,7 @@ struct Stats {
 }
 
 fn check(b: &mut Bench, oracle: &mut Oracle, c: &Case, stats: &mut Stats) -> Result<(), TestCaseError> {
-    let cfg = Config { ipv6: c.dual_stack, ..Config::default() };
+    let cfg = Config { ipv6: c.dual_stack, enable_node_selector_labels: c.node_labels, ..Config::default() };
     // Our reading of every policy, and the CIDR identities they need.
     let mut entries = Vec::new();
     let mut ours_valid = Vec::new();
@@ -605,10 +632,25 @@ fn check(b: &mut Bench, oracle: &mut Oracle, c: &Case, stats: &mut Stats) -> Res
     let mut ipc: Vec<(Prefix, u32)> = vec![
         (Prefix::parse("0.0.0.0/0", false).unwrap(), cilium_policy::identity::world_id(&cfg, true)),
         (Prefix::parse("::/0", false).unwrap(), cilium_policy::identity::world_id(&cfg, false)),
-        (Prefix::parse(HOST_IP, true).unwrap(), cilium_policy::identity::HOST),
-        (Prefix::parse(REMOTE_NODE_IP, true).unwrap(), cilium_policy::identity::REMOTE_NODE),
     ];
     let mut oracle_ids = Vec::new();
+    // Nodes: host and remote-node, each remote node its own identity with
+    // its labels when node selector labels are on (as the agent does).
+    for (i, (ip, labels)) in NODES.iter().enumerate() {
+        let local = i == 0;
+        let id = match (local, c.node_labels) {
+            (true, _) => cilium_policy::identity::HOST,
+            (false, false) => cilium_policy::identity::REMOTE_NODE,
+            (false, true) => cilium_policy::identity::REMOTE_NODE_SCOPE | i as u32,
+        };
+        ipc.push((Prefix::parse(ip, true).unwrap(), id));
+        if local || c.node_labels {
+            let labels: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let set = cilium_policy::identity::node_labels(&cfg, local, &labels);
+            oracle_ids.push(json!({"id": id, "labels": set.to_strings()}));
+            u.identities.insert(id, set);
+        }
+    }
     let mut oracle_ports = serde_json::Map::new();
     for p in PODS {
         u.identities.insert(p.id, pod_labels(p));
@@ -679,7 +721,7 @@ fn check(b: &mut Bench, oracle: &mut Oracle, c: &Case, stats: &mut Stats) -> Res
         })
         .collect();
     let answer = oracle.ask(&json!({
-        "cluster_name": "default", "ipv4": true, "ipv6": c.dual_stack,
+        "cluster_name": "default", "ipv4": true, "ipv6": c.dual_stack, "enable_node_selector_labels": c.node_labels,
         "identities": oracle_ids, "policies": c.policies, "named_ports": oracle_ports, "queries": oracle_queries,
     }));
     let upstream_invalid: BTreeMap<usize, String> = answer["errors"]

@@ -2,7 +2,7 @@
 //! CIDR identities.
 
 use crate::Config;
-use crate::labels::{Label, LabelSet, SOURCE_CIDR, SOURCE_RESERVED};
+use crate::labels::{CLUSTER_KEY, Label, LabelSet, SOURCE_CIDR, SOURCE_K8S, SOURCE_NODE, SOURCE_RESERVED};
 use crate::prefix::Prefix;
 
 pub const HOST: u32 = 1;
@@ -22,6 +22,10 @@ pub const AGGREGATE_REMOTE_NODE: u32 = 14;
 
 /// Node-local identities (CIDRs) carry this bit, as upstream.
 pub const LOCAL_FLAG: u32 = 1 << 24;
+
+/// Per-node identities of remote nodes (with `enable-node-selector-labels`)
+/// are node-local and carry this scope, as upstream's remote-node scope.
+pub const REMOTE_NODE_SCOPE: u32 = 2 << 24;
 
 /// Every reserved identity with its labels (kube-apiserver is also a
 /// remote node, as upstream labels it).
@@ -101,4 +105,50 @@ pub fn cidr_labels(cfg: &Config, prefix: &Prefix) -> LabelSet {
         v.push(Label::new(SOURCE_CIDR, &prefix.label_key(), ""));
     }
     LabelSet::new(v)
+}
+
+/// Labels of a node's identity: `reserved:host` for this node,
+/// `reserved:remote-node` for the others; with
+/// `enable-node-selector-labels` also the node's (filtered) labels under
+/// source `node` and the cluster name, as upstream's node manager labels
+/// them (what `fromNodes`/`toNodes` select).
+pub fn node_labels<'a>(
+    cfg: &Config,
+    local: bool,
+    node: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> LabelSet {
+    let mut v = vec![Label::new(SOURCE_RESERVED, if local { "host" } else { "remote-node" }, "")];
+    if cfg.enable_node_selector_labels {
+        v.extend(node.into_iter().map(|(k, val)| Label::new(SOURCE_NODE, k, val)));
+        v.push(Label::new(SOURCE_K8S, CLUSTER_KEY, &cfg.cluster_name));
+    }
+    LabelSet::new(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_identities_carry_node_labels_only_when_enabled() {
+        let node: std::collections::BTreeMap<String, String> =
+            [("zone".to_string(), "a".to_string()), ("kubernetes.io/hostname".to_string(), "n1".to_string())].into();
+        let off = Config::default();
+        assert_eq!(node_labels(&off, false, &node).to_strings(), ["reserved:remote-node"]);
+        assert_eq!(node_labels(&off, true, &node).to_strings(), ["reserved:host"]);
+        let on = Config { enable_node_selector_labels: true, cluster_name: "c1".into(), ..Config::default() };
+        let mut remote = node_labels(&on, false, &node).to_strings();
+        remote.sort();
+        assert_eq!(
+            remote,
+            [
+                "k8s:io.cilium.k8s.policy.cluster=c1",
+                "node:kubernetes.io/hostname=n1",
+                "node:zone=a",
+                "reserved:remote-node"
+            ]
+        );
+        assert!(node_labels(&on, true, &node).has(SOURCE_RESERVED, "host"));
+        assert!(!node_labels(&on, true, &node).has(SOURCE_RESERVED, "remote-node"));
+    }
 }

@@ -15,6 +15,8 @@ pub const SOURCE_RESERVED: &str = "reserved";
 pub const SOURCE_CIDR: &str = "cidr";
 pub const SOURCE_UNSPEC: &str = "unspec";
 pub const SOURCE_CIDR_GROUP: &str = "cidrgroup";
+/// Labels of a node (`enable-node-selector-labels`).
+pub const SOURCE_NODE: &str = "node";
 
 /// Label key of a pod's namespace.
 pub const NAMESPACE_KEY: &str = "io.kubernetes.pod.namespace";

@@ -15,6 +15,7 @@
 //	{
 //	  "cluster_name": "default",            // optional, default "default"
 //	  "ipv4": true, "ipv6": true,           // optional, default true; sets option.Config.EnableIPv4/6
+//	  "enable_node_selector_labels": false, // optional; sets option.Config.EnableNodeSelectorLabels
 //	  "identities": [
 //	    {"id": 1001, "labels": ["k8s:app=foo", "k8s:io.kubernetes.pod.namespace=default", ...]},
 //	    {"id": 16777217, "cidr": "10.0.0.0/8"}   // labels = upstream labels.GetCIDRLabels(prefix)
@@ -108,13 +109,15 @@ import (
 // ---------------------------------------------------------------- protocol types
 
 type input struct {
-	ClusterName string                      `json:"cluster_name"`
-	IPv4        *bool                       `json:"ipv4"`
-	IPv6        *bool                       `json:"ipv6"`
-	Identities  []inputIdentity             `json:"identities"`
-	Policies    []json.RawMessage           `json:"policies"`
-	NamedPorts  map[string][]inputNamedPort `json:"named_ports"`
-	Queries     []inputQuery                `json:"queries"`
+	ClusterName string `json:"cluster_name"`
+	IPv4        *bool  `json:"ipv4"`
+	IPv6        *bool  `json:"ipv6"`
+	// enable-node-selector-labels: fromNodes/toNodes are accepted.
+	NodeSelectorLabels bool                        `json:"enable_node_selector_labels"`
+	Identities         []inputIdentity             `json:"identities"`
+	Policies           []json.RawMessage           `json:"policies"`
+	NamedPorts         map[string][]inputNamedPort `json:"named_ports"`
+	Queries            []inputQuery                `json:"queries"`
 }
 
 type inputIdentity struct {
@@ -257,6 +260,7 @@ func run(in input) (*output, error) {
 	option.Config.EnableIPv4 = ipv4
 	option.Config.EnableIPv6 = ipv6
 	option.Config.ClusterName = in.ClusterName
+	option.Config.EnableNodeSelectorLabels = in.NodeSelectorLabels
 	policy.SetPolicyEnabled(option.DefaultEnforcement)
 	// Must precede policy parsing: the "cluster" entity selects this cluster's name.
 	policyapi.InitEntities(in.ClusterName)
