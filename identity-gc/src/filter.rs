@@ -115,6 +115,20 @@ impl LabelFilter {
         Ok(LabelFilter { patterns, include_only })
     }
 
+    /// The node-label filter (`node-labels`): only the user's patterns,
+    /// no defaults; without any every node label counts (upstream's
+    /// node label prefixes).
+    pub fn for_nodes(user: &[&str]) -> Result<LabelFilter, FilterError> {
+        let mut patterns = Vec::new();
+        let mut include_only = false;
+        for p in user {
+            let p = Pattern::parse(p)?;
+            include_only |= !p.exclude;
+            patterns.push(p);
+        }
+        Ok(LabelFilter { patterns, include_only })
+    }
+
     /// Whether one label is identity-relevant.
     pub fn is_relevant(&self, l: &Label) -> bool {
         if l.source == SOURCE_RESERVED {
@@ -149,6 +163,19 @@ mod tests {
 
     fn k8s(key: &str) -> Label {
         Label::new("k8s", key, "v")
+    }
+
+    #[test]
+    fn node_filter_has_no_defaults() {
+        let node = |k: &str| Label::new("node", k, "v");
+        let all = LabelFilter::for_nodes(&[]).unwrap();
+        assert!(all.is_relevant(&node("kubernetes.io/hostname")), "no default exclusion");
+        let some = LabelFilter::for_nodes(&["zone", "!kubernetes\\.io/os"]).unwrap();
+        assert!(some.is_relevant(&node("zone")));
+        assert!(!some.is_relevant(&node("role")), "an inclusive pattern: only included labels");
+        assert!(!some.is_relevant(&node("kubernetes.io/os")));
+        let except = LabelFilter::for_nodes(&["!kubernetes\\.io"]).unwrap();
+        assert!(except.is_relevant(&node("zone")) && !except.is_relevant(&node("kubernetes.io/arch")));
     }
 
     #[test]

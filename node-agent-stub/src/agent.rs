@@ -30,7 +30,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::config::Settings;
 use crate::datapath::{DIR_EGRESS, DIR_INGRESS, Datapath, ENDPOINT_FAILED, ENDPOINT_READY, EndpointValue, PolicyEntry};
-use crate::enforce::{self, CidrIdentities};
+use crate::enforce::{self, CidrIdentities, NodeIdentities};
 use crate::netns;
 use crate::state::{EndpointRecord, Store as StateStore};
 
@@ -107,6 +107,8 @@ struct Stores {
     knps: Store<NetworkPolicy>,
     namespaces: Store<Namespace>,
     cnodes: Store<CiliumNode>,
+    /// This node's own Node (its labels).
+    node: Store<Node>,
     cidr_groups: Store<CiliumCidrGroup>,
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
@@ -123,6 +125,13 @@ pub struct Agent {
     pod_range: (u32, u32),
     live: BTreeMap<String, Live>,
     cidrs: CidrIdentities,
+    /// Per-node identities (`enable-node-selector-labels`).
+    node_ids: NodeIdentities,
+    /// Which node labels count (`node-labels`).
+    node_filter: LabelFilter,
+    /// The Node labels last copied into this node's CiliumNode.
+    cnode_labels: BTreeMap<String, String>,
+    node_uid: String,
     policy_cfg: cilium_policy::Config,
     /// Refused policies already reported (policy -> reason).
     refused_reported: BTreeMap<PolicyRef, String>,
@@ -130,6 +139,24 @@ pub struct Agent {
     bad_groups_reported: BTreeSet<(String, String)>,
     routes: BTreeMap<String, Ipv4Addr>,
     pub snapshot: Arc<Mutex<Snapshot>>,
+}
+
+/// Server-side applies this node's CiliumNode: owned by its Node, its
+/// address, and the Node's labels (upstream's agent copies them).
+async fn apply_cilium_node(
+    cnodes: &Api<CiliumNode>,
+    node: &str,
+    node_uid: &str,
+    node_ip: Ipv4Addr,
+    labels: &BTreeMap<String, String>,
+) -> kube::Result<()> {
+    let body = json!({
+        "apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+        "metadata": { "name": node, "labels": labels, "ownerReferences": [{
+            "apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid }] },
+        "spec": { "addresses": [{ "type": "InternalIP", "ip": node_ip.to_string() }] },
+    });
+    cnodes.patch(node, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await.map(|_| ())
 }
 
 /// Polls a cache's watch stream for the life of the agent, waking the
@@ -210,22 +237,20 @@ impl Agent {
 
         crate::datapath::ensure_bpffs()?;
         let mut dp = Datapath::load(&s.bpf_root())?;
-        let cidrs = CidrIdentities::from_ipcache(&dp.ipcache_entries()?);
+        let ipcache_now = dp.ipcache_entries()?;
+        let cidrs = CidrIdentities::from_ipcache(&ipcache_now);
+        let node_ids = NodeIdentities::from_ipcache(&ipcache_now);
+        let node_filter = LabelFilter::for_nodes(&s.node_label_patterns.iter().map(String::as_str).collect::<Vec<_>>())
+            .map_err(|e| anyhow!("invalid node-labels option: {e}"))?;
         let state = StateStore::open(&s.state_dir())?;
 
         // The CiliumNode, owned by the Node.
         let k8s_node =
             Api::<Node>::all(client.clone()).get(node).await.with_context(|| format!("reading Node {node}"))?;
-        let body = json!({
-            "apiVersion": "cilium.io/v2", "kind": "CiliumNode",
-            "metadata": { "name": node, "ownerReferences": [{
-                "apiVersion": "v1", "kind": "Node", "name": node,
-                "uid": k8s_node.metadata.uid.clone().unwrap_or_default() }] },
-            "spec": { "addresses": [{ "type": "InternalIP", "ip": node_ip.to_string() }] },
-        });
+        let node_uid = k8s_node.metadata.uid.clone().unwrap_or_default();
+        let cnode_labels = k8s_node.metadata.labels.clone().unwrap_or_default();
         let cnodes: Api<CiliumNode> = Api::all(client.clone());
-        cnodes
-            .patch(node, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+        apply_cilium_node(&cnodes, node, &node_uid, node_ip, &cnode_labels)
             .await
             .with_context(|| format!("registering CiliumNode {node}"))?;
         tracing::info!(node = %node, ip = %node_ip, "CiliumNode registered, waiting for a pod CIDR");
@@ -269,7 +294,7 @@ impl Agent {
             cluster_name: s.cluster_name.clone(),
             ipv4: true,
             ipv6: false,
-            enable_node_selector_labels: false,
+            enable_node_selector_labels: s.node_selector_labels,
         };
         Ok(Agent {
             s,
@@ -282,6 +307,10 @@ impl Agent {
             pod_range,
             live: BTreeMap::new(),
             cidrs,
+            node_ids,
+            node_filter,
+            cnode_labels,
+            node_uid,
             policy_cfg,
             refused_reported: BTreeMap::new(),
             bad_groups_reported: BTreeSet::new(),
@@ -308,6 +337,11 @@ impl Agent {
             knps: spawn_store(Api::<NetworkPolicy>::all(c.clone()), cfg.clone(), wake.clone()),
             namespaces: spawn_store(Api::<Namespace>::all(c.clone()), cfg.clone(), wake.clone()),
             cnodes: spawn_guarded::<CiliumNode>(c, cfg.clone(), wake.clone(), snap.clone()),
+            node: spawn_store(
+                Api::<Node>::all(c.clone()),
+                watcher::Config::default().fields(&format!("metadata.name={}", self.s.flags.node_name)),
+                wake.clone(),
+            ),
             cidr_groups: spawn_guarded::<CiliumCidrGroup>(c, cfg.clone(), wake.clone(), snap.clone()),
             services: spawn_store(Api::<Service>::all(c.clone()), cfg.clone(), wake.clone()),
             endpoint_slices: spawn_store(Api::<EndpointSlice>::all(c.clone()), cfg, wake.clone()),
@@ -321,6 +355,7 @@ impl Agent {
             ("networkpolicies", stores.knps.wait_until_ready().boxed()),
             ("namespaces", stores.namespaces.wait_until_ready().boxed()),
             ("ciliumnodes", stores.cnodes.wait_until_ready().boxed()),
+            ("node", stores.node.wait_until_ready().boxed()),
             ("ciliumcidrgroups", stores.cidr_groups.wait_until_ready().boxed()),
             ("services", stores.services.wait_until_ready().boxed()),
             ("endpointslices", stores.endpoint_slices.wait_until_ready().boxed()),
@@ -444,9 +479,17 @@ impl Agent {
         let mut prefixes = cilium_policy::engine::cidr_prefixes(&view.entries);
         prefixes.extend(groups.iter().flat_map(|g| g.cidrs.iter().copied()));
         self.cidrs.sync(&prefixes);
+        self.sync_cilium_node_labels(st).await;
+        let node_ips = self.node_identities(st);
         let ceps = st.ceps.state();
         let mut universe = enforce::universe(&self.policy_cfg, &st.ids.state(), &ceps, &self.cidrs);
         universe.add_cidr_groups(&groups);
+        if self.policy_cfg.enable_node_selector_labels {
+            universe.identities.insert(IDENTITY_HOST, self.host_labels());
+            for (labels, id) in &self.node_ids.by_labels {
+                universe.identities.insert(*id, labels.clone());
+            }
+        }
         let mut selections = Selections::new(&universe);
         let namespaces: BTreeMap<String, Arc<Namespace>> =
             st.namespaces.state().into_iter().filter_map(|n| Some((n.metadata.name.clone()?, n))).collect();
@@ -492,12 +535,73 @@ impl Agent {
             let mine = n.metadata.name.as_deref() == Some(self.s.flags.node_name.as_str());
             for a in n.spec.addresses.iter().flatten() {
                 if let Some(ip) = a.ip.as_deref().and_then(|i| i.parse::<std::net::IpAddr>().ok()) {
-                    want.insert(Prefix::host(ip), if mine { IDENTITY_HOST } else { IDENTITY_REMOTE_NODE });
+                    let remote = node_ips.get(&Prefix::host(ip)).copied().unwrap_or(IDENTITY_REMOTE_NODE);
+                    want.insert(Prefix::host(ip), if mine { IDENTITY_HOST } else { remote });
                 }
             }
         }
         self.dp.sync_ipcache(&want)?;
         Ok(())
+    }
+
+    /// Keeps this node's CiliumNode labels equal to its Node's (upstream
+    /// copies them; other agents read node labels from CiliumNodes).
+    async fn sync_cilium_node_labels(&mut self, st: &Stores) {
+        let Some(node) = st.node.state().into_iter().next() else { return };
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        if labels == self.cnode_labels {
+            return;
+        }
+        let cnodes: Api<CiliumNode> = Api::all(self.client.clone());
+        let name = &self.s.flags.node_name;
+        match apply_cilium_node(&cnodes, name, &self.node_uid, self.node_ip, &labels).await {
+            Ok(()) => {
+                tracing::info!(node = %name, "Node labels changed: CiliumNode labels updated");
+                self.cnode_labels = labels;
+            }
+            Err(e) => tracing::warn!(node = %name, error = %e, "updating the CiliumNode labels failed (retrying)"),
+        }
+    }
+
+    /// The identity labels of this node (`reserved:host`, and with node
+    /// selector labels its filtered Node labels and the cluster).
+    fn host_labels(&self) -> cilium_policy::LabelSet {
+        let labels = self.relevant_node_labels(&self.cnode_labels);
+        cilium_policy::identity::node_labels(&self.policy_cfg, true, &labels)
+    }
+
+    fn relevant_node_labels(&self, labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        labels
+            .iter()
+            .filter(|(k, v)| self.node_filter.is_relevant(&Label::new("node", k, v)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// With node selector labels: an identity per remote node label set
+    /// (node address -> identity). Without: none (every remote node is
+    /// `remote-node`).
+    fn node_identities(&mut self, st: &Stores) -> BTreeMap<Prefix, u32> {
+        if !self.policy_cfg.enable_node_selector_labels {
+            return BTreeMap::new();
+        }
+        let mut want: BTreeMap<cilium_policy::LabelSet, Vec<Prefix>> = BTreeMap::new();
+        for n in st.cnodes.state() {
+            if n.metadata.name.as_deref() == Some(self.s.flags.node_name.as_str()) {
+                continue;
+            }
+            let labels = self.relevant_node_labels(&n.metadata.labels.clone().unwrap_or_default());
+            let set = cilium_policy::identity::node_labels(&self.policy_cfg, false, &labels);
+            let addrs = n
+                .spec
+                .addresses
+                .iter()
+                .flatten()
+                .filter_map(|a| a.ip.as_deref()?.parse::<std::net::IpAddr>().ok())
+                .map(Prefix::host);
+            want.entry(set).or_default().extend(addrs);
+        }
+        self.node_ids.sync(&want)
     }
 
     /// Logs and reports each refused policy once per reason, as an Event

@@ -53,6 +53,11 @@ pub struct Flags {
     /// `default`): endpoints carry it as a label and policies select within it.
     #[arg(long)]
     pub cluster_name: Option<String>,
+    /// Node labels are identity labels of the nodes and `fromNodes`/
+    /// `toNodes` are allowed (overrides cilium-config
+    /// `enable-node-selector-labels`; default false, as upstream).
+    #[arg(long)]
+    pub enable_node_selector_labels: Option<bool>,
 }
 
 /// The settings the agent uses.
@@ -68,6 +73,11 @@ pub struct Settings {
     pub cluster_name: String,
     /// Seconds.
     pub kvstore_lease_ttl: i64,
+    /// `enable-node-selector-labels`.
+    pub node_selector_labels: bool,
+    /// Which node labels count (`node-labels`, the same pattern syntax as
+    /// `labels`; empty: every label).
+    pub node_label_patterns: Vec<String>,
 }
 
 /// `90`, `30s`, `15m`, `1h` as seconds (the forms upstream's durations take
@@ -98,6 +108,8 @@ impl Settings {
                 "kvstore-lease-ttl",
                 "max-connected-clusters",
                 "labels",
+                "enable-node-selector-labels",
+                "node-labels",
             ] {
                 if let Ok(v) = std::fs::read_to_string(dir.join(key)) {
                     cm.insert(key.to_string(), v.trim().to_string());
@@ -138,7 +150,19 @@ impl Settings {
                 seconds(&t).ok_or_else(|| anyhow::anyhow!("invalid kvstore-lease-ttl {t:?}: use e.g. 30s, 15m, 1h"))?
             }
         };
+        let node_selector_labels = match flags.enable_node_selector_labels {
+            Some(b) => b,
+            None => match cm.get("enable-node-selector-labels").map(String::as_str) {
+                None | Some("" | "false") => false,
+                Some("true") => true,
+                Some(v) => anyhow::bail!("invalid enable-node-selector-labels {v:?} in cilium-config: true or false"),
+            },
+        };
+        let node_label_patterns =
+            cm.get("node-labels").map(|l| l.split_whitespace().map(str::to_string).collect()).unwrap_or_default();
         Ok(Settings {
+            node_selector_labels,
+            node_label_patterns,
             kvstore_lease_ttl,
             cluster_name,
             mode,
@@ -205,6 +229,18 @@ mod tests {
         assert!(e.contains("invalid identity-allocation-mode \"etcd\""), "{e}");
         let e = Settings::from(flags(&["--identity-allocation-mode=kvstore"])).unwrap_err().to_string();
         assert!(e.contains("needs an etcd address"), "{e}");
+        assert!(!s.node_selector_labels, "off by default, as upstream");
+        std::fs::write(dir.path().join("enable-node-selector-labels"), "true\n").unwrap();
+        std::fs::write(dir.path().join("node-labels"), "zone !kubernetes\\.io").unwrap();
+        let s = Settings::from(flags(&[&d])).unwrap();
+        assert!(s.node_selector_labels);
+        assert_eq!(s.node_label_patterns, vec!["zone", "!kubernetes\\.io"]);
+        let s = Settings::from(flags(&[&d, "--enable-node-selector-labels=false"])).unwrap();
+        assert!(!s.node_selector_labels, "the flag wins");
+        std::fs::write(dir.path().join("enable-node-selector-labels"), "yes").unwrap();
+        let e = Settings::from(flags(&[&d])).unwrap_err().to_string();
+        assert!(e.contains("invalid enable-node-selector-labels \"yes\""), "{e}");
+        std::fs::write(dir.path().join("enable-node-selector-labels"), "false").unwrap();
         std::fs::write(dir.path().join("cluster-id"), "many").unwrap();
         let e = Settings::from(flags(&[&d])).unwrap_err().to_string();
         assert!(e.contains("invalid cluster-id \"many\""), "{e}");

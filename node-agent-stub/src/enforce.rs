@@ -145,6 +145,47 @@ impl CidrIdentities {
     }
 }
 
+/// Node-local identities of remote nodes with `enable-node-selector-labels`
+/// (upstream's remote-node scope): one per distinct label set, stable
+/// while the label set exists, freed when no node has it.
+#[derive(Clone, Debug, Default)]
+pub struct NodeIdentities {
+    pub by_labels: BTreeMap<LabelSet, u32>,
+    /// The identities an earlier agent gave node addresses (ipcache):
+    /// reused for the same address first, so a restart renumbers nothing.
+    hints: BTreeMap<Prefix, u32>,
+}
+
+impl NodeIdentities {
+    pub fn from_ipcache(ipcache: &BTreeMap<Prefix, u32>) -> NodeIdentities {
+        let scope = cilium_policy::identity::REMOTE_NODE_SCOPE;
+        NodeIdentities {
+            by_labels: BTreeMap::new(),
+            hints: ipcache.iter().filter(|(_, id)| **id & 0xff00_0000 == scope).map(|(p, id)| (*p, *id)).collect(),
+        }
+    }
+
+    /// Exactly the label sets in `want` (each with its nodes' addresses)
+    /// get an identity; returns address -> identity.
+    pub fn sync(&mut self, want: &BTreeMap<LabelSet, Vec<Prefix>>) -> BTreeMap<Prefix, u32> {
+        let scope = cilium_policy::identity::REMOTE_NODE_SCOPE;
+        self.by_labels.retain(|l, _| want.contains_key(l));
+        let mut used: BTreeSet<u32> = self.by_labels.values().copied().collect();
+        for (labels, addrs) in want {
+            if self.by_labels.contains_key(labels) {
+                continue;
+            }
+            let hinted = addrs.iter().filter_map(|a| self.hints.get(a)).find(|id| !used.contains(id)).copied();
+            let id = hinted.unwrap_or_else(|| (1..).map(|n| scope | n).find(|id| !used.contains(id)).expect("free id"));
+            self.by_labels.insert(labels.clone(), id);
+            used.insert(id);
+        }
+        // Hints serve the first sync after a start only.
+        self.hints.clear();
+        want.iter().flat_map(|(l, addrs)| addrs.iter().map(|a| (*a, self.by_labels[l]))).collect()
+    }
+}
+
 /// A label written `source:key=value` in a CiliumEndpoint, or the
 /// `source:key` -> value of a CiliumIdentity.
 fn identity_label(key: &str, value: &str) -> Label {
@@ -268,6 +309,32 @@ mod tests {
         assert!(got[0].selector.is_empty());
         let addrs: Vec<String> = got[0].backends.iter().map(|a| a.to_string()).collect();
         assert_eq!(addrs, ["192.0.2.7", "2001:db8::7"], "same namespace, IP slices only, not-ready included");
+    }
+
+    #[test]
+    fn node_identities_are_per_label_set_stable_and_survive_a_restart() {
+        let set = |zone: &str| LabelSet::parse(["reserved:remote-node", &format!("node:zone={zone}")[..]]);
+        let mut n = NodeIdentities::default();
+        let want: BTreeMap<LabelSet, Vec<Prefix>> =
+            [(set("a"), vec![p("192.168.0.2/32"), p("192.168.0.3/32")]), (set("b"), vec![p("192.168.0.4/32")])].into();
+        let ips = n.sync(&want);
+        assert_eq!(ips.len(), 3);
+        assert_eq!(ips[&p("192.168.0.2/32")], ips[&p("192.168.0.3/32")], "same labels, same identity");
+        assert_ne!(ips[&p("192.168.0.2/32")], ips[&p("192.168.0.4/32")]);
+        assert!(ips.values().all(|id| id & 0xff00_0000 == cilium_policy::identity::REMOTE_NODE_SCOPE));
+        // b changes its labels: a keeps its identity, the old b is freed.
+        let want2: BTreeMap<LabelSet, Vec<Prefix>> =
+            [(set("a"), vec![p("192.168.0.2/32")]), (set("c"), vec![p("192.168.0.4/32")])].into();
+        let ips2 = n.sync(&want2);
+        assert_eq!(ips2[&p("192.168.0.2/32")], ips[&p("192.168.0.2/32")]);
+        assert_eq!(n.by_labels.len(), 2);
+        // A restarted agent gives each address the identity it had.
+        let mut cache: BTreeMap<Prefix, u32> = ips2.clone();
+        cache.insert(p("10.0.0.0/8"), LOCAL_FLAG | 1);
+        let mut restarted = NodeIdentities::from_ipcache(&cache);
+        let swapped: BTreeMap<LabelSet, Vec<Prefix>> =
+            [(set("c"), vec![p("192.168.0.4/32")]), (set("a"), vec![p("192.168.0.2/32")])].into();
+        assert_eq!(restarted.sync(&swapped), ips2);
     }
 
     #[test]

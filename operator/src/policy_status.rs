@@ -26,7 +26,11 @@ pub const UNDECODABLE: &str = "Policy cannot be decoded";
 /// The engine's reading of the cluster (the agents read policies with the
 /// same configuration, so what is Valid here is what they enforce).
 fn engine_config(ctx: &Context) -> cilium_policy::Config {
-    cilium_policy::Config { cluster_name: ctx.config.cluster_name.clone(), ..Default::default() }
+    cilium_policy::Config {
+        cluster_name: ctx.config.cluster_name.clone(),
+        enable_node_selector_labels: ctx.config.node_selector_labels,
+        ..Default::default()
+    }
 }
 
 fn verdict<T>(parsed: Result<T, cilium_policy::Invalid>) -> Result<(), String> {

@@ -664,3 +664,51 @@ pub fn to_services_select_service_backends(_shared: &ControlPlane) -> anyhow::Re
     })();
     result.map_err(|e| e.context(c.cp.log_tails(10)))
 }
+
+/// `fromNodes` with `enable-node-selector-labels` on the operator and the
+/// agents: node labels (set with kubectl after the agents started) reach
+/// the CiliumNodes and the nodes' identities; connections from the nodes
+/// themselves to a pod are allowed by node label, and follow relabelling.
+pub fn from_nodes_selects_nodes_by_label(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let on = || vec!["--enable-node-selector-labels=true".to_string()];
+    let c = cluster_with("nsl", &["node-a", "node-b", "node-c"], |_| (on(), on()))?;
+    let result = (|| -> anyhow::Result<()> {
+        let ds = block_on(c.pod("node-a", "deathstar", json!({ "org": "empire", "class": "deathstar" })))?;
+        let _server = serve(&c.pod_ns("node-a", "default", "deathstar"), 80)?;
+        let (node_b, node_c) = (format!("{}-node-b", c.prefix), format!("{}-node-c", c.prefix));
+        let t = Duration::from_secs(20);
+        expect_conn(&c, "node-b -> deathstar before any policy", &node_b, ds, 80, true, t)?;
+        c.kubectl(&["label", "node", "node-b", "zone=b"], None)?;
+        c.kubectl(&["label", "node", "node-c", "zone=c"], None)?;
+        block_on(async {
+            let cnodes: Api<cilium_crds::CiliumNode> = Api::all(c.cp.client().await?);
+            eventually("node-b's label on its CiliumNode", Duration::from_secs(15), || async {
+                let n = cnodes.get("node-b").await?;
+                Ok(n.metadata.labels.and_then(|l| l.get("zone").cloned()).filter(|z| z == "b"))
+            })
+            .await
+        })?;
+
+        let spec = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromNodes:\n    - matchLabels:\n        zone: b\n    toPorts:\n    - ports:\n      - port: \"80\"\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "nodes", spec)))?;
+        block_on(async {
+            let cnps: Api<cilium_crds::policy::CiliumNetworkPolicy> = Api::namespaced(c.cp.client().await?, "default");
+            eventually("Valid=True on a fromNodes policy", Duration::from_secs(15), || async {
+                let p = cnps.get("nodes").await?;
+                let valid = p.status.and_then(|s| s.conditions).into_iter().flatten().find(|c| c.type_ == "Valid");
+                Ok(valid.filter(|v| v.status == "True").map(|_| ()))
+            })
+            .await
+        })?;
+        expect_conn(&c, "fromNodes zone=b: node-c (zone c)", &node_c, ds, 80, false, t)?;
+        expect_conn(&c, "fromNodes zone=b: node-b (zone b)", &node_b, ds, 80, true, t)?;
+        // Relabelling moves the nodes in and out of the selection.
+        c.kubectl(&["label", "node", "node-c", "zone=b", "--overwrite"], None)?;
+        expect_conn(&c, "node-c relabelled zone=b", &node_c, ds, 80, true, t)?;
+        c.kubectl(&["label", "node", "node-b", "zone-"], None)?;
+        expect_conn(&c, "node-b's zone label removed", &node_b, ds, 80, false, t)?;
+        eprintln!("fromNodes: selected by node label, CiliumNode labels follow the Node, relabelling enforced");
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(10)))
+}
