@@ -3,7 +3,7 @@
 //! between namespaces, an "external" host on the fabric, and cleanup of
 //! everything a test's agents made under one prefix.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::Arc;
@@ -33,7 +33,8 @@ pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 's
 
 /// Whether a TCP connection from namespace `from` to `ip:port` completes
 /// within `timeout` (a dropped SYN times out).
-pub fn can_connect(from: &str, ip: Ipv4Addr, port: u16, timeout: Duration) -> anyhow::Result<bool> {
+pub fn can_connect(from: &str, ip: impl Into<IpAddr>, port: u16, timeout: Duration) -> anyhow::Result<bool> {
+    let ip = ip.into();
     in_netns(from, move || TcpStream::connect_timeout(&SocketAddr::from((ip, port)), timeout).is_ok())
 }
 
@@ -53,7 +54,9 @@ pub fn serve(ns: &str, port: u16) -> anyhow::Result<Server> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let listener = in_netns(ns, move || -> anyhow::Result<TcpListener> {
-        let l = TcpListener::bind(("0.0.0.0", port))?;
+        // Both families where the namespace has IPv6 (a dual-stack pod),
+        // IPv4 alone otherwise.
+        let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))?;
         l.set_nonblocking(true)?;
         Ok(l)
     })??;

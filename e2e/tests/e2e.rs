@@ -61,6 +61,7 @@ fn main() {
         ("datapath::cidr_groups_select_external_hosts", datapath::cidr_groups_select_external_hosts),
         ("datapath::to_services_select_service_backends", datapath::to_services_select_service_backends),
         ("datapath::from_nodes_selects_nodes_by_label", datapath::from_nodes_selects_nodes_by_label),
+        ("datapath::dual_stack_pods_enforce_both_families", datapath::dual_stack_pods_enforce_both_families),
         ("datapath::kvstore_mode_identities", datapath::kvstore_mode_identities),
         ("datapath::doublewrite_mode_identities", datapath::doublewrite_mode_identities),
         ("policy::upstream_forms_through_the_agents", policy::upstream_forms_through_the_agents),

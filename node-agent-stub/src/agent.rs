@@ -122,7 +122,10 @@ pub struct Agent {
     alloc: Allocator,
     filter: LabelFilter,
     node_ip: Ipv4Addr,
+    /// Dual stack: this node's IPv6 fabric address and IPv6 pod range.
+    node_ip6: Option<std::net::Ipv6Addr>,
     pod_range: (u32, u32),
+    pod_range6: Option<(u128, u128)>,
     live: BTreeMap<String, Live>,
     cidrs: CidrIdentities,
     /// Per-node identities (`enable-node-selector-labels`).
@@ -137,7 +140,7 @@ pub struct Agent {
     refused_reported: BTreeMap<PolicyRef, String>,
     /// CiliumCIDRGroups (name, resourceVersion) with bad CIDRs, reported.
     bad_groups_reported: BTreeSet<(String, String)>,
-    routes: BTreeMap<String, Ipv4Addr>,
+    routes: BTreeMap<String, std::net::IpAddr>,
     pub snapshot: Arc<Mutex<Snapshot>>,
 }
 
@@ -147,16 +150,23 @@ async fn apply_cilium_node(
     cnodes: &Api<CiliumNode>,
     node: &str,
     node_uid: &str,
-    node_ip: Ipv4Addr,
+    addresses: &[std::net::IpAddr],
     labels: &BTreeMap<String, String>,
 ) -> kube::Result<()> {
+    let addresses: Vec<serde_json::Value> =
+        addresses.iter().map(|ip| json!({ "type": "InternalIP", "ip": ip.to_string() })).collect();
     let body = json!({
         "apiVersion": "cilium.io/v2", "kind": "CiliumNode",
         "metadata": { "name": node, "labels": labels, "ownerReferences": [{
             "apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid }] },
-        "spec": { "addresses": [{ "type": "InternalIP", "ip": node_ip.to_string() }] },
+        "spec": { "addresses": addresses },
     });
     cnodes.patch(node, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await.map(|_| ())
+}
+
+/// This node's addresses: IPv4, and IPv6 in dual stack.
+fn node_addresses(v4: Ipv4Addr, v6: Option<std::net::Ipv6Addr>) -> Vec<std::net::IpAddr> {
+    std::iter::once(v4.into()).chain(v6.map(Into::into)).collect()
 }
 
 /// Polls a cache's watch stream for the life of the agent, waking the
@@ -250,22 +260,40 @@ impl Agent {
         let node_uid = k8s_node.metadata.uid.clone().unwrap_or_default();
         let cnode_labels = k8s_node.metadata.labels.clone().unwrap_or_default();
         let cnodes: Api<CiliumNode> = Api::all(client.clone());
-        apply_cilium_node(&cnodes, node, &node_uid, node_ip, &cnode_labels)
+        apply_cilium_node(&cnodes, node, &node_uid, &node_addresses(node_ip, None), &cnode_labels)
             .await
             .with_context(|| format!("registering CiliumNode {node}"))?;
         tracing::info!(node = %node, ip = %node_ip, "CiliumNode registered, waiting for a pod CIDR");
-        let pod_cidr = loop {
+        // The operator assigns both families in one pass when its IPv6
+        // pool is on: an IPv6 pod CIDR next to the IPv4 one makes this
+        // node dual stack.
+        let (pod_cidr, pod_cidr6) = loop {
             let n = cnodes.get(node).await?;
             if let Some(c) = n.pod_cidrs().iter().find(|c| !c.contains(':')) {
-                break c.clone();
+                break (c.clone(), n.pod_cidrs().iter().find(|c| c.contains(':')).cloned());
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
         let cidr: cilium_ipam::Cidr = pod_cidr.parse().map_err(|e| anyhow!("pod CIDR {pod_cidr}: {e}"))?;
         let pod_range = (cidr.first() as u32, cidr.last() as u32);
-        tracing::info!(pod_cidr = %pod_cidr, "pod CIDR assigned");
+        let pod_range6 = match &pod_cidr6 {
+            Some(c6) => {
+                let c: cilium_ipam::Cidr = c6.parse().map_err(|e| anyhow!("IPv6 pod CIDR {c6}: {e}"))?;
+                Some((c.first(), c.last()))
+            }
+            None => None,
+        };
+        tracing::info!(pod_cidr = %pod_cidr, pod_cidr6 = ?pod_cidr6, "pod CIDR assigned");
 
         netns::ensure_node(&s.node_ns(), &s.fabric_ns(), &s.flags.node_ip)?;
+        let node_ip6 = pod_range6.map(|_| netns::node_ipv6(node_ip));
+        if let Some(ip6) = node_ip6 {
+            netns::ensure_node_ipv6(&s.node_ns(), ip6)?;
+            // Other nodes route this node's IPv6 pod CIDR through it.
+            apply_cilium_node(&cnodes, node, &node_uid, &node_addresses(node_ip, node_ip6), &cnode_labels)
+                .await
+                .with_context(|| format!("adding the IPv6 address to CiliumNode {node}"))?;
+        }
 
         let range = cilium_identity::cluster_range(s.cluster_id, s.max_connected_clusters)?;
         let kv = || async {
@@ -293,7 +321,7 @@ impl Agent {
         let policy_cfg = cilium_policy::Config {
             cluster_name: s.cluster_name.clone(),
             ipv4: true,
-            ipv6: false,
+            ipv6: pod_range6.is_some(),
             enable_node_selector_labels: s.node_selector_labels,
         };
         Ok(Agent {
@@ -304,7 +332,9 @@ impl Agent {
             alloc,
             filter,
             node_ip,
+            node_ip6,
             pod_range,
+            pod_range6,
             live: BTreeMap::new(),
             cidrs,
             node_ids,
@@ -525,6 +555,9 @@ impl Agent {
         }
         for l in self.live.values() {
             want.insert(Prefix::host(l.rec.ip.into()), l.identity);
+            if let Some(ip6) = l.rec.ip6 {
+                want.insert(Prefix::host(ip6.into()), l.identity);
+            }
         }
         // Nodes: this one is `host` (also as the pods' gateway address, the
         // source of what the node itself sends them), the others
@@ -544,6 +577,17 @@ impl Agent {
         Ok(())
     }
 
+    /// A pod's IPv6 address in dual stack: its IPv4 address's offset in
+    /// the IPv4 pod CIDR, at the same offset in the IPv6 one (no second
+    /// allocator to keep: an IPv4 address is never handed out twice, so
+    /// neither is its IPv6 twin).
+    fn ipv6_for(&self, ip: Ipv4Addr) -> Option<std::net::Ipv6Addr> {
+        let (first6, last6) = self.pod_range6?;
+        let offset = u128::from(u32::from(ip).checked_sub(self.pod_range.0)?);
+        let addr = first6.checked_add(offset).filter(|a| *a < last6)?;
+        Some(std::net::Ipv6Addr::from(addr))
+    }
+
     /// Keeps this node's CiliumNode labels equal to its Node's (upstream
     /// copies them; other agents read node labels from CiliumNodes).
     async fn sync_cilium_node_labels(&mut self, st: &Stores) {
@@ -554,7 +598,8 @@ impl Agent {
         }
         let cnodes: Api<CiliumNode> = Api::all(self.client.clone());
         let name = &self.s.flags.node_name;
-        match apply_cilium_node(&cnodes, name, &self.node_uid, self.node_ip, &labels).await {
+        let addrs = node_addresses(self.node_ip, self.node_ip6);
+        match apply_cilium_node(&cnodes, name, &self.node_uid, &addrs, &labels).await {
             Ok(()) => {
                 tracing::info!(node = %name, "Node labels changed: CiliumNode labels updated");
                 self.cnode_labels = labels;
@@ -636,18 +681,22 @@ impl Agent {
             if n.metadata.name.as_deref() == Some(me.as_str()) {
                 continue;
             }
-            let Some(ip) = n
+            let internal: Vec<std::net::IpAddr> = n
                 .spec
                 .addresses
                 .iter()
                 .flatten()
-                .find(|a| a.type_.as_deref() == Some("InternalIP"))
-                .and_then(|a| a.ip.as_deref()?.parse::<Ipv4Addr>().ok())
-            else {
-                continue;
-            };
-            for c in n.pod_cidrs().iter().filter(|c| !c.contains(':')) {
-                want.insert(c.clone(), ip);
+                .filter(|a| a.type_.as_deref() == Some("InternalIP"))
+                .filter_map(|a| a.ip.as_deref()?.parse().ok())
+                .collect();
+            for c in n.pod_cidrs() {
+                let v6 = c.contains(':');
+                if v6 && self.node_ip6.is_none() {
+                    continue;
+                }
+                if let Some(ip) = internal.iter().find(|ip| ip.is_ipv6() == v6) {
+                    want.insert(c.clone(), *ip);
+                }
             }
         }
         let node_ns = self.s.node_ns();
@@ -716,6 +765,7 @@ impl Agent {
                         namespace: ns.clone(),
                         name: name.clone(),
                         ip,
+                        ip6: self.ipv6_for(ip),
                         endpoint_id: self.state.next_endpoint_id(),
                         netns: self.s.pod_ns(&ns, &name),
                         lxc: netns::ifname("lxc", uid),
@@ -727,8 +777,16 @@ impl Agent {
                     rec
                 }
             };
+            // An endpoint recorded before this node was dual stack gets
+            // its IPv6 address now (the same mapping).
+            let mut rec = rec;
+            if rec.ip6.is_none() && self.pod_range6.is_some() {
+                rec.ip6 = self.ipv6_for(rec.ip);
+                self.state.state.endpoints.insert(uid.to_string(), rec.clone());
+                self.state.save()?;
+            }
             let node_ns = self.s.node_ns();
-            netns::make_pod(&node_ns, &rec.netns, &rec.lxc, rec.ip)?;
+            netns::make_pod(&node_ns, &rec.netns, &rec.lxc, rec.ip, rec.ip6)?;
             let ifindex = netns::ifindex(&node_ns, &rec.lxc)?;
             self.dp.attach(&netns::path(&node_ns), &rec.lxc)?;
             if is_new {
@@ -746,7 +804,7 @@ impl Agent {
                 };
                 self.dp.set_endpoint(ifindex, deny_all)?;
             }
-            netns::plug_pod(&node_ns, &rec.lxc, rec.ip)?;
+            netns::plug_pod(&node_ns, &rec.lxc, rec.ip, rec.ip6)?;
             tracing::info!(pod = %format!("{ns}/{name}"), ip = %rec.ip, endpoint = rec.endpoint_id, "endpoint created");
             self.live.insert(
                 uid.to_string(),
@@ -824,8 +882,12 @@ impl Agent {
                 .context("writing the CiliumEndpoint")?;
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
             let ip = live.rec.ip.to_string();
+            let pod_ips: Vec<serde_json::Value> = std::iter::once(ip.clone())
+                .chain(live.rec.ip6.map(|a| a.to_string()))
+                .map(|a| json!({ "ip": a }))
+                .collect();
             let status = json!({ "status": {
-                "phase": "Running", "podIP": ip, "podIPs": [{ "ip": ip }], "hostIP": self.node_ip.to_string(),
+                "phase": "Running", "podIP": ip, "podIPs": pod_ips, "hostIP": self.node_ip.to_string(),
                 "conditions": [{ "type": "Ready", "status": "True" }],
             } });
             pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
@@ -935,10 +997,14 @@ fn cep_body(ns: &str, name: &str, uid: &str, l: &Live, node_ip: Ipv4Addr) -> ser
             json!({ "name": p.name, "port": p.port, "protocol": proto })
         })
         .collect();
+    let mut addressing = json!({ "ipv4": l.rec.ip.to_string() });
+    if let Some(ip6) = l.rec.ip6 {
+        addressing["ipv6"] = json!(ip6.to_string());
+    }
     let mut status = json!({
         "id": l.rec.endpoint_id,
         "identity": { "id": l.identity, "labels": labels },
-        "networking": { "addressing": [{ "ipv4": l.rec.ip.to_string() }], "node": node_ip.to_string() },
+        "networking": { "addressing": [addressing], "node": node_ip.to_string() },
         "state": state,
         "policy": { "ingress": dir(l.computed.ingress.enforced), "egress": dir(l.computed.egress.enforced) },
         "external-identifiers": { "pod-name": format!("{ns}/{name}"), "k8s-namespace": ns, "k8s-pod-name": name },

@@ -4,8 +4,12 @@
 //! (`eth0` with the pod IP/32 and a default route via 169.254.1.1, which the
 //! node answers on the pod's veth). No address is ever put in the root
 //! namespace.
+//!
+//! Dual stack (an IPv6 pod CIDR on the CiliumNode): the node's `eth0` also
+//! gets an IPv6 fabric address ([`node_ipv6`]), a pod also its /128, with
+//! a default route via `fe80::1`, which the node answers on the pod's veth.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -13,6 +17,15 @@ use anyhow::{Context, bail};
 
 /// The link-local gateway every pod routes through.
 pub const GATEWAY: &str = "169.254.1.1";
+/// The IPv6 link-local gateway of dual-stack pods.
+pub const GATEWAY6: &str = "fe80::1";
+
+/// A node's IPv6 fabric address: `fd00:fab::` plus its IPv4 address, so
+/// every node derives it alone and the fabric's /64 is on-link for all.
+pub fn node_ipv6(v4: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = v4.octets();
+    Ipv6Addr::new(0xfd00, 0x0fab, 0, 0, 0, 0, u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]))
+}
 
 pub fn path(name: &str) -> PathBuf {
     PathBuf::from("/var/run/netns").join(name)
@@ -93,8 +106,16 @@ pub fn ensure_node(node_ns: &str, fabric: &str, node_ip: &str) -> anyhow::Result
     Ok(())
 }
 
-/// Routes a remote node's pod CIDR through its node IP.
-pub fn route_via(node_ns: &str, cidr: &str, via: Ipv4Addr) -> anyhow::Result<()> {
+/// Dual stack on a node: its IPv6 fabric address and IPv6 forwarding.
+pub fn ensure_node_ipv6(node_ns: &str, node_ip6: Ipv6Addr) -> anyhow::Result<()> {
+    sysctl(node_ns, "net.ipv6.conf.all.forwarding", "1")?;
+    ip(&["-n", node_ns, "-6", "addr", "add", &format!("{node_ip6}/64"), "dev", "eth0", "nodad"], true)?;
+    Ok(())
+}
+
+/// Routes a remote node's pod CIDR through its node IP (of the CIDR's
+/// family).
+pub fn route_via(node_ns: &str, cidr: &str, via: IpAddr) -> anyhow::Result<()> {
     ip(&["-n", node_ns, "route", "replace", cidr, "via", &via.to_string(), "dev", "eth0"], false)?;
     Ok(())
 }
@@ -107,7 +128,13 @@ pub fn delete_route(node_ns: &str, cidr: &str) {
 /// the node side stays down (see [`plug_pod`]) so that no packet passes
 /// before the datapath is attached. Existing pieces (an agent restart) are
 /// kept.
-pub fn make_pod(node_ns: &str, pod_ns: &str, lxc: &str, pod_ip: Ipv4Addr) -> anyhow::Result<()> {
+pub fn make_pod(
+    node_ns: &str,
+    pod_ns: &str,
+    lxc: &str,
+    pod_ip: Ipv4Addr,
+    pod_ip6: Option<Ipv6Addr>,
+) -> anyhow::Result<()> {
     add(pod_ns)?;
     let host_route = format!("{pod_ip}/32");
     if ip(&["-n", node_ns, "link", "show", "dev", lxc], false).is_err() {
@@ -118,13 +145,21 @@ pub fn make_pod(node_ns: &str, pod_ns: &str, lxc: &str, pod_ip: Ipv4Addr) -> any
     ip(&["-n", pod_ns, "link", "set", "eth0", "up"], false)?;
     ip(&["-n", pod_ns, "route", "replace", GATEWAY, "dev", "eth0", "scope", "link"], false)?;
     ip(&["-n", pod_ns, "route", "replace", "default", "via", GATEWAY, "dev", "eth0"], false)?;
+    if let Some(ip6) = pod_ip6 {
+        ip(&["-n", node_ns, "-6", "addr", "add", &format!("{GATEWAY6}/64"), "dev", lxc, "nodad"], true)?;
+        ip(&["-n", pod_ns, "-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"], true)?;
+        ip(&["-n", pod_ns, "-6", "route", "replace", "default", "via", GATEWAY6, "dev", "eth0"], false)?;
+    }
     Ok(())
 }
 
 /// Brings the node side of a pod up and routes its address to it.
-pub fn plug_pod(node_ns: &str, lxc: &str, pod_ip: Ipv4Addr) -> anyhow::Result<()> {
+pub fn plug_pod(node_ns: &str, lxc: &str, pod_ip: Ipv4Addr, pod_ip6: Option<Ipv6Addr>) -> anyhow::Result<()> {
     ip(&["-n", node_ns, "link", "set", lxc, "up"], false)?;
     ip(&["-n", node_ns, "route", "replace", &format!("{pod_ip}/32"), "dev", lxc], false)?;
+    if let Some(ip6) = pod_ip6 {
+        ip(&["-n", node_ns, "-6", "route", "replace", &format!("{ip6}/128"), "dev", lxc], false)?;
+    }
     Ok(())
 }
 

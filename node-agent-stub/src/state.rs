@@ -15,6 +15,10 @@ pub struct EndpointRecord {
     pub namespace: String,
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The IPv6 address in dual stack (absent in records of single-stack
+    /// agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub endpoint_id: u32,
     pub netns: String,
     pub lxc: String,
@@ -82,6 +86,7 @@ mod tests {
                 namespace: "d".into(),
                 name: "a".into(),
                 ip,
+                ip6: None,
                 endpoint_id: id,
                 netns: "n".into(),
                 lxc: "l".into(),
@@ -97,6 +102,7 @@ mod tests {
                 namespace: "d".into(),
                 name: "b".into(),
                 ip: Ipv4Addr::new(10, 0, 1, 2),
+                ip6: None,
                 endpoint_id: 2,
                 netns: "n".into(),
                 lxc: "l".into(),

@@ -175,11 +175,12 @@ pub fn expect_conn(
     c: &Cluster,
     what: &str,
     from: &str,
-    ip: Ipv4Addr,
+    ip: impl Into<std::net::IpAddr>,
     port: u16,
     want: bool,
     timeout: Duration,
 ) -> anyhow::Result<Duration> {
+    let ip = ip.into();
     let t0 = Instant::now();
     loop {
         let got = can_connect(from, ip, port, WAIT)?;
@@ -708,6 +709,64 @@ pub fn from_nodes_selects_nodes_by_label(_shared: &ControlPlane) -> anyhow::Resu
         c.kubectl(&["label", "node", "node-b", "zone-"], None)?;
         expect_conn(&c, "node-b's zone label removed", &node_b, ds, 80, false, t)?;
         eprintln!("fromNodes: selected by node label, CiliumNode labels follow the Node, relabelling enforced");
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.cp.log_tails(10)))
+}
+
+/// A pod's IPv6 address (its Pod status `podIPs`).
+async fn pod_ipv6(c: &Cluster, name: &str) -> anyhow::Result<std::net::Ipv6Addr> {
+    let p = Api::<Pod>::namespaced(c.cp.client().await?, "default").get(name).await?;
+    let ips = p.status.and_then(|s| s.pod_ips).unwrap_or_default();
+    let v6 = ips.iter().find(|i| i.ip.contains(':')).with_context(|| format!("{name} has no IPv6 address: {ips:?}"))?;
+    Ok(v6.ip.parse()?)
+}
+
+/// Dual stack: with the operator's IPv6 pool on, pods get an IPv6 address
+/// next to their IPv4 one (Pod status, CiliumEndpoint), TCP over IPv6
+/// flows between nodes and on one node, and the same policy applies to
+/// both families (rule1 and an egress rule, with real packets).
+pub fn dual_stack_pods_enforce_both_families(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let c = cluster_with("ds", &["node-a", "node-b"], |_| {
+        let op = ["--enable-ipv6=true", "--cluster-pool-ipv6-cidr=fd00:10:200::/104"].map(String::from).to_vec();
+        (op, Vec::new())
+    })?;
+    let result = (|| -> anyhow::Result<()> {
+        let sw = star_wars(&c, &[80])?;
+        let ds4 = sw.deathstar;
+        let (ds6, tie6) =
+            block_on(async { anyhow::Ok((pod_ipv6(&c, "deathstar").await?, pod_ipv6(&c, "tiefighter").await?)) })?;
+        let cep: CiliumEndpoint = block_on(async {
+            Ok::<_, anyhow::Error>(
+                Api::<CiliumEndpoint>::namespaced(c.cp.client().await?, "default").get("deathstar").await?,
+            )
+        })?;
+        let addressing = cep.status.and_then(|s| s.networking).map(|n| n.addressing).unwrap_or_default();
+        ensure!(
+            addressing.iter().any(|a| a.ipv6.as_deref() == Some(ds6.to_string().as_str())),
+            "the CEP does not carry {ds6}: {addressing:?}"
+        );
+        let _tie_server = serve(&sw.tie, 80)?;
+        let t = Duration::from_secs(20);
+        expect_conn(&c, "tiefighter -> deathstar over IPv6 (other node)", &sw.tie, ds6, 80, true, t)?;
+        expect_conn(&c, "xwing -> deathstar over IPv6", &sw.xwing, ds6, 80, true, t)?;
+        expect_conn(&c, "xwing -> tiefighter over IPv6 (same node)", &sw.xwing, tie6, 80, true, t)?;
+
+        c.kubectl(&["apply", "-f", "-"], Some(RULE1))?;
+        expect_conn(&c, "rule1: xwing -> deathstar IPv6", &sw.xwing, ds6, 80, false, t)?;
+        expect_conn(&c, "rule1: xwing -> deathstar IPv4", &sw.xwing, ds4, 80, false, t)?;
+        expect_conn(&c, "rule1: tiefighter -> deathstar IPv6", &sw.tie, ds6, 80, true, t)?;
+        expect_conn(&c, "rule1: tiefighter -> deathstar IPv4", &sw.tie, ds4, 80, true, t)?;
+        // An egress rule on the xwing: only the tiefighter, either family.
+        let egress = "  endpointSelector:\n    matchLabels:\n      class: xwing\n  egress:\n  - toEndpoints:\n    - matchLabels:\n        class: tiefighter\n";
+        c.kubectl(&["apply", "-f", "-"], Some(&policy("CiliumNetworkPolicy", "xwing-out", egress)))?;
+        expect_conn(&c, "egress: xwing -> tiefighter IPv6", &sw.xwing, tie6, 80, true, t)?;
+        c.kubectl(&["delete", "cnp", "rule1", "-n", "default"], None)?;
+        expect_conn(&c, "egress: xwing -> deathstar IPv6 (not the tiefighter)", &sw.xwing, ds6, 80, false, t)?;
+        expect_conn(&c, "no rule1: tiefighter -> deathstar IPv6", &sw.tie, ds6, 80, true, t)?;
+        eprintln!(
+            "dual stack: pods with IPv4 and IPv6 ({ds6}), IPv6 between and within nodes, rule1 and an egress rule enforced on both families"
+        );
         Ok(())
     })();
     result.map_err(|e| e.context(c.cp.log_tails(10)))
