@@ -16,7 +16,10 @@
 // 1. A reply to a connection this endpoint allowed earlier in the other
 //    direction passes (connection tracking per endpoint and direction, with
 //    TCP/UDP/SCTP ports and the ICMP echo identifier; only echo replies are
-//    replies; entries expire).
+//    replies; entries expire). So does an ICMP error (destination
+//    unreachable, packet too big, time exceeded, parameter problem) whose
+//    quoted packet belongs to such a connection, in either direction
+//    ("related", as upstream).
 // 2. Otherwise the peer's identity comes from the ipcache (longest prefix
 //    match; user space installs the world identities as ::ffff:0:0/96 and
 //    ::/0) and the policy map decides: it is a longest-prefix-match map
@@ -51,6 +54,7 @@
 #define REASON_REPLY 2
 #define REASON_ARP 3
 #define REASON_NDP 4
+#define REASON_RELATED 5
 #define REASON_DENIED_BY_RULE 10
 #define REASON_NOT_ALLOWED 11
 #define REASON_MALFORMED 12
@@ -183,6 +187,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } cilium_metrics SEC(".maps");
 
+// The packet an ICMP error quotes (its addresses, protocol and ports or
+// echo identifier).
+struct quoted {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport, dport; // network byte order (ICMP echo: the identifier)
+	__u8 proto;
+	__u8 pad[3];
+};
+
 struct tuple {
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -193,6 +207,8 @@ struct tuple {
 	__u8 flags; // TCP flags
 	__u8 echo;  // 1: echo request, 2: echo reply
 	__u8 ndp;   // an IPv6 neighbour discovery message
+	__u8 related; // an ICMP error quoting a packet: `quoted` is set
+	struct quoted quoted;
 };
 
 #define ECHO_REQUEST 1
@@ -208,6 +224,54 @@ static __always_inline void map_v4(__u8 *dst, __u32 addr)
 	dst[10] = 0xff;
 	dst[11] = 0xff;
 	__builtin_memcpy(dst + 12, &addr, 4);
+}
+
+// An ICMP error's quoted packet (IP header and the first 8 bytes after
+// it) at `off`: sets t->quoted and t->related when it is TCP, UDP, SCTP
+// or an echo request; anything else leaves the error unrelated.
+static __always_inline void parse_quoted(struct __sk_buff *skb, __u32 off, struct tuple *t, int v6)
+{
+	struct quoted *q = &t->quoted;
+	__u32 l4;
+	if (v6) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0)
+			return;
+		__builtin_memcpy(q->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(q->daddr, &ip6.daddr, 16);
+		q->proto = ip6.nexthdr;
+		l4 = off + sizeof(ip6);
+	} else {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0)
+			return;
+		if (ip.ihl < 5 || ip.version != 4)
+			return;
+		map_v4(q->saddr, ip.saddr);
+		map_v4(q->daddr, ip.daddr);
+		q->proto = ip.protocol;
+		l4 = off + ((__u32)ip.ihl & 0xf) * 4;
+	}
+	if (q->proto == PROTO_TCP || q->proto == PROTO_UDP || q->proto == PROTO_SCTP) {
+		__u16 ports[2];
+		if (bpf_skb_load_bytes(skb, l4, ports, 4) < 0)
+			return;
+		q->sport = ports[0];
+		q->dport = ports[1];
+	} else if (q->proto == (v6 ? PROTO_ICMPV6 : PROTO_ICMP)) {
+		__u8 h[6];
+		if (bpf_skb_load_bytes(skb, l4, h, 6) < 0)
+			return;
+		if (h[0] != (v6 ? 128 : 8))
+			return; // only echo requests open connections
+		__u16 id;
+		__builtin_memcpy(&id, h + 4, 2);
+		q->sport = id;
+		q->dport = id;
+	} else {
+		return;
+	}
+	t->related = 1;
 }
 
 // Reads the L4 header at `off` into t. Returns 0, or -1 when truncated.
@@ -245,6 +309,12 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, struct tup
 		}
 		if (v6 && hdr[0] >= 133 && hdr[0] <= 137)
 			t->ndp = 1;
+		// Errors: v4 unreachable 3, time exceeded 11, parameter problem
+		// 12; v6 unreachable 1, packet too big 2, time exceeded 3,
+		// parameter problem 4. The quoted packet follows the 8-byte
+		// ICMP header.
+		if (v6 ? (hdr[0] >= 1 && hdr[0] <= 4) : (hdr[0] == 3 || hdr[0] == 11 || hdr[0] == 12))
+			parse_quoted(skb, off + 8, t, v6);
 		return 0;
 	}
 	return 0;
@@ -379,6 +449,48 @@ static __always_inline void ct_key_of(struct ct_key *k, __u32 ep, __u8 dir, stru
 	}
 }
 
+// Whether `k` is a live connection.
+static __always_inline int ct_live(struct ct_key *k)
+{
+	struct ct_value *v = bpf_map_lookup_elem(&cilium_ct, k);
+	return v && v->expires_ns >= bpf_ktime_get_ns();
+}
+
+static __always_inline void ct_key_of_quoted(struct ct_key *k, __u32 ep, __u8 dir, struct quoted *q, int reverse)
+{
+	k->endpoint_id = ep;
+	k->direction = dir;
+	k->proto = q->proto;
+	k->pad = 0;
+	if (reverse) {
+		__builtin_memcpy(k->saddr, q->daddr, 16);
+		__builtin_memcpy(k->daddr, q->saddr, 16);
+		k->sport = q->dport;
+		k->dport = q->sport;
+	} else {
+		__builtin_memcpy(k->saddr, q->saddr, 16);
+		__builtin_memcpy(k->daddr, q->daddr, 16);
+		k->sport = q->sport;
+		k->dport = q->dport;
+	}
+}
+
+// An ICMP error about a packet of a live connection: the quoted packet
+// went the other way than the error, so it is either the connection's
+// opening direction as quoted (a connection opened in the other
+// direction) or its reply direction (one opened in this direction).
+static __always_inline int is_related(__u32 ep, __u8 dir, struct tuple *t)
+{
+	if (!t->related)
+		return 0;
+	struct ct_key k;
+	ct_key_of_quoted(&k, ep, dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS, &t->quoted, 0);
+	if (ct_live(&k))
+		return 1;
+	ct_key_of_quoted(&k, ep, dir, &t->quoted, 1);
+	return ct_live(&k);
+}
+
 static __always_inline __u64 lifetime(struct tuple *t, int reply_seen)
 {
 	if (t->proto != PROTO_TCP)
@@ -462,6 +574,8 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		return verdict(skb, id, dir, REASON_NDP);
 	if (is_reply(id, dir, &t))
 		return verdict(skb, id, dir, REASON_REPLY);
+	if (is_related(id, dir, &t))
+		return verdict(skb, id, dir, REASON_RELATED);
 	__u32 peer = identity_of(dir == DIR_INGRESS ? t.saddr : t.daddr);
 	__u8 reason = decide(ep, dir, peer, &t);
 	if (reason < REASON_DENIED_BY_RULE)

@@ -103,6 +103,20 @@ pub fn udp_roundtrip(from: &str, ip: Ipv4Addr, port: u16, timeout: Duration) -> 
     })?
 }
 
+/// Whether a UDP datagram from `from` to `ip:port` (nothing listening)
+/// comes back refused: the ICMP port unreachable reached the sender's
+/// connected socket within `timeout`.
+pub fn udp_refused(from: &str, ip: Ipv4Addr, port: u16, timeout: Duration) -> anyhow::Result<bool> {
+    in_netns(from, move || -> anyhow::Result<bool> {
+        let s = UdpSocket::bind(("0.0.0.0", 0))?;
+        s.connect((ip, port))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.send(b"anyone?")?;
+        let mut buf = [0u8; 16];
+        Ok(matches!(s.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused))
+    })?
+}
+
 fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {

@@ -29,6 +29,7 @@ pub const REASON_NO_POLICY: u8 = 1;
 pub const REASON_REPLY: u8 = 2;
 pub const REASON_ARP: u8 = 3;
 pub const REASON_NDP: u8 = 4;
+pub const REASON_RELATED: u8 = 5;
 pub const REASON_DENIED_BY_RULE: u8 = 10;
 pub const REASON_NOT_ALLOWED: u8 = 11;
 pub const REASON_MALFORMED: u8 = 12;
@@ -45,6 +46,7 @@ pub fn reason_name(r: u8) -> &'static str {
         REASON_REPLY => "reply",
         REASON_ARP => "arp",
         REASON_NDP => "neighbor-discovery",
+        REASON_RELATED => "related",
         REASON_DENIED_BY_RULE => "denied-by-rule",
         REASON_NOT_ALLOWED => "not-allowed",
         REASON_MALFORMED => "malformed",

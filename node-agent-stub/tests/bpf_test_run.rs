@@ -206,6 +206,50 @@ fn tcp_replies_are_tracked_per_endpoint_and_direction() {
 }
 
 #[test]
+fn icmp_errors_about_tracked_connections_are_related() {
+    let mut b = load(
+        "related",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "egress": [{"toEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]},
+                          {"toEndpoints": [{"matchLabels": {"app": "web"}}], "icmps": [{"fields": [{"type": 8}]}]}],
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}]}]}]}),
+        &[],
+    );
+    let conn = tcp(POD, WEB, 80);
+    // OTHER plays a router on the path: the policy allows nothing from it.
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &conn)), "no connection yet");
+    assert!(allowed(&b.dp, DIR_EGRESS, &conn));
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &conn)), "unreachable about it");
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB, POD, 11, &conn)), "time exceeded about it");
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 12, &conn)), "parameter problem");
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &tcp(POD, WEB, 81))), "another port");
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &tcp(POD, OTHER, 80))), "another peer");
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 5, &conn)), "a redirect is no error");
+    assert!(!allowed_frame(&b.dp, DIR_EGRESS, &icmp_error(POD, OTHER, 3, &conn)), "not the way it was quoted");
+    // A connection web opened (ingress UDP 53): the pod's port
+    // unreachable about it leaves, and an error about the pod's reply
+    // comes back.
+    let dns = Pkt::new(UDP, WEB, POD, 5353, 53);
+    assert!(allowed(&b.dp, DIR_INGRESS, &dns));
+    assert!(allowed_frame(&b.dp, DIR_EGRESS, &icmp_error(POD, WEB, 3, &dns)), "the pod's port unreachable");
+    assert!(!allowed_frame(&b.dp, DIR_EGRESS, &icmp_error(POD, WEB, 3, &Pkt::new(UDP, WEB, POD, 5353, 54))));
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &dns.reply())), "about the reply");
+    // An echo request's error, by identifier.
+    assert!(allowed(&b.dp, DIR_EGRESS, &Pkt::icmp(POD, WEB, 8, 99)));
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &Pkt::icmp(POD, WEB, 8, 99))));
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &Pkt::icmp(POD, WEB, 8, 100))));
+    // IPv6: packet too big (the path MTU of a TCP connection).
+    let conn6 = tcp(POD6, WEB6, 80);
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB6, POD6, 2, &conn6)), "no connection yet");
+    assert!(allowed(&b.dp, DIR_EGRESS, &conn6));
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB6, POD6, 2, &conn6)), "packet too big");
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB6, POD6, 1, &conn6)), "unreachable");
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB6, POD6, 2, &tcp(POD6, WEB6, 81))), "another port");
+    assert_eq!(counter(&mut b.dp, DIR_INGRESS, REASON_RELATED), 7);
+    assert_eq!(counter(&mut b.dp, DIR_EGRESS, REASON_RELATED), 1);
+}
+
+#[test]
 fn every_frame_gets_a_verdict() {
     let mut b = load(
         "frames",

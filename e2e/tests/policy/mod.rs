@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::ensure;
-use e2e::netns::{can_connect, external_host, ping, serve, serve_udp, udp_roundtrip};
+use e2e::netns::{can_connect, external_host, ping, serve, serve_udp, udp_refused, udp_roundtrip};
 use e2e::{ControlPlane, block_on, eventually};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
@@ -152,6 +152,21 @@ pub fn upstream_forms_through_the_agents(_shared: &ControlPlane) -> anyhow::Resu
         icmp(&c, "icmp: deathstar -> tiefighter, right after", &ds_ns, tie_ip, 4243, false)?;
         tcp(&c, "icmp: tiefighter tcp/80 (only echo allowed)", &tie, ds, 80, false)?;
         c.kubectl(&["delete", "cnp", "icmp", "-n", "default"], None)?;
+
+        // ICMP errors related to a connection pass both ways while every
+        // ICMP is otherwise denied: the deathstar's port unreachable for a
+        // UDP datagram the tiefighter may send (deathstar egress: nothing
+        // allowed) reaches the tiefighter (ingress: nothing allowed).
+        let ds_spec = "  endpointSelector:\n    matchLabels:\n      class: deathstar\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        class: tiefighter\n    toPorts:\n    - ports:\n      - port: \"9999\"\n        protocol: UDP\n  egress:\n  - toEndpoints:\n    - matchLabels:\n        class: nobody\n";
+        let tie_spec = "  endpointSelector:\n    matchLabels:\n      class: tiefighter\n  egress:\n  - toEndpoints:\n    - matchLabels:\n        class: deathstar\n    toPorts:\n    - ports:\n      - port: \"9999\"\n        protocol: UDP\n  ingress:\n  - fromEndpoints:\n    - matchLabels:\n        class: nobody\n";
+        apply(&c, &cnp("related-ds", ds_spec))?;
+        apply(&c, &cnp("related-tie", tie_spec))?;
+        let tie_ns = tie.clone();
+        expect_probe(&c, "related: port unreachable back to the tiefighter", true, T, || {
+            udp_refused(&tie_ns, ds, 9999, PROBE)
+        })?;
+        icmp(&c, "related: a plain ping is still denied", &tie, ds, 4244, false)?;
+        c.kubectl(&["delete", "cnp", "related-ds", "related-tie", "-n", "default"], None)?;
 
         // A policy upstream refuses (here `ingress: []` alone) is marked
         // Valid=False by the operator, not enforced, and reported.

@@ -101,6 +101,40 @@ impl Pkt {
     }
 }
 
+/// An ICMP (ICMPv6 for IPv6) error of type `ty` from `src` to `dst`
+/// quoting `quoted` (its IP header and first 8 bytes of L4), as routers
+/// and hosts send them.
+pub fn icmp_error(src: &str, dst: &str, ty: u8, quoted: &Pkt) -> Vec<u8> {
+    let inner = quoted.frame();
+    let ip_len = if quoted.src.is_ipv4() { 20 } else { 40 };
+    let quote = &inner[14..(14 + ip_len + 8).min(inner.len())];
+    let src: IpAddr = src.parse().unwrap();
+    let outer = Pkt {
+        proto: if src.is_ipv4() { ICMP } else { ICMPV6 },
+        src,
+        dst: dst.parse().unwrap(),
+        sport: u16::from(ty),
+        dport: 0,
+        tcp_flags: 0,
+    };
+    let mut f = outer.frame();
+    // The outer frame ends with the 8-byte ICMP header: the quote follows,
+    // and the IP length grows by it.
+    f.extend_from_slice(quote);
+    if outer.src.is_ipv4() {
+        let total = (f.len() - 14) as u16;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+    } else {
+        let payload = (f.len() - 14 - 40) as u16;
+        f[18..20].copy_from_slice(&payload.to_be_bytes());
+    }
+    f
+}
+
+pub fn allowed_frame(dp: &Datapath, dir: u8, frame: &[u8]) -> bool {
+    run_frame(dp, if dir == DIR_INGRESS { "to_container" } else { "from_container" }, frame) == TC_ACT_OK
+}
+
 pub struct Bench {
     pub dp: Datapath,
     pub dir: std::path::PathBuf,
