@@ -63,9 +63,8 @@ fn strip_annotations(v: &mut Value) {
                 map.remove("default");
             }
             // schemars marks every `Option` nullable and adds `null` to
-            // enums; our types omit absent fields instead, upstream's CRDs
-            // accept no `null`, and the 1.20 API server refuses such CRDs
-            // with a misleading error.
+            // enums; our types omit absent fields instead, and upstream's
+            // CRDs accept no `null`.
             if map.get("nullable") == Some(&Value::Bool(true)) {
                 map.remove("nullable");
             }

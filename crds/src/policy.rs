@@ -12,10 +12,11 @@
 //! (or a list of objects) that preserves unknown fields, so that it
 //! round-trips without loss; enforcing it is the agent's job.
 //!
-//! Only structural-schema validation is used (`enum`, `pattern`, `format`,
+//! Validation is structural (`enum`, `pattern`, `format`,
 //! `minimum`/`maximum`, `maxLength`, `maxItems`, `oneOf` on required
-//! fields): the Kubernetes 1.20 API server this project tests against does
-//! not enforce CEL rules.
+//! fields) plus upstream's one CEL rule (`spec` or `specs` must be given);
+//! the rest of upstream's checks are the policy engine's (`cilium-policy`),
+//! reported in the `Valid` condition.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -158,6 +159,19 @@ pub const POLICY_CATEGORIES: &[&str] = &["cilium", "ciliumpolicy"];
 fn policy_crd<T: JsonSchema>(info: &CrdInfo) -> CustomResourceDefinition {
     let mut crd = crd::build::<T>(info);
     crd.spec.names.categories = Some(POLICY_CATEGORIES.iter().map(|c| c.to_string()).collect());
+    // Upstream's one CEL rule: `kubectl apply` of a policy with neither
+    // `spec` nor `specs` is refused by the API server, not accepted and
+    // then marked invalid.
+    for v in &mut crd.spec.versions {
+        if let Some(schema) = v.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) {
+            schema.x_kubernetes_validations =
+                Some(vec![k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::ValidationRule {
+                    rule: "has(self.spec) || has(self.specs)".into(),
+                    message: Some("spec or specs must be provided".into()),
+                    ..Default::default()
+                }]);
+        }
+    }
     crd
 }
 

@@ -525,9 +525,13 @@ impl Controller {
         if shown == error && self.errors.get(&name) == error.as_ref() {
             return;
         }
-        // A JSON merge patch, not server-side apply: clearing with SSA empties
-        // `operator-status`, which the 1.20 API server stores as null and then
-        // refuses. `null` in a merge patch removes the key (no "" is written).
+        // A JSON merge patch, not server-side apply: clearing with SSA (even
+        // after taking the field over) leaves the emptied `operator-status`
+        // as null, which the CRD's schema refuses (seen on 1.20 and again on
+        // 1.35: "ipam.operator-status in body must be of type object").
+        // `null` in a merge patch removes the key whoever wrote it (an
+        // older operator, upstream's) and leaves `operator-status: {}`, as
+        // upstream's own update does.
         let body = json!({ "status": { "ipam": { "operator-status": { "error": error } } } });
         let pp = PatchParams { field_manager: Some(STATUS_FIELD_MANAGER.into()), ..Default::default() };
         match self.nodes.patch_status(&name, &pp, &Patch::Merge(&body)).await {
@@ -544,10 +548,9 @@ impl Controller {
     }
 
     async fn event(&self, node: &CiliumNode, type_: EventType, reason: &str, note: &str) {
-        // Events about cluster-scoped objects live in "default"; the 1.20 API
-        // server insists that the reference names the Event's namespace.
+        // A cluster-scoped object: the reference has no namespace and the
+        // Event goes to "default" (kube's recorder), as upstream's do.
         let reference = ObjectReference {
-            namespace: Some("default".into()),
             api_version: Some(cilium_crds::API_VERSION.into()),
             kind: Some("CiliumNode".into()),
             name: node.metadata.name.clone(),

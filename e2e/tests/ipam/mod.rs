@@ -111,6 +111,10 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
             }))
         })
         .await?;
+        // ... and `kubectl describe` finds it on the (cluster-scoped) node.
+        let out = cp.kubectl()?.args(["describe", "ciliumnode", "n3"]).output()?;
+        let described = String::from_utf8_lossy(&out.stdout);
+        ensure!(described.contains("PodCIDRPoolExhausted"), "kubectl describe ciliumnode n3:\n{described}");
         let text = op.metrics()?;
         ensure!(
             sample_value(&text, "cilium_operator_ipam_exhausted_total{family=\"ipv4\"}").unwrap_or(0.0) >= 1.0,
@@ -126,6 +130,14 @@ pub fn allocation_exhaustion_extension_and_gc(_shared: &ControlPlane) -> anyhow:
 
         // Extend the pool list (append) and restart: n3 recovers.
         op.stop()?;
+        // Meanwhile another writer (as upstream's operator writes it, an
+        // update under its own field manager) leaves an error on n3: ours
+        // must clear it all the same.
+        let stale = serde_json::json!({ "status": { "ipam": { "operator-status": { "error": "stale error from upstream" } } } });
+        let other =
+            kube::api::PatchParams { field_manager: Some("cilium-operator-generic".into()), ..Default::default() };
+        cns.patch_status("n3", &other, &kube::api::Patch::Merge(&stale)).await?;
+        ensure!(operator_error(&cns.get("n3").await?).as_deref() == Some("stale error from upstream"));
         let mut op2 = Operator::start(
             &cp,
             "operator-ipam-2",
