@@ -11,11 +11,16 @@
 # takes a second:
 #   $CILIUM_RS_CACHE/k8s-<KUBE_VERSION>-r<RECIPE>-<hash>/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet}
 #   $CILIUM_RS_CACHE/etcd-<ETCD_VERSION>-r<RECIPE>-<hash>/{etcd,etcdctl}
-# (k8s-, not kube-: setup.sh's Debian 1.20 build removes every other kube-* there.)
+# (--floor: k8sfloor-<version>-..., a prefix of its own, so that each build's
+# cleanup of older versions keeps the other.)
 #
-# Usage: build-kube.sh [--link DIR]
+# Usage: build-kube.sh [--floor] [--link DIR]
 #   Prints the two directories on stdout as `kube=DIR` and `etcd=DIR`;
-#   --link DIR also symlinks the six binaries into DIR (e.g. .tools/bin).
+#   --link DIR also symlinks the binaries into DIR (e.g. .tools/bin).
+#   --floor builds the oldest supported Kubernetes instead (FLOOR_VERSION,
+#   wrapper module scripts/kube-floor: kube-apiserver and
+#   kube-controller-manager only, cached as k8sfloor-<version>-...), for the
+#   lighter test tier; etcd is the same.
 #   BUILD_JOBS=N limits `go build -p` (default: all cores); GOMAXPROCS is
 #   passed through.
 #
@@ -38,6 +43,9 @@ die() { printf '[build-kube] error: %s\n' "$*" >&2; exit 1; }
 . "$here/scripts/go-toolchain.sh"
 
 KUBE_VERSION=v1.35.4 # staging modules k8s.io/*: v0.35.4
+# The oldest Kubernetes upstream Cilium v1.20 supports (1.33-1.36), and the
+# chart's kubeVersion floor.
+FLOOR_VERSION=v1.33.13 # staging modules k8s.io/*: v0.33.13
 ETCD_VERSION=v3.6.16
 # Bump RECIPE when the build recipe below changes: it keys the cache (changes
 # to scripts/kube/* and scripts/etcd/* are picked up by the source hash).
@@ -46,17 +54,26 @@ KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
 ETCD_BINS=(etcd etcdctl)
 
 link_dir=""
+floor=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --floor) floor=1; shift ;;
     --link) [ $# -ge 2 ] || die "--link needs a directory"; link_dir=$2; shift 2 ;;
     --link=*) link_dir=${1#--link=}; shift ;;
     -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument: $1 (usage: build-kube.sh [--link DIR])" ;;
+    *) die "unknown argument: $1 (usage: build-kube.sh [--floor] [--link DIR])" ;;
   esac
 done
+kube_src="$here/scripts/kube"
+kube_prefix=k8s
+if [ "$floor" = 1 ]; then
+  KUBE_VERSION=$FLOOR_VERSION
+  KUBE_BINS=(kube-apiserver kube-controller-manager)
+  kube_src="$here/scripts/kube-floor"
+  kube_prefix=k8sfloor
+fi
 
 # ------------------------------------------------------------ wrapper checks
-kube_src="$here/scripts/kube"
 etcd_src="$here/scripts/etcd"
 for s in "$kube_src" "$etcd_src"; do
   [ -f "$s/go.mod" ] && [ -f "$s/go.sum" ] || die "$s is incomplete (go.mod, go.sum)"
@@ -83,7 +100,7 @@ src_hash() { # dir: hash of go.mod, go.sum and every .go file under it
   (cd "$1" && find . -type f \( -name '*.go' -o -name go.mod -o -name go.sum \) -print0 |
     LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
 }
-kube_out="$cache/k8s-$KUBE_VERSION-r$RECIPE-$(src_hash "$kube_src")"
+kube_out="$cache/$kube_prefix-$KUBE_VERSION-r$RECIPE-$(src_hash "$kube_src")"
 etcd_out="$cache/etcd-$ETCD_VERSION-r$RECIPE-$(src_hash "$etcd_src")"
 
 complete() { # dir bin...
@@ -128,7 +145,7 @@ gobuild() { # module-dir log output ldflags tags package
 }
 
 # Stale work directories of killed builds (a live one is younger than a day).
-find "$cache" -maxdepth 1 \( -name 'k8s-*.tmp.*' -o -name 'etcd-*.tmp.*' \) -type d -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
+find "$cache" -maxdepth 1 \( -name 'k8s-*.tmp.*' -o -name 'k8sfloor-*.tmp.*' -o -name 'etcd-*.tmp.*' \) -type d -mmin +1440 -exec rm -rf {} + 2>/dev/null || true
 
 publish() { # work out prefix bin...
   local work=$1 out=$2 prefix=$3
@@ -192,7 +209,7 @@ if ! complete "$kube_out" "${KUBE_BINS[@]}"; then
     [ "$v" = "Kubernetes $KUBE_VERSION" ] || die "built $b reports '$v', expected 'Kubernetes $KUBE_VERSION'"
     log "  $b: $((SECONDS - t0)) s, $(du -m "$work/$b" | cut -f1) MB"
   done
-  publish "$work" "$kube_out" k8s "${KUBE_BINS[@]}"
+  publish "$work" "$kube_out" "$kube_prefix" "${KUBE_BINS[@]}"
   trap - EXIT
 fi
 

@@ -143,6 +143,18 @@ for f in "$chart"/tests/bad-values/*.yaml; do
 done
 [ "$n_bad" -gt 0 ] || fail "no bad-values files in charts/cilium/tests/bad-values"
 
+# ------------------------------------------------------------ kubeVersion floor
+# The floor is the Kubernetes the floor test tier runs on (1.33,
+# scripts/build-kube.sh --floor): helm takes it and refuses the release
+# below it.
+if ! helm template cilium "$chart" --namespace kube-system --kube-version 1.33.0 >/dev/null 2>"$work/kv.err"; then
+  fail "helm template --kube-version 1.33.0 refused" "$(cat "$work/kv.err")"
+elif helm template cilium "$chart" --namespace kube-system --kube-version 1.32.9 >/dev/null 2>"$work/kv.err"; then
+  fail "helm template --kube-version 1.32.9 accepted: the chart's kubeVersion floor is not 1.33"
+else
+  pass "kubeVersion: 1.33.0 accepted, 1.32.9 refused"
+fi
+
 # ------------------------------------------------------------ Prometheus rules
 rules="$chart/files/prometheus-rules.yaml"
 if out=$(promtool check rules "$rules" 2>&1); then

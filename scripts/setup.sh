@@ -153,4 +153,20 @@ for b in prometheus promtool; do
   command -v "$b" >/dev/null || die "$b not found after installing packages"
   ln -sfn "$(command -v "$b")" "$bin/$b"
 done
-log "tools ready in $bin"
+
+# ---------------------------------------------------------------- floor tier
+# The oldest supported Kubernetes (scripts/build-kube.sh --floor: 1.33) for
+# the lighter test tier in scripts/test.sh: its kube-apiserver and
+# kube-controller-manager in .tools/floor/bin, every other tool the same as
+# in .tools/bin (the e2e harness takes the directory from CILIUM_RS_TOOLS).
+floor_bin="$tools/floor/bin"
+floor_kube=$(bash "$here/scripts/build-kube.sh" --floor | sed -n 's/^kube=//p')
+[ -n "$floor_kube" ] || die "building the floor Kubernetes failed (scripts/build-kube.sh --floor)"
+rm -rf "$floor_bin"
+mkdir -p "$floor_bin"
+for f in "$bin"/*; do
+  case "$(basename "$f")" in kube-scheduler | kubelet) continue ;; esac
+  ln -sfn "$(readlink -f "$f")" "$floor_bin/$(basename "$f")"
+done
+for b in kube-apiserver kube-controller-manager; do ln -sfn "$floor_kube/$b" "$floor_bin/$b"; done
+log "tools ready in $bin (floor tier: $floor_bin)"

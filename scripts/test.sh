@@ -33,4 +33,13 @@ bash scripts/chart-check.sh
 step "end-to-end tests (real etcd, kube-apiserver, kubectl, Prometheus)"
 cargo test -p e2e --locked -- --test-threads=2
 
+# The lighter tier on the oldest supported Kubernetes (the chart's
+# kubeVersion floor): the chart, the skeleton tests and the Star Wars
+# datapath test against its kube-apiserver (scripts/setup.sh links it).
+floor_bin="$here/.tools/floor/bin"
+step "floor tier: $("$floor_bin/kube-apiserver" --version) (chart, skeleton, one datapath test)"
+for filter in chart:: skeleton:: datapath::star_wars; do
+  CILIUM_RS_TOOLS="$floor_bin" cargo test -p e2e --locked -- --test-threads=2 "$filter"
+done
+
 step "all tests passed in ${SECONDS}s"

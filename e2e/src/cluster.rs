@@ -189,6 +189,19 @@ impl Drop for Etcd {
     }
 }
 
+/// The version the kube-apiserver in use reports (`v1.35.4`), once per
+/// process: which tier a log comes from.
+fn apiserver_version() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        let out = tools::tool("kube-apiserver").and_then(|p| Ok(Command::new(p).arg("--version").output()?));
+        match out {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).trim().trim_start_matches("Kubernetes ").to_string(),
+            Err(e) => format!("(version unknown: {e})"),
+        }
+    })
+}
+
 /// A running etcd + kube-apiserver (+ kube-controller-manager).
 pub struct ControlPlane {
     dir: tempfile::TempDir,
@@ -232,8 +245,9 @@ impl ControlPlane {
             cp.start_controller_manager()?;
         }
         eprintln!(
-            "[control-plane] etcd {} + kube-apiserver {} ready in {:.1}s (dir {})",
+            "[control-plane] etcd {} + kube-apiserver {} {} ready in {:.1}s (dir {})",
             cp.etcd_endpoint,
+            apiserver_version(),
             cp.server,
             t0.elapsed().as_secs_f64(),
             cp.dir.path().display()
