@@ -3,14 +3,18 @@
 //! endpoints, IPAM pools, the kvstore, and `doctor`, which runs every check
 //! and names each problem with its evidence and fix.
 //!
+//! `policy trace` says whether a flow passes and which rule decides.
+//!
 //! Exit status: 0 success; 1 error (one line on stderr); `doctor` 2 with
-//! warnings, 3 with a critical finding.
+//! warnings, 3 with a critical finding; `policy trace` 2 when the flow is
+//! denied.
 
 mod commands;
 mod ctx;
 mod doctor;
 mod identity;
 mod output;
+mod policy;
 mod snapshot;
 
 use std::path::PathBuf;
@@ -26,7 +30,7 @@ use crate::output::{ColorChoice, Format, Output};
 #[command(
     name = "ciliumctl",
     version,
-    about = "Troubleshoot a Cilium control plane: status, identities, endpoints, IPAM, kvstore, doctor"
+    about = "Troubleshoot a Cilium control plane: status, identities, endpoints, IPAM, kvstore, policy trace, doctor"
 )]
 struct Cli {
     /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config or in-cluster).
@@ -69,6 +73,28 @@ enum Command {
     Kvstore(KvstoreCmd),
     /// Run every check and report each problem with its evidence and fix.
     Doctor,
+    /// Network policy as the agents enforce it.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Would a flow pass, and which rule decides? Exit code 2 when denied.
+    Trace {
+        /// Source: NAMESPACE/POD (a Cilium endpoint) or an IP address.
+        #[arg(long)]
+        src: String,
+        /// Destination: NAMESPACE/POD or an IP address.
+        #[arg(long)]
+        dst: String,
+        /// Destination port and protocol: 80, 80/tcp, 53/udp, 8/icmp (ICMP: the type).
+        #[arg(long)]
+        dport: String,
+    },
+    /// Every peer selector in force, the identities it selects and the
+    /// policies using it.
+    Selectors,
 }
 
 #[derive(Subcommand)]
@@ -189,6 +215,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Kvstore(KvstoreCmd::Status) => commands::kvstore_status(&ctx).await?,
         Command::Kvstore(KvstoreCmd::Get { key, prefix }) => commands::kvstore_get(&ctx, &key, prefix).await?,
         Command::Kvstore(KvstoreCmd::Locks) => commands::kvstore_locks(&ctx).await?,
+        Command::Policy(PolicyCmd::Trace { src, dst, dport }) => {
+            return policy::policy_trace(&ctx, &src, &dst, &dport).await;
+        }
+        Command::Policy(PolicyCmd::Selectors) => policy::policy_selectors(&ctx).await?,
     }
     Ok(0)
 }

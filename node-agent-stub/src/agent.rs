@@ -30,9 +30,10 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use crate::config::Settings;
 use crate::datapath::{DIR_EGRESS, DIR_INGRESS, Datapath, ENDPOINT_FAILED, ENDPOINT_READY, EndpointValue, PolicyEntry};
-use crate::enforce::{self, CidrIdentities, NodeIdentities};
+use crate::enforce::{CidrIdentities, NodeIdentities};
 use crate::netns;
 use crate::state::{EndpointRecord, Store as StateStore};
+use cilium_policy::cluster;
 
 pub const FIELD_MANAGER: &str = "cilium-node-agent";
 /// Reserved identities of nodes (upstream's numbers).
@@ -93,6 +94,10 @@ pub struct Snapshot {
     pub endpoints_not_ready: usize,
     /// Failed writes to the policy map.
     pub policy_map_errors: u64,
+    /// Entries in the ipcache and in the policy map (the agent's copies),
+    /// for `cilium_bpf_map_pressure`.
+    pub ipcache_entries: usize,
+    pub policy_entries: usize,
     /// Objects skipped because they do not decode, by kind (each time one
     /// is listed or changed).
     pub malformed_objects: BTreeMap<String, u64>,
@@ -498,10 +503,10 @@ impl Agent {
         }
         // Policies in force (one engine for operator, agent and CLI), the
         // CIDR identities they need, and every identity they may select.
-        let mut view = enforce::gather(&st.cnps.state(), &st.ccnps.state(), &st.knps.state(), &self.policy_cfg);
+        let mut view = cluster::gather(&st.cnps.state(), &st.ccnps.state(), &st.knps.state(), &self.policy_cfg);
         self.report_refused(&view.refused).await;
         // toServices: the pods or addresses behind the Services named.
-        let services = enforce::services(&st.services.state(), &st.endpoint_slices.state());
+        let services = cluster::services(&st.services.state(), &st.endpoint_slices.state());
         cilium_policy::service::resolve(&mut view.entries, &services, &self.policy_cfg);
         // CiliumCIDRGroups: each CIDR of each group is a CIDR identity with
         // the group's labels (upstream), named by a policy or not.
@@ -512,7 +517,7 @@ impl Agent {
         self.sync_cilium_node_labels(st).await;
         let node_ips = self.node_identities(st);
         let ceps = st.ceps.state();
-        let mut universe = enforce::universe(&self.policy_cfg, &st.ids.state(), &ceps, &self.cidrs);
+        let mut universe = cluster::universe(&self.policy_cfg, &st.ids.state(), &ceps, &self.cidrs.by_prefix);
         universe.add_cidr_groups(&groups);
         if self.policy_cfg.enable_node_selector_labels {
             universe.identities.insert(IDENTITY_HOST, self.host_labels());
@@ -532,6 +537,7 @@ impl Agent {
         {
             let mut snap = self.snapshot.lock().expect("snapshot");
             snap.endpoints_not_ready = self.live.values().filter(|l| !l.ready).count();
+            (snap.ipcache_entries, snap.policy_entries) = self.dp.mirrored_entries();
         }
         // The ipcache: the world prefixes, the CIDR identities, every
         // endpoint of the cluster and the nodes. Written after the
@@ -749,7 +755,7 @@ impl Agent {
             .iter()
             .flat_map(|s| &s.containers)
             .flat_map(|c| c.ports.iter().flatten())
-            .filter_map(|p| enforce::named_port(p.name.as_deref(), i64::from(p.container_port), p.protocol.as_deref()))
+            .filter_map(|p| cluster::named_port(p.name.as_deref(), i64::from(p.container_port), p.protocol.as_deref()))
             .collect();
         if !self.live.contains_key(uid) {
             let known = self.state.state.endpoints.get(uid).cloned();

@@ -565,6 +565,39 @@ impl Datapath {
         Ok(map.iter().filter_map(Result::ok).collect())
     }
 
+    /// How full each map is (entries / max entries), by map name
+    /// (upstream's `cilium_bpf_map_pressure`): the ipcache and the policy
+    /// map from the agent's copy (they change only through it), the
+    /// others counted in the pinned maps.
+    pub fn pinned_pressure(pin_dir: &Path, ipcache: usize, policy: usize) -> Vec<(&'static str, f64)> {
+        fn count<K: Pod, V: Pod>(pin_dir: &Path, name: &str) -> Option<usize> {
+            // (An LRU hash reads like a hash.)
+            let data = MapData::from_pin(pin_dir.join(name)).ok()?;
+            let map: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(aya::maps::Map::HashMap(data)).ok()?;
+            Some(map.keys().filter(Result::is_ok).count())
+        }
+        let mut out = Vec::new();
+        for (name, _, _, _, max) in map_layouts() {
+            let used = match name {
+                "cilium_ipcache" => Some(ipcache),
+                "cilium_policy" => Some(policy),
+                "cilium_endpoints" => count::<EndpointKey, EndpointValue>(pin_dir, name),
+                "cilium_ct" => count::<CtKey, CtValue>(pin_dir, name),
+                "cilium_metrics" => count::<MetricsKey, MetricsValue>(pin_dir, name),
+                _ => None,
+            };
+            if let Some(used) = used {
+                out.push((name, used as f64 / f64::from(max)));
+            }
+        }
+        out
+    }
+
+    /// Entries the agent holds in the ipcache and in the policy map.
+    pub fn mirrored_entries(&self) -> (usize, usize) {
+        (self.ipcache_now.len(), self.policy_now.values().map(BTreeMap::len).sum())
+    }
+
     /// Every counter: (endpoint, direction, reason) -> packets, bytes.
     pub fn metrics(&mut self) -> Result<Vec<(MetricsKey, MetricsValue)>, DatapathError> {
         let map: BpfHashMap<&mut MapData, MetricsKey, MetricsValue> = BpfHashMap::try_from(self.map("cilium_metrics"))

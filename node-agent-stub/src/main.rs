@@ -87,6 +87,12 @@ async fn run(s: Settings) -> anyhow::Result<()> {
 async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String {
     // Counters straight from the pinned map: always current.
     let counters = node_agent_stub::datapath::Datapath::pinned_metrics(&pins).unwrap_or_default();
+    // Map pressure counts pinned maps: not under the snapshot's lock.
+    let (ipcache, policy) = {
+        let s = snap.lock().expect("snapshot");
+        (s.ipcache_entries, s.policy_entries)
+    };
+    let pressure = node_agent_stub::datapath::Datapath::pinned_pressure(&pins, ipcache, policy);
     let s = snap.lock().expect("snapshot");
     let mut out = String::new();
     out.push_str("# HELP cilium_forward_count_total Packets forwarded by the policy datapath\n# TYPE cilium_forward_count_total counter\n");
@@ -122,6 +128,10 @@ async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String
         "# HELP cilium_bpf_map_ops_total Failed writes to the datapath maps\n# TYPE cilium_bpf_map_ops_total counter\ncilium_bpf_map_ops_total{{map_name=\"cilium_policy\",operation=\"update\",outcome=\"fail\"}} {}\n",
         s.policy_map_errors
     ));
+    out.push_str("# HELP cilium_bpf_map_pressure Fill ratio of each datapath map (entries / max entries), by map name\n# TYPE cilium_bpf_map_pressure gauge\n");
+    for (name, ratio) in pressure {
+        out.push_str(&format!("cilium_bpf_map_pressure{{map_name=\"{name}\"}} {ratio}\n"));
+    }
     out.push_str("# HELP cilium_k8s_malformed_objects_total Objects skipped because they cannot be decoded, by kind\n# TYPE cilium_k8s_malformed_objects_total counter\n");
     for (kind, n) in &s.malformed_objects {
         out.push_str(&format!("cilium_k8s_malformed_objects_total{{kind=\"{kind}\"}} {n}\n"));

@@ -14,7 +14,9 @@
 //!   pkg/policy, built by scripts/setup.sh), asked for the verdict of the
 //!   same (subject, direction, peer identity, protocol, port).
 //!
-//! Every verdict and every policy's validity must agree. The peer of a
+//! Every verdict and every policy's validity must agree, and the policy
+//! trace (`cilium_policy::trace`, what `ciliumctl policy trace` prints)
+//! must reach the same verdict rule by rule. The peer of a
 //! query is an address; its identity is the longest prefix in the same
 //! ipcache the kernel holds (pods, nodes, the policies' CIDRs, world).
 //!
@@ -770,6 +772,12 @@ fn check(b: &mut Bench, oracle: &mut Oracle, c: &Case, stats: &mut Stats) -> Res
         stats.queries += 1;
         stats.allowed += usize::from(upstream);
         prop_assert_eq!(kernel, engine, "kernel and engine differ on {:?} (peer identity {})", q, peer_id(q.peer));
+        // `ciliumctl policy trace` reads the same entries rule by rule: it
+        // must reach the kernel's verdict too.
+        let flow = cilium_policy::trace::Flow { ingress: q.ingress, peer: peer_id(q.peer), proto, port: q.port };
+        let traced =
+            cilium_policy::trace::trace(&u.identities[&pod.id], &named_ports(pod.id), &flow, &entries, &mut sel);
+        prop_assert_eq!(traced.allowed(), kernel, "trace and kernel differ on {:?}: {:?}", q, traced);
         prop_assert_eq!(
             kernel,
             upstream,

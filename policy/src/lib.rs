@@ -13,6 +13,7 @@
 //! Pure: no kube client, no I/O.
 
 pub mod cidr_group;
+pub mod cluster;
 pub mod engine;
 pub mod identity;
 pub mod knp;
@@ -21,6 +22,7 @@ pub mod parse;
 pub mod prefix;
 pub mod selector;
 pub mod service;
+pub mod trace;
 
 pub use engine::{Direction, EndpointPolicy, MapKey, Selections, Universe, compile};
 pub use labels::{Label, LabelSet};

@@ -257,6 +257,40 @@ pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Res
         c.kubectl(&["apply", "-f", "-"], Some(RULE1))?;
         expect_conn(&c, "xwing under rule1", &xwing, deathstar, 80, false, long)?;
         expect_conn(&c, "tiefighter under rule1", &tie, deathstar, 80, true, long)?;
+        // `ciliumctl policy selectors`: rule1's peer selector selects the
+        // two empire ships' identities.
+        let out = std::process::Command::new(e2e::tools::workspace_bin("ciliumctl")?)
+            .args(["policy", "selectors", "-o", "json"])
+            .env("KUBECONFIG", &c.cp.kubeconfig)
+            .output()?;
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("policy selectors: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let empire = rows
+            .iter()
+            .find(|r| r["selector"].as_str().is_some_and(|s| s.contains("org=empire")))
+            .with_context(|| format!("no org=empire selector in {rows:?}"))?;
+        ensure!(
+            empire["identities"].as_array().map(Vec::len) == Some(2)
+                && empire["policies"][0] == "CiliumNetworkPolicy default/rule1",
+            "org=empire selector: {empire}"
+        );
+        // `ciliumctl policy trace` agrees with the packets and names the rule.
+        for (src, want_code, want_text) in [
+            ("default/tiefighter", 0, "CiliumNetworkPolicy default/rule1 rule 0 ingress[0]"),
+            ("default/xwing", 2, "default deny by CiliumNetworkPolicy default/rule1"),
+        ] {
+            let out = std::process::Command::new(e2e::tools::workspace_bin("ciliumctl")?)
+                .args(["policy", "trace", "--src", src, "--dst", "default/deathstar", "--dport", "80/tcp"])
+                .env("KUBECONFIG", &c.cp.kubeconfig)
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                out.status.code() == Some(want_code) && text.contains(want_text),
+                "ciliumctl policy trace {src} -> deathstar exited {:?} (want {want_code}), want {want_text:?}:\n{text}{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let m = c.agents["node-a"].metrics()?;
         ensure!(
             m.lines().any(|l| l.starts_with(
@@ -264,6 +298,16 @@ pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Res
             )),
             "no drop counter:\n{m}"
         );
+        // Map pressure for every map; the policy map holds rule1's entries.
+        let pressure = |map: &str| {
+            m.lines()
+                .find_map(|l| l.strip_prefix(&format!("cilium_bpf_map_pressure{{map_name=\"{map}\"}} ")))
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        for map in ["cilium_policy", "cilium_ipcache", "cilium_endpoints", "cilium_ct", "cilium_metrics"] {
+            let p = pressure(map).with_context(|| format!("no cilium_bpf_map_pressure for {map}:\n{m}"))?;
+            ensure!(p > 0.0 && p < 0.5, "{map} pressure {p}");
+        }
         let cep: CiliumEndpoint = block_on(async {
             Ok::<_, anyhow::Error>(
                 Api::<CiliumEndpoint>::namespaced(c.cp.client().await?, "default").get("deathstar").await?,
