@@ -121,7 +121,19 @@ fn run() -> anyhow::Result<()> {
 
     println!();
     let ctl = tools::workspace_bin("ciliumctl")?;
-    for args in [&["status", "--color", "never"][..], &["endpoint", "list", "--color", "never"][..]] {
+    let why_dropped = [
+        "policy",
+        "trace",
+        "--src",
+        "default/xwing",
+        "--dst",
+        "default/deathstar-1",
+        "--dport",
+        "80/tcp",
+        "--color",
+        "never",
+    ];
+    for args in [&["status", "--color", "never"][..], &["endpoint", "list", "--color", "never"][..], &why_dropped[..]] {
         println!("$ ciliumctl {}", args.join(" "));
         let out = std::process::Command::new(&ctl).args(args).env("KUBECONFIG", &cp.kubeconfig).output()?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
