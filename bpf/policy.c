@@ -430,23 +430,24 @@ static __always_inline __u8 decide(struct endpoint_value *ep, __u8 dir, __u32 pe
 	return enforce ? REASON_NOT_ALLOWED : REASON_NO_POLICY;
 }
 
-static __always_inline void ct_key_of(struct ct_key *k, __u32 ep, __u8 dir, struct tuple *t, int reverse)
+// A conntrack key from a packet's addresses and ports, as seen in its
+// own direction, or reversed (the key its reply would have).
+static __always_inline void ct_key_fill(struct ct_key *k, __u32 ep, __u8 dir, __u8 proto, const __u8 *saddr,
+					const __u8 *daddr, __u16 sport, __u16 dport, int reverse)
 {
 	k->endpoint_id = ep;
 	k->direction = dir;
-	k->proto = t->proto;
+	k->proto = proto;
 	k->pad = 0;
-	if (reverse) {
-		__builtin_memcpy(k->saddr, t->daddr, 16);
-		__builtin_memcpy(k->daddr, t->saddr, 16);
-		k->sport = t->dport;
-		k->dport = t->sport;
-	} else {
-		__builtin_memcpy(k->saddr, t->saddr, 16);
-		__builtin_memcpy(k->daddr, t->daddr, 16);
-		k->sport = t->sport;
-		k->dport = t->dport;
-	}
+	__builtin_memcpy(k->saddr, reverse ? daddr : saddr, 16);
+	__builtin_memcpy(k->daddr, reverse ? saddr : daddr, 16);
+	k->sport = reverse ? dport : sport;
+	k->dport = reverse ? sport : dport;
+}
+
+static __always_inline void ct_key_of(struct ct_key *k, __u32 ep, __u8 dir, struct tuple *t, int reverse)
+{
+	ct_key_fill(k, ep, dir, t->proto, t->saddr, t->daddr, t->sport, t->dport, reverse);
 }
 
 // Whether `k` is a live connection.
@@ -454,25 +455,6 @@ static __always_inline int ct_live(struct ct_key *k)
 {
 	struct ct_value *v = bpf_map_lookup_elem(&cilium_ct, k);
 	return v && v->expires_ns >= bpf_ktime_get_ns();
-}
-
-static __always_inline void ct_key_of_quoted(struct ct_key *k, __u32 ep, __u8 dir, struct quoted *q, int reverse)
-{
-	k->endpoint_id = ep;
-	k->direction = dir;
-	k->proto = q->proto;
-	k->pad = 0;
-	if (reverse) {
-		__builtin_memcpy(k->saddr, q->daddr, 16);
-		__builtin_memcpy(k->daddr, q->saddr, 16);
-		k->sport = q->dport;
-		k->dport = q->sport;
-	} else {
-		__builtin_memcpy(k->saddr, q->saddr, 16);
-		__builtin_memcpy(k->daddr, q->daddr, 16);
-		k->sport = q->sport;
-		k->dport = q->dport;
-	}
 }
 
 // An ICMP error about a packet of a live connection: the quoted packet
@@ -484,10 +466,11 @@ static __always_inline int is_related(__u32 ep, __u8 dir, struct tuple *t)
 	if (!t->related)
 		return 0;
 	struct ct_key k;
-	ct_key_of_quoted(&k, ep, dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS, &t->quoted, 0);
+	struct quoted *q = &t->quoted;
+	ct_key_fill(&k, ep, dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS, q->proto, q->saddr, q->daddr, q->sport, q->dport, 0);
 	if (ct_live(&k))
 		return 1;
-	ct_key_of_quoted(&k, ep, dir, &t->quoted, 1);
+	ct_key_fill(&k, ep, dir, q->proto, q->saddr, q->daddr, q->sport, q->dport, 1);
 	return ct_live(&k);
 }
 

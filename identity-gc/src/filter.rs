@@ -102,24 +102,24 @@ impl LabelFilter {
     /// Upstream's defaults plus the user's patterns (the `labels` option,
     /// space-separated in the ConfigMap).
     pub fn new(user: &[&str]) -> Result<LabelFilter, FilterError> {
-        let mut patterns = Vec::new();
-        for p in DEFAULT_EXCLUSIONS.iter().chain(DEFAULT_INCLUSIONS) {
-            patterns.push(Pattern::parse(p)?);
-        }
-        let mut include_only = false;
-        for p in user {
-            let p = Pattern::parse(p)?;
-            include_only |= !p.exclude;
-            patterns.push(p);
-        }
-        Ok(LabelFilter { patterns, include_only })
+        let defaults: Vec<&str> = DEFAULT_EXCLUSIONS.iter().chain(DEFAULT_INCLUSIONS).copied().collect();
+        LabelFilter::build(&defaults, user)
     }
 
     /// The node-label filter (`node-labels`): only the user's patterns,
     /// no defaults; without any every node label counts (upstream's
     /// node label prefixes).
     pub fn for_nodes(user: &[&str]) -> Result<LabelFilter, FilterError> {
+        LabelFilter::build(&[], user)
+    }
+
+    /// `defaults` then `user`; an inclusive user pattern makes the filter
+    /// include-only.
+    fn build(defaults: &[&str], user: &[&str]) -> Result<LabelFilter, FilterError> {
         let mut patterns = Vec::new();
+        for p in defaults {
+            patterns.push(Pattern::parse(p)?);
+        }
         let mut include_only = false;
         for p in user {
             let p = Pattern::parse(p)?;

@@ -273,13 +273,7 @@ pub fn compile<'e>(
         let d = usize::from(!e.ingress);
         let dir = if e.ingress { &mut out.ingress } else { &mut out.egress };
         dir.enforced |= e.default_deny;
-        let Some(l3) = &e.l3 else { continue };
-        let wildcard = [Peer::Labels(crate::selector::Selector::wildcard())];
-        let peers: &[Peer] = match (l3.is_empty(), &e.l4) {
-            (true, None) => continue,
-            (true, Some(_)) => &wildcard,
-            (false, _) => l3,
-        };
+        let Some(peers) = section_peers(e) else { continue };
         let mut add = |peer: u32, p: L4Prefix| {
             let d = rules[d].entry(peer).or_default().entry(p).or_insert(e.deny);
             *d |= e.deny;
@@ -332,6 +326,21 @@ pub fn compile<'e>(
     out.ingress.entries = distill(&rules[0]);
     out.egress.entries = distill(&rules[1]);
     out
+}
+
+/// Every peer, as a section with ports and an empty peer list selects.
+static ANY_PEER: [Peer; 1] = [Peer::Labels(crate::selector::Selector { reqs: Vec::new() })];
+
+/// The peers a section selects from: none (`None`) without a peer list or
+/// with an empty one and no ports; every peer with an empty one and ports
+/// (upstream's reading of `toPorts` alone).
+pub(crate) fn section_peers(e: &Entry) -> Option<&[Peer]> {
+    let l3 = e.l3.as_ref()?;
+    match (l3.is_empty(), &e.l4) {
+        (true, None) => None,
+        (true, Some(_)) => Some(&ANY_PEER),
+        (false, _) => Some(l3),
+    }
 }
 
 /// Map entries for the rule prefixes of every peer: under a peer, its own

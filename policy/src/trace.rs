@@ -136,13 +136,7 @@ pub fn trace<'e>(
         if e.default_deny && !enforced_by.contains(&e.origin.policy) {
             enforced_by.push(e.origin.policy.clone());
         }
-        let Some(l3) = &e.l3 else { continue };
-        let wildcard = [Peer::Labels(crate::selector::Selector::wildcard())];
-        let peers: &[Peer] = match (l3.is_empty(), &e.l4) {
-            (true, None) => continue,
-            (true, Some(_)) => &wildcard,
-            (false, _) => l3,
-        };
+        let Some(peers) = crate::engine::section_peers(e) else { continue };
         let Some(peer) = peers.iter().find(|p| match sel.select(p) {
             Selection::Any => true,
             Selection::Ids(ids) => ids.contains(&flow.peer),
