@@ -16,6 +16,7 @@ mod identity;
 mod output;
 mod policy;
 mod snapshot;
+mod sysdump;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +77,13 @@ enum Command {
     /// Network policy as the agents enforce it.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Collect objects, config, Events, logs and every report into one
+    /// .tar.gz for a bug report (no Secrets).
+    Sysdump {
+        /// Archive to write (default: cilium-sysdump-<time>.tar.gz here).
+        #[arg(long)]
+        output_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -176,7 +184,23 @@ enum KvstoreCmd {
     Locks,
 }
 
+/// The connection flags, for the ciliumctl runs `sysdump` makes.
+fn connection_flags(cli: &Cli) -> Vec<String> {
+    let mut v = vec![
+        format!("--cilium-namespace={}", cli.cilium_namespace),
+        format!("--request-timeout={}", cli.request_timeout),
+    ];
+    if let Some(k) = &cli.kubeconfig {
+        v.push(format!("--kubeconfig={}", k.display()));
+    }
+    if let Some(e) = &cli.kvstore_endpoint {
+        v.push(format!("--kvstore-endpoint={e}"));
+    }
+    v
+}
+
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let forward = connection_flags(&cli);
     let out = Output::new(cli.output, cli.color);
     let ctx = Ctx::connect(Global {
         kubeconfig: cli.kubeconfig,
@@ -219,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             return policy::policy_trace(&ctx, &src, &dst, &dport).await;
         }
         Command::Policy(PolicyCmd::Selectors) => policy::policy_selectors(&ctx).await?,
+        Command::Sysdump { output_file } => sysdump::sysdump(&ctx, output_file, &forward).await?,
     }
     Ok(0)
 }

@@ -273,6 +273,45 @@ pub fn doctor_and_commands_on_seeded_faults(_shared: &ControlPlane) -> anyhow::R
         let dead = dead.to_str().unwrap_or_default().to_string();
         ctl_err(&cp, &["status", "--kubeconfig", &dead], "cannot reach the API server at https://127.0.0.1:1")?;
         ctl_err(&cp, &["doctor", "--kubeconfig", "/nonexistent/kubeconfig"], "cannot read kubeconfig")?;
+
+        // sysdump: one archive with the reports, the objects, the config and
+        // the Events; a Secret in the Cilium namespace never goes in.
+        let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "cilium-etcd-secrets", "namespace": "kube-system" },
+            "stringData": { "password": "s3cr3t-sysdump-canary" }
+        }))?;
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "kube-system")
+            .create(&Default::default(), &secret)
+            .await?;
+        let archive = cp.dir().join("dump.tar.gz");
+        let archive_s = archive.to_str().unwrap_or_default().to_string();
+        let out = ctl_ok(&cp, &["sysdump", "--output-file", &archive_s], 0)?;
+        ensure!(out.contains("dump.tar.gz") && out.contains("files"), "{out}");
+        let list = Command::new("tar").args(["-tzf", &archive_s]).output()?;
+        let list = String::from_utf8_lossy(&list.stdout).into_owned();
+        for want in [
+            "/ciliumctl/doctor.txt",
+            "/ciliumctl/doctor.json",
+            "/ciliumctl/status.txt",
+            "/ciliumctl/policy-selectors.json",
+            "/objects/ciliumidentities.json",
+            "/objects/ciliumendpoints.json",
+            "/objects/ciliumnodes.json",
+            "/config/cilium-config.json",
+            "/events/kube-system.json",
+            "/MANIFEST.txt",
+        ] {
+            ensure!(list.lines().any(|l| l.ends_with(want)), "sysdump lacks {want}:\n{list}");
+        }
+        let all = Command::new("tar").args(["-xzOf", &archive_s]).output()?;
+        let all = String::from_utf8_lossy(&all.stdout).into_owned();
+        ensure!(all.contains("pod CIDR pool exhausted"), "the doctor report is not in the archive");
+        ensure!(
+            all.contains(&format!("\"{web}\"")) || all.contains(&web.to_string()),
+            "identity {web} not in the archive"
+        );
+        ensure!(!all.contains("s3cr3t-sysdump-canary"), "a Secret's value is in the sysdump");
+        ensure!(all.contains("logs: no pod in kube-system matches"), "MANIFEST does not say why logs are missing");
         anyhow::Ok(())
     });
     result.map_err(|e| e.context(cp.log_tails(10)))
