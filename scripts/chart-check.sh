@@ -143,6 +143,26 @@ for f in "$chart"/tests/bad-values/*.yaml; do
 done
 [ "$n_bad" -gt 0 ] || fail "no bad-values files in charts/cilium/tests/bad-values"
 
+# ------------------------------------------------------------ Grafana dashboard
+# The dashboard renders (all-features values) and its JSON parses with every
+# panel querying something; that each metric exists is checked against real
+# scrapes in e2e (datapath::star_wars_policy_with_real_packets).
+if helm template cilium "$chart" --namespace kube-system -f "$all_features" \
+  --show-only templates/dashboards.yaml >"$work/dash.yaml" 2>"$work/dash.err"; then
+  if panels=$(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+exprs = [t["expr"] for p in d["panels"] for t in p["targets"] if t.get("expr")]
+assert len(exprs) >= len(d["panels"]) > 0, "a panel without a query"
+print(len(d["panels"]))' "$chart/files/grafana-dashboard.json" 2>&1); then
+    pass "Grafana dashboard: $panels panels, rendered in a ConfigMap"
+  else
+    fail "files/grafana-dashboard.json" "$panels"
+  fi
+else
+  fail "helm template --show-only templates/dashboards.yaml" "$(cat "$work/dash.err")"
+fi
+
 # ------------------------------------------------------------ kubeVersion floor
 # The floor is the Kubernetes the floor test tier runs on (1.33,
 # scripts/build-kube.sh --floor): helm takes it and refuses the release

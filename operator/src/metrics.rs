@@ -55,6 +55,11 @@ impl ProcessMetrics {
             self.malformed_objects.clone(),
         );
         self.build_info.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        // Every kind the operator decodes starts at 0: the series exist
+        // before the first bad object, so rate() and dashboards see them.
+        for kind in ["CiliumEndpoint", "CiliumIdentity", "CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"] {
+            let _ = self.malformed_objects.get_or_create(&KindLabels { kind: kind.into() });
+        }
     }
 }
 

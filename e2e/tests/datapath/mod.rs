@@ -298,6 +298,38 @@ pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Res
             )),
             "no drop counter:\n{m}"
         );
+        // Every metric the chart's Grafana dashboard queries exists: in the
+        // operator's or an agent's scrape, or as a recording rule.
+        let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+            e2e::tools::workspace_root().join("charts/cilium/files/grafana-dashboard.json"),
+        )?)?;
+        let scraped = format!("{}\n{m}\n{}", c.operator.metrics()?, c.agents["node-b"].metrics()?);
+        let rules =
+            std::fs::read_to_string(e2e::tools::workspace_root().join("charts/cilium/files/prometheus-rules.yaml"))?;
+        // The metric names in a PromQL expression.
+        let names = |expr: &str| -> Vec<String> {
+            expr.match_indices("cilium_")
+                .map(|(i, _)| {
+                    expr[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':').collect()
+                })
+                .collect()
+        };
+        let mut checked = 0;
+        for panel in dashboard["panels"].as_array().context("dashboard panels")? {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                for name in names(target["expr"].as_str().unwrap_or_default()) {
+                    let name = name.as_str();
+                    let known = if name.contains(':') {
+                        rules.contains(&format!("record: {name}"))
+                    } else {
+                        scraped.contains(name.trim_end_matches("_total"))
+                    };
+                    ensure!(known, "dashboard panel {:?} queries {name}, which nothing exports", panel["title"]);
+                    checked += 1;
+                }
+            }
+        }
+        ensure!(checked >= 8, "only {checked} metrics in the dashboard");
         // Map pressure for every map; the policy map holds rule1's entries.
         let pressure = |map: &str| {
             m.lines()
