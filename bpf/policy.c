@@ -18,8 +18,10 @@
 //    TCP/UDP/SCTP ports and the ICMP echo identifier; only echo replies are
 //    replies; entries expire). So does an ICMP error (destination
 //    unreachable, packet too big, time exceeded, parameter problem) whose
-//    quoted packet belongs to such a connection, in either direction
-//    ("related", as upstream).
+//    quoted packet belongs to such a connection, in either direction,
+//    sent by the connection's peer ("related": upstream ties such errors
+//    to the connection's own address pair, so a third host or a crafted
+//    error to another address cannot use it).
 // 2. Otherwise the peer's identity comes from the ipcache (longest prefix
 //    match; user space installs the world identities as ::ffff:0:0/96 and
 //    ::/0) and the policy map decides: it is a longest-prefix-match map
@@ -457,6 +459,15 @@ static __always_inline int ct_live(struct ct_key *k)
 	return v && v->expires_ns >= bpf_ktime_get_ns();
 }
 
+// Whether two 16-byte addresses are equal.
+static __always_inline int addr_eq(const __u8 *a, const __u8 *b)
+{
+	__u32 x[4], y[4];
+	__builtin_memcpy(x, a, 16);
+	__builtin_memcpy(y, b, 16);
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
 // An ICMP error about a packet of a live connection: the quoted packet
 // went the other way than the error, so it is either the connection's
 // opening direction as quoted (a connection opened in the other
@@ -467,6 +478,10 @@ static __always_inline int is_related(__u32 ep, __u8 dir, struct tuple *t)
 		return 0;
 	struct ct_key k;
 	struct quoted *q = &t->quoted;
+	// From the connection's peer only: the quoted packet went from this
+	// error's destination to its source.
+	if (!addr_eq(t->saddr, q->daddr) || !addr_eq(t->daddr, q->saddr))
+		return 0;
 	ct_key_fill(&k, ep, dir == DIR_INGRESS ? DIR_EGRESS : DIR_INGRESS, q->proto, q->saddr, q->daddr, q->sport, q->dport, 0);
 	if (ct_live(&k))
 		return 1;

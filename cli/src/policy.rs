@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail};
 use cilium_crds::policy::{CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy};
-use cilium_crds::{CiliumCidrGroup, CiliumEndpoint, CiliumIdentity};
+use cilium_crds::{CiliumCidrGroup, CiliumEndpoint, CiliumIdentity, CiliumNode};
 use cilium_policy::engine::{NamedPort, Selections};
 use cilium_policy::identity::LOCAL_FLAG;
 use cilium_policy::parse::{PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP};
@@ -175,12 +175,58 @@ fn resolve_end(
     cep_end(c)
 }
 
+/// The node address (`status.networking.node`) of the endpoint an
+/// argument names (NAMESPACE/POD or one of its addresses), if it names one.
+fn endpoint_node(arg: &str, ceps: &[Arc<CiliumEndpoint>]) -> Option<String> {
+    let (ns, name) = arg.split_once('/').unwrap_or(("default", arg));
+    let ip = arg.parse::<IpAddr>().ok();
+    ceps.iter()
+        .find(|c| {
+            let networking = c.status.as_ref().and_then(|s| s.networking.as_ref());
+            let by_name = c.metadata.namespace.as_deref() == Some(ns) && c.metadata.name.as_deref() == Some(name);
+            let by_ip = ip.is_some_and(|ip| {
+                networking.into_iter().flat_map(|n| &n.addressing).any(|a| {
+                    [a.ipv4.as_deref(), a.ipv6.as_deref()]
+                        .into_iter()
+                        .flatten()
+                        .any(|x| x.parse::<IpAddr>().ok() == Some(ip))
+                })
+            });
+            by_name || by_ip
+        })
+        .and_then(|c| c.status.as_ref()?.networking.as_ref()?.node.clone())
+}
+
+/// A node's address as the other end's node sees it (see `policy_trace`),
+/// adding the identity the agent would give it to `u`.
+fn node_end(arg: &str, nodes: &[Arc<CiliumNode>], other_node: Option<&str>, u: &mut Universe) -> Option<End> {
+    let ip = arg.parse::<IpAddr>().ok()?;
+    let node = nodes.iter().find(|n| {
+        n.spec.addresses.iter().flatten().any(|a| a.ip.as_deref().and_then(|x| x.parse::<IpAddr>().ok()) == Some(ip))
+    })?;
+    let local = other_node.and_then(|n| n.parse::<IpAddr>().ok()) == Some(ip);
+    let node_labels = node.metadata.labels.clone().unwrap_or_default();
+    let labels = cilium_policy::identity::node_labels(&u.cfg, local, &node_labels);
+    let id = match (local, u.cfg.enable_node_selector_labels) {
+        (true, _) => cilium_policy::identity::HOST,
+        (false, false) => cilium_policy::identity::REMOTE_NODE,
+        // Node-local numbers: any free one of the remote-node scope.
+        (false, true) => cilium_policy::identity::REMOTE_NODE_SCOPE | 1,
+    };
+    if local || u.cfg.enable_node_selector_labels {
+        u.identities.insert(id, labels.clone());
+    }
+    let name = format!("node {} ({ip})", node.metadata.name.as_deref().unwrap_or_default());
+    Some(End { name, identity: id, labels: labels.to_strings(), endpoint: false, ports: Vec::new() })
+}
+
 /// What both commands read: the policies in force (Services resolved),
 /// the endpoints, and the universe of identities with the CIDR identities
 /// an agent would make.
 struct Loaded {
     view: cilium_policy::cluster::PolicyView,
     ceps: Vec<Arc<CiliumEndpoint>>,
+    nodes: Vec<Arc<CiliumNode>>,
     universe: Universe,
     cidr_ids: BTreeMap<Prefix, u32>,
 }
@@ -193,10 +239,19 @@ async fn load(ctx: &Ctx) -> anyhow::Result<Loaded> {
     let ceps = list_all::<CiliumEndpoint>(ctx, "CiliumEndpoints").await?;
     // Endpoints carry their identity's labels: without CRD identities
     // (kvstore mode) every endpoint's identity is still known.
-    let ids = list_all::<CiliumIdentity>(ctx, "CiliumIdentities").await.unwrap_or_default();
-    let groups = list_all::<CiliumCidrGroup>(ctx, "CiliumCIDRGroups").await.unwrap_or_default();
-    let svcs = list_all::<Service>(ctx, "Services").await.unwrap_or_default();
-    let slices = list_all::<EndpointSlice>(ctx, "EndpointSlices").await.unwrap_or_default();
+    let ids = match list_all::<CiliumIdentity>(ctx, "CiliumIdentities").await {
+        Ok(ids) => ids,
+        Err(e) => {
+            ctx.out.warn(&format!("{e:#}; identity labels come from the CiliumEndpoints only"));
+            Vec::new()
+        }
+    };
+    // What policies resolve through: a trace without them could say
+    // allowed where the datapath drops, so a failure is an error.
+    let groups = list_all::<CiliumCidrGroup>(ctx, "CiliumCIDRGroups").await?;
+    let svcs = list_all::<Service>(ctx, "Services").await?;
+    let slices = list_all::<EndpointSlice>(ctx, "EndpointSlices").await?;
+    let nodes = list_all::<CiliumNode>(ctx, "CiliumNodes").await?;
     ctx.out.done();
 
     let cfg = cilium_policy::Config {
@@ -216,23 +271,38 @@ async fn load(ctx: &Ctx) -> anyhow::Result<Loaded> {
         prefixes.into_iter().enumerate().map(|(i, p)| (p, LOCAL_FLAG | (i as u32 + 1))).collect();
     let mut universe = cilium_policy::cluster::universe(&cfg, &ids, &ceps, &cidr_ids);
     universe.add_cidr_groups(&groups);
-    Ok(Loaded { view, ceps, universe, cidr_ids })
+    Ok(Loaded { view, ceps, nodes, universe, cidr_ids })
 }
 
 /// Prints the trace; exit code 0 when the flow is allowed, 2 when denied
 /// (1 stays "could not tell": an error).
 pub async fn policy_trace(ctx: &Ctx, src: &str, dst: &str, dport: &str) -> anyhow::Result<u8> {
     let (proto, port) = parse_dport(dport)?;
-    let Loaded { view, ceps, universe: u, cidr_ids } = load(ctx).await?;
-    let src = resolve_end(src, &ceps, &u, &cidr_ids)?;
-    let dst = resolve_end(dst, &ceps, &u, &cidr_ids)?;
+    let Loaded { view, ceps, nodes, universe: mut u, cidr_ids } = load(ctx).await?;
+    // A node's address is `host` to the endpoints of that node and
+    // `remote-node` (or, with node selector labels, that node's own
+    // identity) to the others: which one depends on the other end.
+    let (src_node, dst_node) = (endpoint_node(src, &ceps), endpoint_node(dst, &ceps));
+    let src = match node_end(src, &nodes, dst_node.as_deref(), &mut u) {
+        Some(end) => end,
+        None => resolve_end(src, &ceps, &u, &cidr_ids)?,
+    };
+    let dst = match node_end(dst, &nodes, src_node.as_deref(), &mut u) {
+        Some(end) => end,
+        None => resolve_end(dst, &ceps, &u, &cidr_ids)?,
+    };
+    for end in [&src, &dst] {
+        if !u.identities.contains_key(&end.identity) {
+            bail!("the labels of identity {} ({}) are unknown: cannot trace", end.identity, end.name);
+        }
+    }
     let mut sel = Selections::new(&u);
     let side = |end: &End, ingress: bool, peer: u32, sel: &mut Selections| -> Side {
         let of = format!("{} of {}", if ingress { "ingress" } else { "egress" }, end.name);
         if !end.endpoint {
             return Side { of, allowed: true, decision: None };
         }
-        let subject = u.identities.get(&end.identity).cloned().unwrap_or_default();
+        let subject = u.identities[&end.identity].clone();
         let flow = Flow { ingress, peer, proto, port };
         let d = cilium_policy::trace::trace(&subject, &end.ports, &flow, &view.entries, sel);
         Side { of, allowed: d.allowed(), decision: Some(d) }

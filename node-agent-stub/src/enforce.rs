@@ -68,12 +68,23 @@ impl NodeIdentities {
         let scope = cilium_policy::identity::REMOTE_NODE_SCOPE;
         self.by_labels.retain(|l, _| want.contains_key(l));
         let mut used: BTreeSet<u32> = self.by_labels.values().copied().collect();
+        // First every label set whose address had an identity before (so
+        // that a new node cannot take an id another node had), then the
+        // others get the lowest free ones.
         for (labels, addrs) in want {
             if self.by_labels.contains_key(labels) {
                 continue;
             }
-            let hinted = addrs.iter().filter_map(|a| self.hints.get(a)).find(|id| !used.contains(id)).copied();
-            let id = hinted.unwrap_or_else(|| (1..).map(|n| scope | n).find(|id| !used.contains(id)).expect("free id"));
+            if let Some(id) = addrs.iter().filter_map(|a| self.hints.get(a)).find(|id| !used.contains(id)).copied() {
+                self.by_labels.insert(labels.clone(), id);
+                used.insert(id);
+            }
+        }
+        for labels in want.keys() {
+            if self.by_labels.contains_key(labels) {
+                continue;
+            }
+            let id = (1..).map(|n| scope | n).find(|id| !used.contains(id)).expect("free id");
             self.by_labels.insert(labels.clone(), id);
             used.insert(id);
         }
@@ -108,13 +119,21 @@ mod tests {
         let ips2 = n.sync(&want2);
         assert_eq!(ips2[&p("192.168.0.2/32")], ips[&p("192.168.0.2/32")]);
         assert_eq!(n.by_labels.len(), 2);
-        // A restarted agent gives each address the identity it had.
+        // A restarted agent gives each address the identity it had, even
+        // when a node that joined meanwhile sorts first.
         let mut cache: BTreeMap<Prefix, u32> = ips2.clone();
         cache.insert(p("10.0.0.0/8"), LOCAL_FLAG | 1);
         let mut restarted = NodeIdentities::from_ipcache(&cache);
-        let swapped: BTreeMap<LabelSet, Vec<Prefix>> =
-            [(set("c"), vec![p("192.168.0.4/32")]), (set("a"), vec![p("192.168.0.2/32")])].into();
-        assert_eq!(restarted.sync(&swapped), ips2);
+        let joined: BTreeMap<LabelSet, Vec<Prefix>> = [
+            (set("0-new"), vec![p("192.168.0.9/32")]),
+            (set("c"), vec![p("192.168.0.4/32")]),
+            (set("a"), vec![p("192.168.0.2/32")]),
+        ]
+        .into();
+        let after = restarted.sync(&joined);
+        assert_eq!(after[&p("192.168.0.2/32")], ips2[&p("192.168.0.2/32")]);
+        assert_eq!(after[&p("192.168.0.4/32")], ips2[&p("192.168.0.4/32")]);
+        assert!(!ips2.values().any(|id| *id == after[&p("192.168.0.9/32")]), "the new node took an old id");
     }
 
     #[test]

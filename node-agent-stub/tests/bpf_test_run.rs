@@ -216,12 +216,15 @@ fn icmp_errors_about_tracked_connections_are_related() {
         &[],
     );
     let conn = tcp(POD, WEB, 80);
-    // OTHER plays a router on the path: the policy allows nothing from it.
-    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &conn)), "no connection yet");
+    // The policy allows nothing from OTHER, a third host.
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB, POD, 3, &conn)), "no connection yet");
     assert!(allowed(&b.dp, DIR_EGRESS, &conn));
-    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &conn)), "unreachable about it");
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB, POD, 3, &conn)), "unreachable about it");
     assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB, POD, 11, &conn)), "time exceeded about it");
-    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 12, &conn)), "parameter problem");
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB, POD, 12, &conn)), "parameter problem");
+    // Only the connection's peer speaks for it: a third host quoting it is
+    // judged by policy (it could otherwise smuggle anything in an error).
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &conn)), "a third host");
     assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &tcp(POD, WEB, 81))), "another port");
     assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &tcp(POD, OTHER, 80))), "another peer");
     assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 5, &conn)), "a redirect is no error");
@@ -233,11 +236,13 @@ fn icmp_errors_about_tracked_connections_are_related() {
     assert!(allowed(&b.dp, DIR_INGRESS, &dns));
     assert!(allowed_frame(&b.dp, DIR_EGRESS, &icmp_error(POD, WEB, 3, &dns)), "the pod's port unreachable");
     assert!(!allowed_frame(&b.dp, DIR_EGRESS, &icmp_error(POD, WEB, 3, &Pkt::new(UDP, WEB, POD, 5353, 54))));
-    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &dns.reply())), "about the reply");
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB, POD, 3, &dns.reply())), "about the reply");
+    // The pod cannot send "errors" quoting a live connection to anyone else.
+    assert!(!allowed_frame(&b.dp, DIR_EGRESS, &icmp_error(POD, OTHER, 3, &dns)), "an error to a third host");
     // An echo request's error, by identifier.
     assert!(allowed(&b.dp, DIR_EGRESS, &Pkt::icmp(POD, WEB, 8, 99)));
-    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &Pkt::icmp(POD, WEB, 8, 99))));
-    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(OTHER, POD, 3, &Pkt::icmp(POD, WEB, 8, 100))));
+    assert!(allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB, POD, 3, &Pkt::icmp(POD, WEB, 8, 99))));
+    assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB, POD, 3, &Pkt::icmp(POD, WEB, 8, 100))));
     // IPv6: packet too big (the path MTU of a TCP connection).
     let conn6 = tcp(POD6, WEB6, 80);
     assert!(!allowed_frame(&b.dp, DIR_INGRESS, &icmp_error(WEB6, POD6, 2, &conn6)), "no connection yet");

@@ -107,14 +107,19 @@ fn spec_matches(s: &PortSpec, flow: &Flow, subject_ports: &[NamedPort], sel: &Se
     match &s.port {
         PortSel::Number { port: 0, end } if *end == 0 || *end == u16::MAX => true,
         PortSel::Number { port, end } => (*port..=(*end).max(*port)).contains(&flow.port),
-        PortSel::Named(name) => {
-            let ports: &[NamedPort] = if flow.ingress {
-                subject_ports
-            } else {
-                sel.universe.named_ports.get(&flow.peer).map(Vec::as_slice).unwrap_or_default()
-            };
-            ports.iter().any(|n| &n.name == name && n.proto == flow.proto && n.port != 0 && n.port == flow.port)
-        }
+        // Ingress: the subject's first port of that name (as `compile`);
+        // egress: any of the peer's.
+        PortSel::Named(name) if flow.ingress => subject_ports
+            .iter()
+            .find(|n| &n.name == name && n.proto == flow.proto)
+            .is_some_and(|n| n.port != 0 && n.port == flow.port),
+        PortSel::Named(name) => sel
+            .universe
+            .named_ports
+            .get(&flow.peer)
+            .into_iter()
+            .flatten()
+            .any(|n| &n.name == name && n.proto == flow.proto && n.port != 0 && n.port == flow.port),
     }
 }
 

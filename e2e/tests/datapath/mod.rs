@@ -779,6 +779,33 @@ pub fn from_nodes_selects_nodes_by_label(_shared: &ControlPlane) -> anyhow::Resu
         })?;
         expect_conn(&c, "fromNodes zone=b: node-c (zone c)", &node_c, ds, 80, false, t)?;
         expect_conn(&c, "fromNodes zone=b: node-b (zone b)", &node_b, ds, 80, true, t)?;
+        // `ciliumctl policy trace` from the nodes' addresses agrees (it
+        // reads the flag from cilium-config, as a Helm install has it).
+        c.kubectl(
+            &[
+                "create",
+                "configmap",
+                "cilium-config",
+                "-n",
+                "kube-system",
+                "--from-literal=enable-node-selector-labels=true",
+            ],
+            None,
+        )?;
+        for (node, want) in [("node-b", 0), ("node-c", 2)] {
+            let ip = c.node_ips[node].to_string();
+            let out = std::process::Command::new(e2e::tools::workspace_bin("ciliumctl")?)
+                .args(["policy", "trace", "--src", &ip, "--dst", "default/deathstar", "--dport", "80/tcp"])
+                .env("KUBECONFIG", &c.cp.kubeconfig)
+                .output()?;
+            ensure!(
+                out.status.code() == Some(want),
+                "trace {node} ({ip}) -> deathstar exited {:?}, want {want}:\n{}{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         // Relabelling moves the nodes in and out of the selection.
         c.kubectl(&["label", "node", "node-c", "zone=b", "--overwrite"], None)?;
         expect_conn(&c, "node-c relabelled zone=b", &node_c, ds, 80, true, t)?;
