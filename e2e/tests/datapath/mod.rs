@@ -122,6 +122,16 @@ impl Cluster {
         .map_err(|e| e.context(self.agent_logs()))
     }
 
+    /// Runs `ciliumctl ARGS` against this cluster; its output, whatever
+    /// the exit status.
+    pub fn ciliumctl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Ok(std::process::Command::new(e2e::tools::workspace_bin("ciliumctl")?)
+            .args(args)
+            .env("KUBECONFIG", &self.cp.kubeconfig)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<()> {
         let mut cmd = self.cp.kubectl()?;
         cmd.args(args)
@@ -259,10 +269,7 @@ pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Res
         expect_conn(&c, "tiefighter under rule1", &tie, deathstar, 80, true, long)?;
         // `ciliumctl policy selectors`: rule1's peer selector selects the
         // two empire ships' identities.
-        let out = std::process::Command::new(e2e::tools::workspace_bin("ciliumctl")?)
-            .args(["policy", "selectors", "-o", "json"])
-            .env("KUBECONFIG", &c.cp.kubeconfig)
-            .output()?;
+        let out = c.ciliumctl(&["policy", "selectors", "-o", "json"])?;
         let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("policy selectors: {}", String::from_utf8_lossy(&out.stderr)))?;
         let empire = rows
@@ -279,10 +286,8 @@ pub fn star_wars_policy_with_real_packets(_shared: &ControlPlane) -> anyhow::Res
             ("default/tiefighter", 0, "CiliumNetworkPolicy default/rule1 rule 0 ingress[0]"),
             ("default/xwing", 2, "default deny by CiliumNetworkPolicy default/rule1"),
         ] {
-            let out = std::process::Command::new(e2e::tools::workspace_bin("ciliumctl")?)
-                .args(["policy", "trace", "--src", src, "--dst", "default/deathstar", "--dport", "80/tcp"])
-                .env("KUBECONFIG", &c.cp.kubeconfig)
-                .output()?;
+            let out =
+                c.ciliumctl(&["policy", "trace", "--src", src, "--dst", "default/deathstar", "--dport", "80/tcp"])?;
             let text = String::from_utf8_lossy(&out.stdout);
             ensure!(
                 out.status.code() == Some(want_code) && text.contains(want_text),
@@ -794,10 +799,8 @@ pub fn from_nodes_selects_nodes_by_label(_shared: &ControlPlane) -> anyhow::Resu
         )?;
         for (node, want) in [("node-b", 0), ("node-c", 2)] {
             let ip = c.node_ips[node].to_string();
-            let out = std::process::Command::new(e2e::tools::workspace_bin("ciliumctl")?)
-                .args(["policy", "trace", "--src", &ip, "--dst", "default/deathstar", "--dport", "80/tcp"])
-                .env("KUBECONFIG", &c.cp.kubeconfig)
-                .output()?;
+            let out =
+                c.ciliumctl(&["policy", "trace", "--src", &ip, "--dst", "default/deathstar", "--dport", "80/tcp"])?;
             ensure!(
                 out.status.code() == Some(want),
                 "trace {node} ({ip}) -> deathstar exited {:?}, want {want}:\n{}{}",
