@@ -25,7 +25,7 @@ use cilium_policy::{LabelSet, Prefix, Universe};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::core::DeserializeGuard;
 use serde::Serialize;
 
@@ -90,23 +90,25 @@ where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let api: Api<DeserializeGuard<K>> = Api::all(ctx.client.clone());
-    let params = ListParams { resource_version: Some("0".into()), ..Default::default() };
-    let list = api.list(&params).await.map_err(|e| ctx.kube_error(e, &format!("listing {what}")))?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter_map(|g| match g.0 {
-            Ok(k) => Some(Arc::new(k)),
-            Err(bad) => {
-                ctx.out.warn(&format!(
-                    "{what}: {} cannot be decoded, skipped: {}",
-                    cilium_crds::guard::name_of(&bad),
-                    bad.error
-                ));
-                None
-            }
-        })
-        .collect())
+    let list = api.list(&crate::snapshot::cached()).await.map_err(|e| ctx.kube_error(e, &format!("listing {what}")))?;
+    Ok(crate::snapshot::decoded(ctx, what, list.items).into_iter().map(Arc::new).collect())
+}
+
+/// The endpoint an argument names: one of its addresses, or NAMESPACE/POD
+/// (POD alone: in `default`).
+fn find_endpoint<'c>(arg: &str, ceps: &'c [Arc<CiliumEndpoint>]) -> Option<&'c Arc<CiliumEndpoint>> {
+    if let Ok(ip) = arg.parse::<IpAddr>() {
+        return ceps.iter().find(|c| {
+            c.status.iter().flat_map(|s| s.networking.iter()).flat_map(|n| n.addressing.iter()).any(|a| {
+                [a.ipv4.as_deref(), a.ipv6.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .any(|x| x.parse::<IpAddr>().ok() == Some(ip))
+            })
+        });
+    }
+    let (ns, name) = arg.split_once('/').unwrap_or(("default", arg));
+    ceps.iter().find(|c| c.metadata.namespace.as_deref() == Some(ns) && c.metadata.name.as_deref() == Some(name))
 }
 
 fn resolve_end(
@@ -137,18 +139,10 @@ fn resolve_end(
             .collect();
         Ok(End { name, identity: id, labels: labels_of(id), endpoint: true, ports })
     };
+    if let Some(c) = find_endpoint(arg, ceps) {
+        return cep_end(c);
+    }
     if let Ok(ip) = arg.parse::<IpAddr>() {
-        let holds = |c: &&Arc<CiliumEndpoint>| {
-            c.status.iter().flat_map(|s| s.networking.iter()).flat_map(|n| n.addressing.iter()).any(|a| {
-                [a.ipv4.as_deref(), a.ipv6.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .any(|x| x.parse::<IpAddr>().ok() == Some(ip))
-            })
-        };
-        if let Some(c) = ceps.iter().find(holds) {
-            return cep_end(c);
-        }
         // An address outside the cluster: the identity of the longest
         // prefix a policy names that holds it, or world.
         let id = cidr_ids
@@ -166,35 +160,13 @@ fn resolve_end(
         });
     }
     let (ns, name) = arg.split_once('/').unwrap_or(("default", arg));
-    let c = ceps
-        .iter()
-        .find(|c| c.metadata.namespace.as_deref() == Some(ns) && c.metadata.name.as_deref() == Some(name))
-        .ok_or_else(|| {
-            anyhow!("no CiliumEndpoint {ns}/{name} (give NAMESPACE/POD of a pod Cilium manages, or an IP)")
-        })?;
-    cep_end(c)
+    bail!("no CiliumEndpoint {ns}/{name} (give NAMESPACE/POD of a pod Cilium manages, or an IP)")
 }
 
 /// The node address (`status.networking.node`) of the endpoint an
 /// argument names (NAMESPACE/POD or one of its addresses), if it names one.
 fn endpoint_node(arg: &str, ceps: &[Arc<CiliumEndpoint>]) -> Option<String> {
-    let (ns, name) = arg.split_once('/').unwrap_or(("default", arg));
-    let ip = arg.parse::<IpAddr>().ok();
-    ceps.iter()
-        .find(|c| {
-            let networking = c.status.as_ref().and_then(|s| s.networking.as_ref());
-            let by_name = c.metadata.namespace.as_deref() == Some(ns) && c.metadata.name.as_deref() == Some(name);
-            let by_ip = ip.is_some_and(|ip| {
-                networking.into_iter().flat_map(|n| &n.addressing).any(|a| {
-                    [a.ipv4.as_deref(), a.ipv6.as_deref()]
-                        .into_iter()
-                        .flatten()
-                        .any(|x| x.parse::<IpAddr>().ok() == Some(ip))
-                })
-            });
-            by_name || by_ip
-        })
-        .and_then(|c| c.status.as_ref()?.networking.as_ref()?.node.clone())
+    find_endpoint(arg, ceps)?.status.as_ref()?.networking.as_ref()?.node.clone()
 }
 
 /// A node's address as the other end's node sees it (see `policy_trace`),

@@ -103,7 +103,7 @@ pub struct KvInfo {
 /// The objects of a list that decode; each one that does not is named in a
 /// warning (one object stored in a shape we cannot read must not hide the
 /// rest).
-fn decoded<K: kube::Resource>(ctx: &Ctx, kind: &str, items: Vec<DeserializeGuard<K>>) -> Vec<K> {
+pub fn decoded<K: kube::Resource>(ctx: &Ctx, kind: &str, items: Vec<DeserializeGuard<K>>) -> Vec<K> {
     items
         .into_iter()
         .filter_map(|g| match g.0 {
@@ -119,7 +119,7 @@ fn decoded<K: kube::Resource>(ctx: &Ctx, kind: &str, items: Vec<DeserializeGuard
 
 /// Lists with resourceVersion 0: served from the API server's watch cache,
 /// one round trip even for tens of thousands of objects.
-fn cached() -> ListParams {
+pub fn cached() -> ListParams {
     ListParams { resource_version: Some("0".into()), ..Default::default() }
 }
 
