@@ -23,7 +23,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
 use cilium_policy::engine::{NamedPort, Selections};
-use cilium_policy::{EndpointPolicy, Entry, PolicyRef, Prefix};
+use cilium_policy::{EndpointPolicy, Entry, Peer, PolicyRef, Prefix};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -505,9 +505,14 @@ impl Agent {
         // CIDR identities they need, and every identity they may select.
         let mut view = cluster::gather(&st.cnps.state(), &st.ccnps.state(), &st.knps.state(), &self.policy_cfg);
         self.report_refused(&view.refused).await;
-        // toServices: the pods or addresses behind the Services named.
-        let services = cluster::services(&st.services.state(), &st.endpoint_slices.state());
-        cilium_policy::service::resolve(&mut view.entries, &services, &self.policy_cfg);
+        // toServices: the pods or addresses behind the Services named
+        // (the Service view is built only when some policy names one).
+        let names_services =
+            view.entries.iter().flat_map(|e| e.l3.iter().flatten()).any(|p| matches!(p, Peer::Service(_)));
+        if names_services {
+            let services = cluster::services(&st.services.state(), &st.endpoint_slices.state());
+            cilium_policy::service::resolve(&mut view.entries, &services, &self.policy_cfg);
+        }
         // CiliumCIDRGroups: each CIDR of each group is a CIDR identity with
         // the group's labels (upstream), named by a policy or not.
         let groups = self.cidr_groups(&st.cidr_groups.state());
