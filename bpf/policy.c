@@ -31,6 +31,11 @@
 //    (deny when enforced). The user-space engine (policy/) distills the
 //    entries so that this lookup is upstream's verdict.
 //
+// Every drop, and every verdict while user space asks for them, is also
+// written as a `struct event` to the `cilium_events` ring buffer (the
+// agent's monitor reads it); an event that finds the buffer full is
+// counted in `cilium_events_lost`, never lost silently.
+//
 // IPv4 addresses are handled as IPv4-mapped IPv6 addresses everywhere.
 // Map layouts are mirrored by #[repr(C)] types in
 // node-agent-stub/src/datapath.rs; every map is pinned by name so that an
@@ -147,6 +152,58 @@ struct metrics_value {
 	__u64 bytes;
 };
 
+// What decided a verdict (events only).
+#define MATCH_NONE 0     // no policy entry: conntrack, default, or before policy
+#define MATCH_PEER 1     // the entry of the peer's identity
+#define MATCH_ANY_PEER 2 // the entry for any peer (identity 0)
+
+// One event on the ring buffer (mirrored in datapath.rs).
+struct event {
+	__u64 ts_ns; // bpf_ktime_get_ns()
+	__u32 endpoint_id;
+	__u32 identity;      // the endpoint's
+	__u32 peer_identity; // from the ipcache; 0 when the frame has no address
+	__u32 len;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; // host byte order (ICMP echo: the identifier)
+	__u16 dport; // host byte order (ICMP: the type)
+	__u8 proto;
+	__u8 direction;
+	__u8 reason;
+	__u8 match; // MATCH_*
+};
+
+// Flags in cilium_events_config (0: drops only).
+#define EVENTS_NO_DROPS 1
+#define EVENTS_VERDICTS 2
+
+struct events_config {
+	__u32 flags;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20); // EVENTS_RING_SIZE in datapath.rs
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilium_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct events_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilium_events_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} cilium_events_lost SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct ipcache_key);
@@ -210,6 +267,7 @@ struct tuple {
 	__u8 echo;  // 1: echo request, 2: echo reply
 	__u8 ndp;   // an IPv6 neighbour discovery message
 	__u8 related; // an ICMP error quoting a packet: `quoted` is set
+	__u8 has_addr; // saddr and daddr were read
 	struct quoted quoted;
 };
 
@@ -333,6 +391,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct tuple *t)
 		return -1;
 	__builtin_memcpy(t->saddr, &ip6.saddr, 16);
 	__builtin_memcpy(t->daddr, &ip6.daddr, 16);
+	t->has_addr = 1;
 	off += sizeof(ip6);
 	__u8 nh = ip6.nexthdr;
 	int last_fragment_only = 0;
@@ -381,6 +440,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct tuple *t)
 		return -1;
 	map_v4(t->saddr, ip.saddr);
 	map_v4(t->daddr, ip.daddr);
+	t->has_addr = 1;
 	t->proto = ip.protocol;
 	if (ip.frag_off & bpf_htons(0x1fff))
 		return 1; // later fragments carry no L4 header: judged on L3 only
@@ -410,8 +470,8 @@ static __always_inline void count(__u32 endpoint_id, __u8 direction, __u8 reason
 	bpf_map_update_elem(&cilium_metrics, &k, &init, BPF_NOEXIST);
 }
 
-// The verdict as a reason code.
-static __always_inline __u8 decide(struct endpoint_value *ep, __u8 dir, __u32 peer, struct tuple *t)
+// The verdict as a reason code; *match says which entry decided.
+static __always_inline __u8 decide(struct endpoint_value *ep, __u8 dir, __u32 peer, struct tuple *t, __u8 *match)
 {
 	struct policy_key k = {
 		.prefixlen = 96,
@@ -422,12 +482,15 @@ static __always_inline __u8 decide(struct endpoint_value *ep, __u8 dir, __u32 pe
 		.dport = bpf_htons(t->policy_port),
 	};
 	struct policy_value *v = bpf_map_lookup_elem(&cilium_policy, &k);
+	*match = MATCH_PEER;
 	if (!v) {
 		k.identity = 0;
 		v = bpf_map_lookup_elem(&cilium_policy, &k);
+		*match = MATCH_ANY_PEER;
 	}
 	if (v)
 		return v->deny ? REASON_DENIED_BY_RULE : REASON_ALLOWED_BY_POLICY;
+	*match = MATCH_NONE;
 	__u8 enforce = dir == DIR_INGRESS ? ep->ingress_enforce : ep->egress_enforce;
 	return enforce ? REASON_NOT_ALLOWED : REASON_NO_POLICY;
 }
@@ -538,9 +601,48 @@ static __always_inline void track(__u32 ep, __u8 dir, struct tuple *t)
 	bpf_map_update_elem(&cilium_ct, &k, &nv, BPF_ANY);
 }
 
-static __always_inline int verdict(struct __sk_buff *skb, __u32 ep_id, __u8 dir, __u8 reason)
+// An event for this verdict when one is wanted: every drop unless user
+// space turned drops off, every other verdict only while it asks for
+// them. `peer` is the peer's identity when already known, else 0 (looked
+// up here, only when an event is written).
+static __always_inline void emit(struct __sk_buff *skb, struct endpoint_value *ep, __u8 dir, __u8 reason,
+				 struct tuple *t, int has_addr, __u32 peer, __u8 match)
 {
-	count(ep_id, dir, reason, skb->len);
+	__u32 zero = 0;
+	struct events_config *c = bpf_map_lookup_elem(&cilium_events_config, &zero);
+	__u32 flags = c ? c->flags : 0;
+	if (reason >= REASON_DENIED_BY_RULE ? (flags & EVENTS_NO_DROPS) : !(flags & EVENTS_VERDICTS))
+		return;
+	if (has_addr && !peer)
+		peer = identity_of(dir == DIR_INGRESS ? t->saddr : t->daddr);
+	struct event *e = bpf_ringbuf_reserve(&cilium_events, sizeof(*e), 0);
+	if (!e) {
+		__u64 *lost = bpf_map_lookup_elem(&cilium_events_lost, &zero);
+		if (lost)
+			__sync_fetch_and_add(lost, 1);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->endpoint_id = ep->endpoint_id;
+	e->identity = ep->identity;
+	e->peer_identity = peer;
+	e->len = skb->len;
+	__builtin_memcpy(e->saddr, t->saddr, 16);
+	__builtin_memcpy(e->daddr, t->daddr, 16);
+	e->sport = bpf_ntohs(t->sport);
+	e->dport = t->policy_port;
+	e->proto = t->proto;
+	e->direction = dir;
+	e->reason = reason;
+	e->match = match;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int verdict_of(struct __sk_buff *skb, struct endpoint_value *ep, __u8 dir, __u8 reason,
+				      struct tuple *t, int has_addr, __u32 peer, __u8 match)
+{
+	count(ep->endpoint_id, dir, reason, skb->len);
+	emit(skb, ep, dir, reason, t, has_addr, peer, match);
 	return reason >= REASON_DENIED_BY_RULE ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
@@ -550,35 +652,35 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	struct endpoint_value *ep = bpf_map_lookup_elem(&cilium_endpoints, &ek);
 	if (!ep)
 		return TC_ACT_OK;
-	__u32 id = ep->endpoint_id;
-	if (ep->state != ENDPOINT_READY)
-		return verdict(skb, id, dir, REASON_ENDPOINT_NOT_READY);
 	__u8 enforce = dir == DIR_INGRESS ? ep->ingress_enforce : ep->egress_enforce;
 
 	struct tuple t = {};
-	int p;
-	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+	int p = 0;
+	if (skb->protocol == bpf_htons(ETH_P_IP))
 		p = parse_ipv4(skb, &t);
-	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
 		p = parse_ipv6(skb, &t);
-	} else if (skb->protocol == bpf_htons(ETH_P_ARP)) {
-		return verdict(skb, id, dir, REASON_ARP);
-	} else {
-		return verdict(skb, id, dir, enforce ? REASON_UNSUPPORTED_L3 : REASON_NO_POLICY);
-	}
+	int has_addr = t.has_addr;
+	if (ep->state != ENDPOINT_READY)
+		return verdict_of(skb, ep, dir, REASON_ENDPOINT_NOT_READY, &t, has_addr, 0, MATCH_NONE);
+	if (skb->protocol == bpf_htons(ETH_P_ARP))
+		return verdict_of(skb, ep, dir, REASON_ARP, &t, 0, 0, MATCH_NONE);
+	if (p == 0)
+		return verdict_of(skb, ep, dir, enforce ? REASON_UNSUPPORTED_L3 : REASON_NO_POLICY, &t, 0, 0, MATCH_NONE);
 	if (p < 0)
-		return verdict(skb, id, dir, enforce ? REASON_MALFORMED : REASON_NO_POLICY);
+		return verdict_of(skb, ep, dir, enforce ? REASON_MALFORMED : REASON_NO_POLICY, &t, has_addr, 0, MATCH_NONE);
 	if (t.ndp)
-		return verdict(skb, id, dir, REASON_NDP);
-	if (is_reply(id, dir, &t))
-		return verdict(skb, id, dir, REASON_REPLY);
-	if (is_related(id, dir, &t))
-		return verdict(skb, id, dir, REASON_RELATED);
+		return verdict_of(skb, ep, dir, REASON_NDP, &t, 1, 0, MATCH_NONE);
+	if (is_reply(ep->endpoint_id, dir, &t))
+		return verdict_of(skb, ep, dir, REASON_REPLY, &t, 1, 0, MATCH_NONE);
+	if (is_related(ep->endpoint_id, dir, &t))
+		return verdict_of(skb, ep, dir, REASON_RELATED, &t, 1, 0, MATCH_NONE);
 	__u32 peer = identity_of(dir == DIR_INGRESS ? t.saddr : t.daddr);
-	__u8 reason = decide(ep, dir, peer, &t);
+	__u8 match = MATCH_NONE;
+	__u8 reason = decide(ep, dir, peer, &t, &match);
 	if (reason < REASON_DENIED_BY_RULE)
-		track(id, dir, &t);
-	return verdict(skb, id, dir, reason);
+		track(ep->endpoint_id, dir, &t);
+	return verdict_of(skb, ep, dir, reason, &t, 1, peer, match);
 }
 
 SEC("classifier")

@@ -194,7 +194,66 @@ pub struct MetricsValue {
     pub bytes: u64,
 }
 
+/// `event.match`: which policy entry decided.
+pub const MATCH_NONE: u8 = 0;
+pub const MATCH_PEER: u8 = 1;
+pub const MATCH_ANY_PEER: u8 = 2;
+
+/// `cilium_events_config.flags` (0: drops only).
+pub const EVENTS_NO_DROPS: u32 = 1;
+pub const EVENTS_VERDICTS: u32 = 2;
+
+/// Size of the `cilium_events` ring buffer in bytes.
+pub const EVENTS_RING_SIZE: u32 = 1 << 20;
+
+/// One datapath event from `cilium_events` (a drop, or any verdict while
+/// asked for).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub endpoint_id: u32,
+    pub identity: u32,
+    pub peer_identity: u32,
+    pub len: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub reason: u8,
+    pub matched: u8,
+}
+
+impl Event {
+    /// Decodes one ring buffer record (None when it has another size).
+    pub fn from_bytes(b: &[u8]) -> Option<Event> {
+        if b.len() != std::mem::size_of::<Event>() {
+            return None;
+        }
+        // SAFETY: the size matches and every bit pattern is a valid Event.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Event>()) })
+    }
+}
+
+/// A 16-byte datapath address as an IP address (IPv4-mapped ones as IPv4).
+pub fn ip_of(a: &[u8; 16]) -> std::net::IpAddr {
+    let v6 = std::net::Ipv6Addr::from(*a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => v4.into(),
+        None => v6.into(),
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventsConfig {
+    pub flags: u32,
+}
+
 // SAFETY: plain-old-data with explicit padding, matching bpf/policy.c.
+unsafe impl Pod for EventsConfig {}
 unsafe impl Pod for Addr16 {}
 unsafe impl Pod for IpcacheValue {}
 unsafe impl Pod for EndpointKey {}
@@ -273,7 +332,7 @@ pub struct Datapath {
 
 /// Every map with the layout this build expects: (name, type, key size,
 /// value size, max entries).
-fn map_layouts() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 5] {
+fn map_layouts() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 8] {
     use aya::maps::MapType as T;
     use std::mem::size_of;
     [
@@ -282,6 +341,9 @@ fn map_layouts() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 5] {
         ("cilium_policy", T::LpmTrie, 4 + size_of::<PolicyKeyData>(), size_of::<PolicyValue>(), POLICY_MAP_SIZE),
         ("cilium_ct", T::LruHash, size_of::<CtKey>(), size_of::<CtValue>(), 65536),
         ("cilium_metrics", T::Hash, size_of::<MetricsKey>(), size_of::<MetricsValue>(), 65536),
+        ("cilium_events", T::RingBuf, 0, 0, EVENTS_RING_SIZE),
+        ("cilium_events_config", T::Array, 4, size_of::<EventsConfig>(), 1),
+        ("cilium_events_lost", T::Array, 4, 8, 1),
     ]
 }
 
@@ -591,6 +653,30 @@ impl Datapath {
             }
         }
         out
+    }
+
+    /// The event ring buffer, opened from its pin (one reader at a time).
+    pub fn pinned_events(pin_dir: &Path) -> Result<aya::maps::RingBuf<MapData>, DatapathError> {
+        let e = |source| DatapathError::Map { name: "cilium_events", source };
+        let data = MapData::from_pin(pin_dir.join("cilium_events")).map_err(e)?;
+        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(e)
+    }
+
+    /// Sets which verdicts make events (`EVENTS_*` flags).
+    pub fn set_event_flags(pin_dir: &Path, flags: u32) -> Result<(), DatapathError> {
+        let e = |source| DatapathError::Map { name: "cilium_events_config", source };
+        let data = MapData::from_pin(pin_dir.join("cilium_events_config")).map_err(e)?;
+        let mut map: aya::maps::Array<MapData, EventsConfig> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(e)?;
+        map.set(0, EventsConfig { flags }, 0).map_err(e)
+    }
+
+    /// Events that found the ring buffer full, since the map was made.
+    pub fn pinned_events_lost(pin_dir: &Path) -> Result<u64, DatapathError> {
+        let e = |source| DatapathError::Map { name: "cilium_events_lost", source };
+        let data = MapData::from_pin(pin_dir.join("cilium_events_lost")).map_err(e)?;
+        let map: aya::maps::Array<MapData, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(e)?;
+        map.get(&0, 0).map_err(e)
     }
 
     /// Entries the agent holds in the ipcache and in the policy map.

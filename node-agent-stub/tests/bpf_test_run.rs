@@ -328,3 +328,63 @@ fn maps_survive_a_reload_from_the_same_pins() {
     assert!(again.endpoint_policy(EP).is_some_and(|e| !e.is_empty()), "the entries are read back");
     assert!(again.ipcache_entries().unwrap().len() >= 5);
 }
+
+/// Every event waiting in the ring buffer.
+fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        out.push(Event::from_bytes(&item).expect("an event"));
+    }
+    out
+}
+
+#[test]
+fn drops_and_asked_verdicts_are_events_and_a_full_buffer_is_counted() {
+    let b = load(
+        "events",
+        json!({"endpointSelector": {"matchLabels": {"app": "db"}},
+               "ingress": [{"fromEndpoints": [{"matchLabels": {"app": "web"}}], "toPorts": [{"ports": [{"port": "80", "protocol": "TCP"}]}]}],
+               "ingressDeny": [{"fromEndpoints": [{"matchLabels": {"app": "x"}}], "toPorts": [{"ports": [{"port": "443"}]}]}]}),
+        &[],
+    );
+    let mut ring = Datapath::pinned_events(&b.dir).unwrap();
+    // Default: drops only.
+    assert!(allowed(&b.dp, DIR_INGRESS, &tcp(WEB, POD, 80)));
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp(OTHER, POD, 80)));
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp(OTHER, POD, 443)));
+    let ev = drain(&mut ring);
+    assert_eq!(ev.len(), 2, "two drops, no event for the allowed packet: {ev:?}");
+    let (d, r) = (&ev[0], &ev[1]);
+    assert_eq!((d.endpoint_id, d.identity, d.peer_identity), (EP, 1000, OTHER_ID));
+    assert_eq!((d.direction, d.reason, d.matched), (DIR_INGRESS, REASON_NOT_ALLOWED, MATCH_NONE));
+    assert_eq!((ip_of(&d.saddr).to_string(), ip_of(&d.daddr).to_string()), (OTHER.to_string(), POD.to_string()));
+    assert_eq!((d.proto, d.sport, d.dport), (TCP, 40000, 80));
+    assert!(d.len > 0 && d.ts_ns > 0);
+    assert_eq!((r.reason, r.matched, r.dport), (REASON_DENIED_BY_RULE, MATCH_PEER, 443));
+    // Verdicts asked for: the allowed packet and its reply too.
+    Datapath::set_event_flags(&b.dir, EVENTS_VERDICTS).unwrap();
+    let p = tcp(WEB, POD, 80);
+    assert!(allowed(&b.dp, DIR_INGRESS, &p));
+    assert!(allowed(&b.dp, DIR_EGRESS, &p.reply()));
+    let ev = drain(&mut ring);
+    assert_eq!(
+        ev.iter().map(|e| (e.reason, e.matched, e.peer_identity)).collect::<Vec<_>>(),
+        vec![(REASON_ALLOWED_BY_POLICY, MATCH_PEER, WEB_ID), (REASON_REPLY, MATCH_NONE, WEB_ID)]
+    );
+    // Drops turned off: nothing.
+    Datapath::set_event_flags(&b.dir, EVENTS_NO_DROPS).unwrap();
+    assert!(!allowed(&b.dp, DIR_INGRESS, &tcp(OTHER, POD, 80)));
+    assert!(drain(&mut ring).is_empty());
+    // A full buffer: the rest are counted as lost, none silently.
+    Datapath::set_event_flags(&b.dir, 0).unwrap();
+    let per_event = std::mem::size_of::<Event>() as u64 + 8; // record header
+    let fits = u64::from(EVENTS_RING_SIZE) / per_event;
+    let sent = fits + 100;
+    for _ in 0..sent {
+        run(&b.dp, DIR_INGRESS, &tcp(OTHER, POD, 80));
+    }
+    let lost = Datapath::pinned_events_lost(&b.dir).unwrap();
+    let got = drain(&mut ring).len() as u64;
+    assert_eq!(got + lost, sent, "every drop is an event or counted lost");
+    assert!(lost >= 100, "{lost} lost");
+}
