@@ -9,10 +9,12 @@
 //! warnings, 3 with a critical finding; `policy trace` 2 when the flow is
 //! denied.
 
+mod agent_api;
 mod commands;
 mod ctx;
 mod doctor;
 mod identity;
+mod monitor;
 mod output;
 mod policy;
 mod snapshot;
@@ -77,6 +79,22 @@ enum Command {
     /// Network policy as the agents enforce it.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Stream the datapath's drops (or every verdict) from node agents,
+    /// with pods, identities and the reason, until Ctrl-C.
+    Monitor {
+        /// drop (default) or verdict (every policy verdict, drops included).
+        #[arg(short, long = "type", default_value = "drop")]
+        kind: String,
+        /// Only flows from NAMESPACE/POD, POD (any namespace) or an IP.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only flows to NAMESPACE/POD, POD (any namespace) or an IP.
+        #[arg(long)]
+        to: Option<String>,
+        /// Agent API socket(s), repeatable (default unix:///var/run/cilium/cilium.sock).
+        #[arg(short = 'H', long = "host")]
+        hosts: Vec<String>,
+    },
     /// Collect objects, config, Events, logs and every report into one
     /// .tar.gz for a bug report (no Secrets).
     Sysdump {
@@ -200,6 +218,11 @@ fn connection_flags(cli: &Cli) -> Vec<String> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    // The monitor talks to agents only: no Kubernetes connection needed.
+    if let Command::Monitor { kind, from, to, hosts } = &cli.command {
+        let filter = monitor::Filter { from: from.clone(), to: to.clone() };
+        return monitor::monitor(hosts, kind, filter, cli.output).await;
+    }
     let forward = connection_flags(&cli);
     let out = Output::new(cli.output, cli.color);
     let ctx = Ctx::connect(Global {
@@ -244,6 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Policy(PolicyCmd::Selectors) => policy::policy_selectors(&ctx).await?,
         Command::Sysdump { output_file } => sysdump::sysdump(&ctx, output_file, &forward).await?,
+        Command::Monitor { .. } => unreachable!("handled before connecting"),
     }
     Ok(0)
 }

@@ -182,6 +182,8 @@ pub struct Agent {
     pub proc: Process,
     pub node: String,
     pub metrics_addr: String,
+    /// The agent's API socket (`ciliumctl monitor --host unix://...`).
+    pub socket: PathBuf,
     args: Vec<String>,
     dir: PathBuf,
 }
@@ -209,7 +211,9 @@ impl Agent {
         extra: &[String],
     ) -> anyhow::Result<Agent> {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let socket = cp.dir().join(format!("agent-{node}.sock"));
         let mut args = vec![
+            format!("--socket-path={}", socket.display()),
             format!("--node-name={node}"),
             format!("--node-ip={node_ip}"),
             format!("--netns-prefix={prefix}"),
@@ -219,7 +223,7 @@ impl Agent {
         ];
         args.extend_from_slice(extra);
         let proc = Agent::spawn(node, &args, cp.dir(), false)?;
-        Ok(Agent { proc, node: node.to_string(), metrics_addr, args, dir: cp.dir().to_path_buf() })
+        Ok(Agent { proc, node: node.to_string(), metrics_addr, socket, args, dir: cp.dir().to_path_buf() })
     }
 
     fn spawn(node: &str, args: &[String], dir: &Path, append: bool) -> anyhow::Result<Process> {

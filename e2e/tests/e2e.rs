@@ -17,6 +17,7 @@ mod datapath;
 mod endpoint_gc;
 mod identity;
 mod ipam;
+mod observe;
 mod policy;
 mod processes;
 mod skeleton;
@@ -63,6 +64,7 @@ fn main() {
         ("datapath::from_nodes_selects_nodes_by_label", datapath::from_nodes_selects_nodes_by_label),
         ("datapath::dual_stack_pods_enforce_both_families", datapath::dual_stack_pods_enforce_both_families),
         ("datapath::kvstore_mode_identities", datapath::kvstore_mode_identities),
+        ("observe::monitor_shows_drops_and_verdicts", observe::monitor_shows_drops_and_verdicts),
         ("datapath::doublewrite_mode_identities", datapath::doublewrite_mode_identities),
         ("policy::upstream_forms_through_the_agents", policy::upstream_forms_through_the_agents),
         ("policy::kubernetes_network_policies", policy::kubernetes_network_policies),

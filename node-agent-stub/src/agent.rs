@@ -147,6 +147,8 @@ pub struct Agent {
     bad_groups_reported: BTreeSet<(String, String)>,
     routes: BTreeMap<String, std::net::IpAddr>,
     pub snapshot: Arc<Mutex<Snapshot>>,
+    /// Names for the monitor's events (kept while someone watches).
+    monitor: Arc<crate::monitor::Monitor>,
 }
 
 /// Server-side applies this node's CiliumNode: owned by its Node, its
@@ -239,7 +241,12 @@ impl Agent {
         out
     }
 
-    pub async fn start(s: Settings, client: kube::Client, snapshot: Arc<Mutex<Snapshot>>) -> anyhow::Result<Agent> {
+    pub async fn start(
+        s: Settings,
+        client: kube::Client,
+        snapshot: Arc<Mutex<Snapshot>>,
+        monitor: Arc<crate::monitor::Monitor>,
+    ) -> anyhow::Result<Agent> {
         let node = &s.flags.node_name;
         let (ip_text, _) = s
             .flags
@@ -351,11 +358,13 @@ impl Agent {
             bad_groups_reported: BTreeSet::new(),
             routes: BTreeMap::new(),
             snapshot,
+            monitor,
         })
     }
 
     pub async fn run(mut self, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
         let wake = Arc::new(tokio::sync::Notify::new());
+        *self.monitor.wake.lock().expect("wake") = Some(wake.clone());
         let c = &self.client;
         let cfg = watcher::Config::default();
         let snap = self.snapshot.clone();
@@ -585,7 +594,48 @@ impl Agent {
             }
         }
         self.dp.sync_ipcache(&want)?;
+        if self.monitor.watched() {
+            self.publish_directory(st, &ceps, universe.identities);
+        }
         Ok(())
+    }
+
+    /// Names for the monitor: local endpoints, every endpoint's and node's
+    /// addresses, every identity's labels.
+    fn publish_directory(
+        &self,
+        st: &Stores,
+        ceps: &[Arc<CiliumEndpoint>],
+        labels: BTreeMap<u32, cilium_policy::LabelSet>,
+    ) {
+        let mut d = crate::monitor::Directory { labels, ..Default::default() };
+        for e in self.state.state.endpoints.values() {
+            d.endpoints.insert(e.endpoint_id, format!("{}/{}", e.namespace, e.name));
+        }
+        for c in ceps {
+            let (Some(ns), Some(name)) = (c.metadata.namespace.as_deref(), c.metadata.name.as_deref()) else {
+                continue;
+            };
+            for a in c.status.iter().flat_map(|s| &s.networking).flat_map(|n| &n.addressing) {
+                for ip in [a.ipv4.as_deref(), a.ipv6.as_deref()].into_iter().flatten() {
+                    if let Ok(ip) = ip.parse() {
+                        d.pods_by_ip.insert(ip, format!("{ns}/{name}"));
+                    }
+                }
+            }
+        }
+        for l in self.live.values() {
+            d.pods_by_ip.insert(l.rec.ip.into(), format!("{}/{}", l.rec.namespace, l.rec.name));
+        }
+        for n in st.cnodes.state() {
+            let Some(name) = n.metadata.name.as_deref() else { continue };
+            for a in n.spec.addresses.iter().flatten() {
+                if let Some(ip) = a.ip.as_deref().and_then(|i| i.parse().ok()) {
+                    d.nodes_by_ip.insert(ip, name.to_string());
+                }
+            }
+        }
+        *self.monitor.directory.lock().expect("directory") = Arc::new(d);
     }
 
     /// A pod's IPv6 address in dual stack: its IPv4 address's offset in

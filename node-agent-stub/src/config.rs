@@ -36,6 +36,10 @@ pub struct Flags {
     /// Persisted endpoint state; default /var/run/cilium/<netns-prefix>/<node-name>.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// The agent's API socket (`/v1/monitor`, `/v1/healthz`), upstream's
+    /// path; agents sharing one host (the simulated nodes) need one each.
+    #[arg(long, default_value = "/var/run/cilium/cilium.sock")]
+    pub socket_path: PathBuf,
     /// Metrics and health address (/metrics, /healthz).
     #[arg(long, default_value = ":9962")]
     pub prometheus_serve_addr: String,

@@ -7,5 +7,6 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod enforce;
+pub mod monitor;
 pub mod netns;
 pub mod state;

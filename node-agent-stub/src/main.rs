@@ -7,6 +7,7 @@ use clap::Parser;
 use node_agent_stub::agent::{Agent, Snapshot};
 use node_agent_stub::config::{Flags, Settings};
 use node_agent_stub::datapath::{DIR_INGRESS, FIRST_DROP_REASON, reason_name};
+use node_agent_stub::monitor::Monitor;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -58,8 +59,11 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     let snap = snapshot.clone();
     let pins = s.bpf_root();
-    let app =
-        axum::Router::new().route("/metrics", axum::routing::get(move || metrics(snap.clone(), pins.clone()))).route(
+    let monitor = Monitor::new(&s.flags.node_name, pins.clone());
+    let mon = monitor.clone();
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(move || metrics(snap.clone(), pins.clone(), mon.clone())))
+        .route(
             "/healthz",
             axum::routing::get({
                 let snap = snapshot.clone();
@@ -76,15 +80,73 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await }).await;
     });
-    tracing::info!(node = %s.flags.node_name, mode = %s.mode, metrics = %addr, "cilium-node-agent starting");
+    let api = serve_api(&s.flags.socket_path, snapshot.clone(), monitor.clone(), stop.clone())?;
+    tracing::info!(node = %s.flags.node_name, mode = %s.mode, metrics = %addr, api = %s.flags.socket_path.display(), "cilium-node-agent starting");
     let agent = tokio::select! {
         _ = stop.cancelled() => return Ok(()),
-        a = Agent::start(s, client, snapshot) => a?,
+        a = Agent::start(s, client, snapshot, monitor.clone()) => a?,
     };
-    agent.run(stop).await
+    // The datapath's pins exist now: read its events.
+    tokio::spawn(async move {
+        if let Err(e) = monitor.run_reader().await {
+            tracing::error!(error = format!("{e:#}"), "datapath event reader stopped: no monitor events");
+        }
+    });
+    let r = agent.run(stop).await;
+    let _ = std::fs::remove_file(&api);
+    r
 }
 
-async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String {
+/// The agent's API on a unix socket (as upstream's
+/// `/var/run/cilium/cilium.sock`): `GET /v1/healthz`, `GET
+/// /v1/monitor?type=drop|verdict` (newline-delimited JSON, streamed).
+fn serve_api(
+    path: &std::path::Path,
+    snapshot: Arc<Mutex<Snapshot>>,
+    monitor: Arc<Monitor>,
+    stop: CancellationToken,
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket left by an earlier agent (or a crash) is replaced.
+    let _ = std::fs::remove_file(path);
+    let listener =
+        tokio::net::UnixListener::bind(path).with_context(|| format!("binding the API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+    let app = axum::Router::new()
+        .route(
+            "/v1/healthz",
+            axum::routing::get(move || async move {
+                if snapshot.lock().expect("snapshot").ready {
+                    (axum::http::StatusCode::OK, "ok")
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .route(
+            "/v1/monitor",
+            axum::routing::get(move |axum::extract::RawQuery(q): axum::extract::RawQuery| async move {
+                use axum::response::IntoResponse;
+                match node_agent_stub::monitor::stream(&monitor, q.as_deref()) {
+                    Ok(body) => (
+                        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                        axum::body::Body::from_stream(body),
+                    )
+                        .into_response(),
+                    Err(e) => (axum::http::StatusCode::BAD_REQUEST, e).into_response(),
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+    });
+    Ok(path.to_path_buf())
+}
+
+async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf, monitor: Arc<Monitor>) -> String {
     // Counters straight from the pinned map: always current.
     let counters = node_agent_stub::datapath::Datapath::pinned_metrics(&pins).unwrap_or_default();
     // Map pressure counts pinned maps: not under the snapshot's lock.
@@ -136,5 +198,6 @@ async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf) -> String
     for (kind, n) in &s.malformed_objects {
         out.push_str(&format!("cilium_k8s_malformed_objects_total{{kind=\"{kind}\"}} {n}\n"));
     }
+    out.push_str(&monitor.metrics());
     out
 }
