@@ -122,7 +122,7 @@ pub fn monitor_shows_drops_and_verdicts(_shared: &ControlPlane) -> anyhow::Resul
         let text = monitor(&c, &["--from=default/xwing", "--to=deathstar"])?;
         let (line, _) = line_after_attempts(&text, &xwing, ds, Duration::from_secs(1), |l| l.contains("DROPPED"))?;
         ensure!(
-            line.contains(&format!("default/xwing:"))
+            line.contains("default/xwing:")
                 && line.contains(&format!(
                     "(ID:{xwing_id}) -> default/deathstar:80 (ID:{ds_id}) INGRESS DROPPED (TCP) POLICY_DENIED"
                 )),
