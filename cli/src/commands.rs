@@ -189,9 +189,12 @@ fn severity_tag(ctx: &Ctx, s: Severity) -> String {
 
 /// `doctor`: exit status 0 when nothing is above info, 2 with warnings, 3
 /// with a critical finding.
-pub async fn doctor(ctx: &Ctx) -> anyhow::Result<u8> {
+pub async fn doctor(ctx: &Ctx, hosts: &[String]) -> anyhow::Result<u8> {
     let g = gather(ctx).await?;
     let mut findings = doctor::diagnose(&facts(ctx, &g));
+    let agent_findings = crate::agents::findings(ctx, hosts).await;
+    let agents_checked = agent_findings.is_some();
+    findings.extend(agent_findings.into_iter().flatten());
     if let Some(e) = &g.identities_error {
         findings.push(Finding {
             check: "identities-readable",
@@ -228,6 +231,15 @@ pub async fn doctor(ctx: &Ctx) -> anyhow::Result<u8> {
         println!("{}", ctx.out.paint(&format!("All {} checks passed: no problems found.", findings.len()), Style::Ok));
     } else {
         println!("{problems} problem(s) found in {} checks.", findings.len());
+    }
+    if !agents_checked {
+        println!(
+            "{}",
+            ctx.out.paint(
+                "Node checks (map pressure, node health, recent drops) skipped: no agent socket here; pass --host unix:///path/to/cilium.sock",
+                Style::Dim
+            )
+        );
     }
     Ok(code)
 }

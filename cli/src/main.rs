@@ -10,6 +10,7 @@
 //! denied.
 
 mod agent_api;
+mod agents;
 mod commands;
 mod ctx;
 mod doctor;
@@ -51,6 +52,11 @@ struct Cli {
     /// Colour: auto (only on a terminal), always, never.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     color: ColorChoice,
+    /// Node agent API socket(s) for monitor, health and doctor's node
+    /// checks, repeatable (default: unix:///var/run/cilium/cilium.sock
+    /// when it exists).
+    #[arg(short = 'H', long = "host", global = true)]
+    hosts: Vec<String>,
     /// Timeout of one API request, in seconds.
     #[arg(long, global = true, default_value = "30")]
     request_timeout: u64,
@@ -91,10 +97,11 @@ enum Command {
         /// Only flows to NAMESPACE/POD, POD (any namespace) or an IP.
         #[arg(long)]
         to: Option<String>,
-        /// Agent API socket(s), repeatable (default unix:///var/run/cilium/cilium.sock).
-        #[arg(short = 'H', long = "host")]
-        hosts: Vec<String>,
     },
+    /// Node-to-node and health endpoint reachability (ICMP, TCP) as each
+    /// agent last probed it, with latencies. Exit code 2 when something is
+    /// unreachable.
+    Health,
     /// Collect objects, config, Events, logs and every report into one
     /// .tar.gz for a bug report (no Secrets).
     Sysdump {
@@ -214,15 +221,20 @@ fn connection_flags(cli: &Cli) -> Vec<String> {
     if let Some(e) = &cli.kvstore_endpoint {
         v.push(format!("--kvstore-endpoint={e}"));
     }
+    v.extend(cli.hosts.iter().map(|h| format!("--host={h}")));
     v
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     // The monitor talks to agents only: no Kubernetes connection needed.
-    if let Command::Monitor { kind, from, to, hosts } = &cli.command {
+    if let Command::Monitor { kind, from, to } = &cli.command {
         let filter = monitor::Filter { from: from.clone(), to: to.clone() };
-        return monitor::monitor(hosts, kind, filter, cli.output).await;
+        return monitor::monitor(&cli.hosts, kind, filter, cli.output).await;
     }
+    if let Command::Health = &cli.command {
+        return agents::health(&agents::hosts(&cli.hosts), &Output::new(cli.output, cli.color)).await;
+    }
+    let hosts = agents::hosts(&cli.hosts);
     let forward = connection_flags(&cli);
     let out = Output::new(cli.output, cli.color);
     let ctx = Ctx::connect(Global {
@@ -240,7 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
     match cli.command {
         Command::Status => commands::status(&ctx).await?,
-        Command::Doctor => return commands::doctor(&ctx).await,
+        Command::Doctor => return commands::doctor(&ctx, &hosts).await,
         Command::Identity(c) => match c {
             IdentityCmd::List { selector, label, source, unused } => {
                 identity::list(&ctx, source.as_deref(), selector.as_deref(), &label, unused).await?
@@ -266,8 +278,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             return policy::policy_trace(&ctx, &src, &dst, &dport).await;
         }
         Command::Policy(PolicyCmd::Selectors) => policy::policy_selectors(&ctx).await?,
-        Command::Sysdump { output_file } => sysdump::sysdump(&ctx, output_file, &forward).await?,
-        Command::Monitor { .. } => unreachable!("handled before connecting"),
+        Command::Sysdump { output_file } => sysdump::sysdump(&ctx, output_file, &forward, &hosts).await?,
+        Command::Monitor { .. } | Command::Health => unreachable!("handled before connecting"),
     }
     Ok(0)
 }

@@ -73,12 +73,12 @@ struct Side {
 }
 
 #[derive(Serialize)]
-struct Report {
+pub struct Report {
     src: End,
     dst: End,
     protocol: u8,
     port: u16,
-    allowed: bool,
+    pub allowed: bool,
     egress: Side,
     ingress: Side,
     /// Policies not enforced (invalid or marked Valid=False), with why.
@@ -246,22 +246,41 @@ async fn load(ctx: &Ctx) -> anyhow::Result<Loaded> {
     Ok(Loaded { view, ceps, nodes, universe, cidr_ids })
 }
 
-/// Prints the trace; exit code 0 when the flow is allowed, 2 when denied
-/// (1 stays "could not tell": an error).
-pub async fn policy_trace(ctx: &Ctx, src: &str, dst: &str, dport: &str) -> anyhow::Result<u8> {
-    let (proto, port) = parse_dport(dport)?;
-    let Loaded { view, ceps, nodes, universe: mut u, cidr_ids } = load(ctx).await?;
+/// The policies, endpoints and identities a trace reads, loaded once for
+/// any number of traces (doctor explains every recent drop with it).
+pub struct Tracer(Loaded);
+
+impl Tracer {
+    pub async fn load(ctx: &Ctx) -> anyhow::Result<Tracer> {
+        Ok(Tracer(load(ctx).await?))
+    }
+
+    /// Whether `src` -> `dst` on (`proto`, `port`) passes, and why.
+    pub fn trace(&self, src: &str, dst: &str, proto: u8, port: u16) -> anyhow::Result<Report> {
+        trace(&self.0, src, dst, proto, port)
+    }
+}
+
+/// One line: each direction's verdict and what decided it.
+pub fn explain(r: &Report) -> String {
+    let side = |s: &Side| format!("{} {}: {}", s.of, if s.allowed { "allowed" } else { "denied" }, why(&s.decision));
+    format!("{}; {}", side(&r.egress), side(&r.ingress))
+}
+
+fn trace(l: &Loaded, src: &str, dst: &str, proto: u8, port: u16) -> anyhow::Result<Report> {
+    let Loaded { view, ceps, nodes, universe, cidr_ids } = l;
+    let mut u = universe.clone();
     // A node's address is `host` to the endpoints of that node and
     // `remote-node` (or, with node selector labels, that node's own
     // identity) to the others: which one depends on the other end.
-    let (src_node, dst_node) = (endpoint_node(src, &ceps), endpoint_node(dst, &ceps));
-    let src = match node_end(src, &nodes, dst_node.as_deref(), &mut u) {
+    let (src_node, dst_node) = (endpoint_node(src, ceps), endpoint_node(dst, ceps));
+    let src = match node_end(src, nodes, dst_node.as_deref(), &mut u) {
         Some(end) => end,
-        None => resolve_end(src, &ceps, &u, &cidr_ids)?,
+        None => resolve_end(src, ceps, &u, cidr_ids)?,
     };
-    let dst = match node_end(dst, &nodes, src_node.as_deref(), &mut u) {
+    let dst = match node_end(dst, nodes, src_node.as_deref(), &mut u) {
         Some(end) => end,
-        None => resolve_end(dst, &ceps, &u, &cidr_ids)?,
+        None => resolve_end(dst, ceps, &u, cidr_ids)?,
     };
     for end in [&src, &dst] {
         if !u.identities.contains_key(&end.identity) {
@@ -281,7 +300,7 @@ pub async fn policy_trace(ctx: &Ctx, src: &str, dst: &str, dport: &str) -> anyho
     };
     let egress = side(&src, false, dst.identity, &mut sel);
     let ingress = side(&dst, true, src.identity, &mut sel);
-    let report = Report {
+    Ok(Report {
         allowed: egress.allowed && ingress.allowed,
         not_enforced: view.refused.iter().map(|(r, why)| (r.to_string(), why.clone())).collect(),
         src,
@@ -290,7 +309,14 @@ pub async fn policy_trace(ctx: &Ctx, src: &str, dst: &str, dport: &str) -> anyho
         port,
         egress,
         ingress,
-    };
+    })
+}
+
+/// Prints the trace; exit code 0 when the flow is allowed, 2 when denied
+/// (1 stays "could not tell": an error).
+pub async fn policy_trace(ctx: &Ctx, src: &str, dst: &str, dport: &str) -> anyhow::Result<u8> {
+    let (proto, port) = parse_dport(dport)?;
+    let report = trace(&load(ctx).await?, src, dst, proto, port)?;
     let code = if report.allowed { 0 } else { 2 };
     if !ctx.out.is_table() {
         ctx.out.machine(&report)?;

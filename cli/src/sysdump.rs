@@ -51,6 +51,7 @@ const RUNS: &[(&str, &[&str])] = &[
     ("ipam.txt", &["ipam", "status", "--color", "never"]),
     ("kvstore.txt", &["kvstore", "status", "--color", "never"]),
     ("policy-selectors.json", &["policy", "selectors", "-o", "json"]),
+    ("health.json", &["health", "-o", "json"]),
 ];
 
 /// A config key whose value may be a credential.
@@ -104,7 +105,7 @@ impl Archive {
     }
 }
 
-pub async fn sysdump(ctx: &Ctx, output: Option<PathBuf>, forward: &[String]) -> anyhow::Result<()> {
+pub async fn sysdump(ctx: &Ctx, output: Option<PathBuf>, forward: &[String], hosts: &[String]) -> anyhow::Result<()> {
     let stamp = jiff::Timestamp::now().strftime("%Y%m%d-%H%M%S").to_string();
     let dir = format!("cilium-sysdump-{stamp}");
     let path = output.unwrap_or_else(|| PathBuf::from(format!("{dir}.tar.gz")));
@@ -123,6 +124,18 @@ pub async fn sysdump(ctx: &Ctx, output: Option<PathBuf>, forward: &[String]) -> 
                 a.add(&format!("ciliumctl/{file}"), data);
             }
             Err(e) => a.problems.push(format!("ciliumctl {}: {e}", args.join(" "))),
+        }
+    }
+
+    // Each agent's own view: map pressure, probe results, recent drops.
+    for (i, h) in hosts.iter().enumerate() {
+        ctx.out.step(&format!("agent status from {h}"));
+        match crate::agents::get_json(h, "/v1/status").await {
+            Ok(v) => {
+                let node = v["node"].as_str().map(str::to_string).unwrap_or_else(|| format!("agent-{i}"));
+                a.json(&format!("agents/{node}-status.json"), &v)
+            }
+            Err(e) => a.problems.push(format!("agent {h}: {}", one_line(&format!("{e:#}")))),
         }
     }
 

@@ -65,6 +65,7 @@ fn main() {
         ("datapath::dual_stack_pods_enforce_both_families", datapath::dual_stack_pods_enforce_both_families),
         ("datapath::kvstore_mode_identities", datapath::kvstore_mode_identities),
         ("observe::monitor_shows_drops_and_verdicts", observe::monitor_shows_drops_and_verdicts),
+        ("observe::health_doctor_and_map_pressure", observe::health_doctor_and_map_pressure),
         ("datapath::doublewrite_mode_identities", datapath::doublewrite_mode_identities),
         ("policy::upstream_forms_through_the_agents", policy::upstream_forms_through_the_agents),
         ("policy::kubernetes_network_policies", policy::kubernetes_network_policies),

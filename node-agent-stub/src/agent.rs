@@ -31,6 +31,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use crate::config::Settings;
 use crate::datapath::{DIR_EGRESS, DIR_INGRESS, Datapath, ENDPOINT_FAILED, ENDPOINT_READY, EndpointValue, PolicyEntry};
 use crate::enforce::{CidrIdentities, NodeIdentities};
+use crate::health::Health;
 use crate::netns;
 use crate::state::{EndpointRecord, Store as StateStore};
 use cilium_policy::cluster;
@@ -147,8 +148,42 @@ pub struct Agent {
     bad_groups_reported: BTreeSet<(String, String)>,
     routes: BTreeMap<String, std::net::IpAddr>,
     pub snapshot: Arc<Mutex<Snapshot>>,
-    /// Names for the monitor's events (kept while someone watches).
+    /// Names for the monitor's events.
     monitor: Arc<crate::monitor::Monitor>,
+    /// The health prober's targets (None: health checking is off) and
+    /// this node's health endpoint address.
+    health: Option<Arc<Health>>,
+    health_ip: Option<Ipv4Addr>,
+}
+
+/// This node's health endpoint (an address from the pod CIDR, kept across
+/// restarts), the responders on the node and the endpoint, and the prober.
+fn start_health(
+    s: &Settings,
+    state: &mut StateStore,
+    pod_range: (u32, u32),
+    h: Arc<Health>,
+) -> anyhow::Result<Ipv4Addr> {
+    let ip = match state.state.health_ip.filter(|ip| (pod_range.0..=pod_range.1).contains(&u32::from(*ip))) {
+        Some(ip) => ip,
+        None => {
+            let ip = state
+                .free_ip(pod_range.0, pod_range.1)
+                .ok_or_else(|| anyhow!("no free address for the health endpoint"))?;
+            state.state.health_ip = Some(ip);
+            state.save()?;
+            ip
+        }
+    };
+    let node_ns = s.node_ns();
+    let health_ns = format!("{node_ns}-health");
+    netns::make_pod(&node_ns, &health_ns, crate::health::HEALTH_IFNAME, ip, None)?;
+    netns::plug_pod(&node_ns, crate::health::HEALTH_IFNAME, ip, None)?;
+    crate::health::serve(&netns::path(&node_ns))?;
+    crate::health::serve(&netns::path(&health_ns))?;
+    crate::health::start_prober(h, &s.flags.node_name, &netns::path(&node_ns), s.health_probe_interval)?;
+    tracing::info!(ip = %ip, interval = ?s.health_probe_interval, "health endpoint up, probing every node");
+    Ok(ip)
 }
 
 /// Server-side applies this node's CiliumNode: owned by its Node, its
@@ -159,14 +194,19 @@ async fn apply_cilium_node(
     node_uid: &str,
     addresses: &[std::net::IpAddr],
     labels: &BTreeMap<String, String>,
+    health: Option<Ipv4Addr>,
 ) -> kube::Result<()> {
     let addresses: Vec<serde_json::Value> =
         addresses.iter().map(|ip| json!({ "type": "InternalIP", "ip": ip.to_string() })).collect();
+    let mut spec = json!({ "addresses": addresses });
+    if let Some(h) = health {
+        spec["health"] = json!({ "ipv4": h.to_string() });
+    }
     let body = json!({
         "apiVersion": "cilium.io/v2", "kind": "CiliumNode",
         "metadata": { "name": node, "labels": labels, "ownerReferences": [{
             "apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid }] },
-        "spec": { "addresses": addresses },
+        "spec": spec,
     });
     cnodes.patch(node, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await.map(|_| ())
 }
@@ -246,6 +286,7 @@ impl Agent {
         client: kube::Client,
         snapshot: Arc<Mutex<Snapshot>>,
         monitor: Arc<crate::monitor::Monitor>,
+        health: Option<Arc<Health>>,
     ) -> anyhow::Result<Agent> {
         let node = &s.flags.node_name;
         let (ip_text, _) = s
@@ -258,7 +299,7 @@ impl Agent {
             .map_err(|e| anyhow!("invalid labels option: {e}"))?;
 
         crate::datapath::ensure_bpffs()?;
-        let mut dp = Datapath::load(&s.bpf_root())?;
+        let mut dp = Datapath::load_sized(&s.bpf_root(), s.flags.bpf_policy_map_max)?;
         let ipcache_now = dp.ipcache_entries()?;
         let cidrs = CidrIdentities::from_ipcache(&ipcache_now);
         let node_ids = NodeIdentities::from_ipcache(&ipcache_now);
@@ -272,7 +313,7 @@ impl Agent {
         let node_uid = k8s_node.metadata.uid.clone().unwrap_or_default();
         let cnode_labels = k8s_node.metadata.labels.clone().unwrap_or_default();
         let cnodes: Api<CiliumNode> = Api::all(client.clone());
-        apply_cilium_node(&cnodes, node, &node_uid, &node_addresses(node_ip, None), &cnode_labels)
+        apply_cilium_node(&cnodes, node, &node_uid, &node_addresses(node_ip, None), &cnode_labels, None)
             .await
             .with_context(|| format!("registering CiliumNode {node}"))?;
         tracing::info!(node = %node, ip = %node_ip, "CiliumNode registered, waiting for a pod CIDR");
@@ -301,10 +342,18 @@ impl Agent {
         let node_ip6 = pod_range6.map(|_| netns::node_ipv6(node_ip));
         if let Some(ip6) = node_ip6 {
             netns::ensure_node_ipv6(&s.node_ns(), ip6)?;
-            // Other nodes route this node's IPv6 pod CIDR through it.
-            apply_cilium_node(&cnodes, node, &node_uid, &node_addresses(node_ip, node_ip6), &cnode_labels)
+        }
+        let mut state = state;
+        let health_ip = match &health {
+            Some(h) => Some(start_health(&s, &mut state, pod_range, h.clone())?),
+            None => None,
+        };
+        if node_ip6.is_some() || health_ip.is_some() {
+            // Other nodes route this node's IPv6 pod CIDR through it, and
+            // probe its health endpoint.
+            apply_cilium_node(&cnodes, node, &node_uid, &node_addresses(node_ip, node_ip6), &cnode_labels, health_ip)
                 .await
-                .with_context(|| format!("adding the IPv6 address to CiliumNode {node}"))?;
+                .with_context(|| format!("publishing the addresses of CiliumNode {node}"))?;
         }
 
         let range = cilium_identity::cluster_range(s.cluster_id, s.max_connected_clusters)?;
@@ -359,12 +408,13 @@ impl Agent {
             routes: BTreeMap::new(),
             snapshot,
             monitor,
+            health,
+            health_ip,
         })
     }
 
     pub async fn run(mut self, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
         let wake = Arc::new(tokio::sync::Notify::new());
-        *self.monitor.wake.lock().expect("wake") = Some(wake.clone());
         let c = &self.client;
         let cfg = watcher::Config::default();
         let snap = self.snapshot.clone();
@@ -584,6 +634,7 @@ impl Agent {
         // `remote-node`, as upstream's reserved identities.
         let gateway: Ipv4Addr = netns::GATEWAY.parse().expect("gateway address");
         want.insert(Prefix::host(gateway.into()), IDENTITY_HOST);
+        let mut targets = Vec::new();
         for n in st.cnodes.state() {
             let mine = n.metadata.name.as_deref() == Some(self.s.flags.node_name.as_str());
             for a in n.spec.addresses.iter().flatten() {
@@ -592,11 +643,21 @@ impl Agent {
                     want.insert(Prefix::host(ip), if mine { IDENTITY_HOST } else { remote });
                 }
             }
+            // Health endpoints: reserved:health, and the prober's targets.
+            let health_ip = n.spec.health.as_ref().and_then(|h| h.ipv4.as_deref()?.parse::<std::net::IpAddr>().ok());
+            if let Some(ip) = health_ip {
+                want.insert(Prefix::host(ip), cilium_policy::identity::HEALTH);
+            }
+            let node_ip = n.spec.addresses.iter().flatten().find_map(|a| a.ip.as_deref()?.parse::<Ipv4Addr>().ok());
+            if let (Some(name), Some(node_ip)) = (n.metadata.name.clone(), node_ip) {
+                targets.push(crate::health::Target { name, node_ip: node_ip.into(), health_ip });
+            }
+        }
+        if let Some(h) = &self.health {
+            *h.targets.lock().expect("health targets") = targets;
         }
         self.dp.sync_ipcache(&want)?;
-        if self.monitor.watched() {
-            self.publish_directory(st, &ceps, universe.identities);
-        }
+        self.publish_directory(st, &ceps, universe.identities);
         Ok(())
     }
 
@@ -660,7 +721,7 @@ impl Agent {
         let cnodes: Api<CiliumNode> = Api::all(self.client.clone());
         let name = &self.s.flags.node_name;
         let addrs = node_addresses(self.node_ip, self.node_ip6);
-        match apply_cilium_node(&cnodes, name, &self.node_uid, &addrs, &labels).await {
+        match apply_cilium_node(&cnodes, name, &self.node_uid, &addrs, &labels, self.health_ip).await {
             Ok(()) => {
                 tracing::info!(node = %name, "Node labels changed: CiliumNode labels updated");
                 self.cnode_labels = labels;

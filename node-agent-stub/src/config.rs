@@ -62,6 +62,19 @@ pub struct Flags {
     /// `enable-node-selector-labels`; default false, as upstream).
     #[arg(long)]
     pub enable_node_selector_labels: Option<bool>,
+    /// Probe every node and its health endpoint (overrides cilium-config
+    /// `enable-health-checking`; default true, as upstream).
+    #[arg(long)]
+    pub enable_health_checking: Option<bool>,
+    /// Entries of the policy map: one map for all endpoints of the node
+    /// (upstream's option of this name sizes one map per endpoint, 16384
+    /// by default; this one is not read from cilium-config for that
+    /// reason). A changed size makes the map anew at start.
+    #[arg(long, default_value_t = crate::datapath::POLICY_MAP_SIZE)]
+    pub bpf_policy_map_max: u32,
+    /// How often the health prober probes every node, e.g. `60s`.
+    #[arg(long, default_value = "60s")]
+    pub health_probe_interval: String,
 }
 
 /// The settings the agent uses.
@@ -82,6 +95,9 @@ pub struct Settings {
     /// Which node labels count (`node-labels`, the same pattern syntax as
     /// `labels`; empty: every label).
     pub node_label_patterns: Vec<String>,
+    /// `enable-health-checking`.
+    pub health_checking: bool,
+    pub health_probe_interval: std::time::Duration,
 }
 
 /// `90`, `30s`, `15m`, `1h` as seconds (the forms upstream's durations take
@@ -164,7 +180,26 @@ impl Settings {
         };
         let node_label_patterns =
             cm.get("node-labels").map(|l| l.split_whitespace().map(str::to_string).collect()).unwrap_or_default();
+        let health_checking = match flags.enable_health_checking {
+            Some(b) => b,
+            None => match cm.get("enable-health-checking").map(String::as_str) {
+                None | Some("" | "true") => true,
+                Some("false") => false,
+                Some(v) => anyhow::bail!("invalid enable-health-checking {v:?} in cilium-config: true or false"),
+            },
+        };
+        if flags.bpf_policy_map_max == 0 {
+            anyhow::bail!("invalid --bpf-policy-map-max 0: the policy map needs at least one entry");
+        }
+        let interval = &flags.health_probe_interval;
+        let health_probe_interval = std::time::Duration::from_secs(
+            seconds(interval)
+                .ok_or_else(|| anyhow::anyhow!("invalid --health-probe-interval {interval:?}: use e.g. 1s, 60s, 5m"))?
+                as u64,
+        );
         Ok(Settings {
+            health_checking,
+            health_probe_interval,
             node_selector_labels,
             node_label_patterns,
             kvstore_lease_ttl,

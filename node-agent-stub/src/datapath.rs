@@ -332,13 +332,13 @@ pub struct Datapath {
 
 /// Every map with the layout this build expects: (name, type, key size,
 /// value size, max entries).
-fn map_layouts() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 8] {
+fn map_layouts(policy_max: u32) -> [(&'static str, aya::maps::MapType, usize, usize, u32); 8] {
     use aya::maps::MapType as T;
     use std::mem::size_of;
     [
         ("cilium_ipcache", T::LpmTrie, 4 + size_of::<Addr16>(), size_of::<IpcacheValue>(), 65536),
         ("cilium_endpoints", T::Hash, size_of::<EndpointKey>(), size_of::<EndpointValue>(), 4096),
-        ("cilium_policy", T::LpmTrie, 4 + size_of::<PolicyKeyData>(), size_of::<PolicyValue>(), POLICY_MAP_SIZE),
+        ("cilium_policy", T::LpmTrie, 4 + size_of::<PolicyKeyData>(), size_of::<PolicyValue>(), policy_max),
         ("cilium_ct", T::LruHash, size_of::<CtKey>(), size_of::<CtValue>(), 65536),
         ("cilium_metrics", T::Hash, size_of::<MetricsKey>(), size_of::<MetricsValue>(), 65536),
         ("cilium_events", T::RingBuf, 0, 0, EVENTS_RING_SIZE),
@@ -347,15 +347,16 @@ fn map_layouts() -> [(&'static str, aya::maps::MapType, usize, usize, u32); 8] {
     ]
 }
 
-/// Capacity of `cilium_policy` (entries of every endpoint together).
+/// Default capacity of `cilium_policy` (entries of every endpoint
+/// together; `--bpf-policy-map-max`).
 pub const POLICY_MAP_SIZE: u32 = 262144;
 
 /// A map pinned by an agent of another version with another layout cannot
 /// be reused (aya would take it as it is, and the programs would read it
 /// with the wrong layout): such pins are removed, so the maps are made
 /// anew and rewritten by the first sync. Links stay.
-fn replace_incompatible_pins(pin_dir: &Path) {
-    for (name, ty, key, value, max) in map_layouts() {
+fn replace_incompatible_pins(pin_dir: &Path, policy_max: u32) {
+    for (name, ty, key, value, max) in map_layouts(policy_max) {
         let pin = pin_dir.join(name);
         let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else { continue };
         let same = info.map_type().ok() == Some(ty)
@@ -363,7 +364,10 @@ fn replace_incompatible_pins(pin_dir: &Path) {
             && info.value_size() as usize == value
             && info.max_entries() == max;
         if !same {
-            tracing::warn!(map = name, "pinned map has another layout (an older agent): replacing it");
+            tracing::warn!(
+                map = name,
+                "pinned map has another layout or size (an older agent, or a new size): replacing it"
+            );
             let _ = std::fs::remove_file(&pin);
         }
     }
@@ -373,12 +377,20 @@ impl Datapath {
     /// Loads the programs; maps are created, or reused when already pinned
     /// in `pin_dir` (a restart: enforcement state is kept).
     pub fn load(pin_dir: &Path) -> Result<Datapath, DatapathError> {
+        Datapath::load_sized(pin_dir, POLICY_MAP_SIZE)
+    }
+
+    /// Like [`Datapath::load`] with a policy map of `policy_max` entries.
+    pub fn load_sized(pin_dir: &Path, policy_max: u32) -> Result<Datapath, DatapathError> {
         std::fs::create_dir_all(pin_dir)?;
         if !is_bpffs(pin_dir) {
             return Err(DatapathError::NoBpffs { path: pin_dir.display().to_string() });
         }
-        replace_incompatible_pins(pin_dir);
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(OBJECT)?;
+        replace_incompatible_pins(pin_dir, policy_max);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries("cilium_policy", policy_max)
+            .load(OBJECT)?;
         for name in ["from_container", "to_container"] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -639,7 +651,11 @@ impl Datapath {
             Some(map.keys().filter(Result::is_ok).count())
         }
         let mut out = Vec::new();
-        for (name, _, _, _, max) in map_layouts() {
+        for (name, ..) in map_layouts(POLICY_MAP_SIZE) {
+            // The size of the map as made (the policy map's is configurable).
+            let Some(max) = aya::maps::MapInfo::from_pin(pin_dir.join(name)).ok().map(|i| i.max_entries()) else {
+                continue;
+            };
             let used = match name {
                 "cilium_ipcache" => Some(ipcache),
                 "cilium_policy" => Some(policy),
@@ -649,7 +665,7 @@ impl Datapath {
                 _ => None,
             };
             if let Some(used) = used {
-                out.push((name, used as f64 / f64::from(max)));
+                out.push((name, used as f64 / f64::from(max.max(1))));
             }
         }
         out

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod enforce;
+pub mod health;
 pub mod monitor;
 pub mod netns;
 pub mod state;

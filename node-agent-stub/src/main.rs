@@ -7,6 +7,7 @@ use clap::Parser;
 use node_agent_stub::agent::{Agent, Snapshot};
 use node_agent_stub::config::{Flags, Settings};
 use node_agent_stub::datapath::{DIR_INGRESS, FIRST_DROP_REASON, reason_name};
+use node_agent_stub::health::Health;
 use node_agent_stub::monitor::Monitor;
 use tokio_util::sync::CancellationToken;
 
@@ -57,34 +58,38 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     let addr = s.flags.prometheus_serve_addr.clone();
     let addr = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr };
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
-    let snap = snapshot.clone();
-    let pins = s.bpf_root();
-    let monitor = Monitor::new(&s.flags.node_name, pins.clone());
-    let mon = monitor.clone();
-    let app = axum::Router::new()
-        .route("/metrics", axum::routing::get(move || metrics(snap.clone(), pins.clone(), mon.clone())))
-        .route(
-            "/healthz",
-            axum::routing::get({
-                let snap = snapshot.clone();
-                move || async move {
-                    if snap.lock().expect("snapshot").ready {
-                        (axum::http::StatusCode::OK, "ok")
-                    } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
-                    }
+    let monitor = Monitor::new(&s.flags.node_name, s.bpf_root());
+    let health = s.health_checking.then(|| Arc::new(Health::default()));
+    let api = Api {
+        node: s.flags.node_name.clone(),
+        pins: s.bpf_root(),
+        snapshot: snapshot.clone(),
+        monitor: monitor.clone(),
+        health: health.clone(),
+    };
+    let for_metrics = api.clone();
+    let app = axum::Router::new().route("/metrics", axum::routing::get(move || metrics(for_metrics.clone()))).route(
+        "/healthz",
+        axum::routing::get({
+            let snap = snapshot.clone();
+            move || async move {
+                if snap.lock().expect("snapshot").ready {
+                    (axum::http::StatusCode::OK, "ok")
+                } else {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
                 }
-            }),
-        );
+            }
+        }),
+    );
     let server_stop = stop.clone();
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await }).await;
     });
-    let api = serve_api(&s.flags.socket_path, snapshot.clone(), monitor.clone(), stop.clone())?;
+    let api = serve_api(&s.flags.socket_path, api, stop.clone())?;
     tracing::info!(node = %s.flags.node_name, mode = %s.mode, metrics = %addr, api = %s.flags.socket_path.display(), "cilium-node-agent starting");
     let agent = tokio::select! {
         _ = stop.cancelled() => return Ok(()),
-        a = Agent::start(s, client, snapshot, monitor.clone()) => a?,
+        a = Agent::start(s, client, snapshot, monitor.clone(), health) => a?,
     };
     // The datapath's pins exist now: read its events.
     tokio::spawn(async move {
@@ -97,15 +102,71 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     r
 }
 
-/// The agent's API on a unix socket (as upstream's
-/// `/var/run/cilium/cilium.sock`): `GET /v1/healthz`, `GET
-/// /v1/monitor?type=drop|verdict` (newline-delimited JSON, streamed).
-fn serve_api(
-    path: &std::path::Path,
+/// What the API socket serves from.
+#[derive(Clone)]
+struct Api {
+    node: String,
+    pins: std::path::PathBuf,
     snapshot: Arc<Mutex<Snapshot>>,
     monitor: Arc<Monitor>,
-    stop: CancellationToken,
-) -> anyhow::Result<std::path::PathBuf> {
+    health: Option<Arc<Health>>,
+}
+
+/// `GET /v1/status`: what `ciliumctl doctor` checks on a node.
+#[derive(serde::Serialize)]
+struct AgentStatus {
+    node: String,
+    ready: bool,
+    endpoints: usize,
+    endpoints_not_ready: usize,
+    /// Map name -> entries / max entries (`cilium_bpf_map_pressure`).
+    map_pressure: std::collections::BTreeMap<&'static str, f64>,
+    /// None: health checking is off.
+    health: Option<node_agent_stub::health::Report>,
+    /// The last drops, oldest first, named now.
+    recent_drops: Vec<node_agent_stub::monitor::Flow>,
+    events_lost: u64,
+}
+
+impl Api {
+    fn pressure(&self) -> Vec<(&'static str, f64)> {
+        let (ipcache, policy) = {
+            let s = self.snapshot.lock().expect("snapshot");
+            (s.ipcache_entries, s.policy_entries)
+        };
+        node_agent_stub::datapath::Datapath::pinned_pressure(&self.pins, ipcache, policy)
+    }
+
+    fn status(&self) -> AgentStatus {
+        let map_pressure = self.pressure().into_iter().collect();
+        let (ready, endpoints, endpoints_not_ready) = {
+            let s = self.snapshot.lock().expect("snapshot");
+            (s.ready, s.endpoint_names.len(), s.endpoints_not_ready)
+        };
+        AgentStatus {
+            node: self.node.clone(),
+            ready,
+            endpoints,
+            endpoints_not_ready,
+            map_pressure,
+            health: self.health.as_ref().map(|h| h.report.lock().expect("health report").clone()),
+            recent_drops: self.monitor.recent_drops(),
+            events_lost: self.monitor.ring_lost.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+fn json_response<T: serde::Serialize>(v: &T) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = serde_json::to_string(v).expect("serializes");
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// The agent's API on a unix socket (as upstream's
+/// `/var/run/cilium/cilium.sock`): `GET /v1/healthz`, `/v1/status`,
+/// `/v1/health` (the probes' results), `/v1/monitor?type=drop|verdict`
+/// (newline-delimited JSON, streamed).
+fn serve_api(path: &std::path::Path, api: Api, stop: CancellationToken) -> anyhow::Result<std::path::PathBuf> {
     use anyhow::Context;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -115,7 +176,9 @@ fn serve_api(
     let listener =
         tokio::net::UnixListener::bind(path).with_context(|| format!("binding the API socket {}", path.display()))?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+    let (snapshot, monitor, health) = (api.snapshot.clone(), api.monitor.clone(), api.health.clone());
     let app = axum::Router::new()
+        .route("/v1/status", axum::routing::get(move || async move { json_response(&api.status()) }))
         .route(
             "/v1/healthz",
             axum::routing::get(move || async move {
@@ -123,6 +186,19 @@ fn serve_api(
                     (axum::http::StatusCode::OK, "ok")
                 } else {
                     (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .route(
+            "/v1/health",
+            axum::routing::get(move || async move {
+                use axum::response::IntoResponse;
+                match &health {
+                    Some(h) => json_response(&*h.report.lock().expect("health report")),
+                    None => {
+                        (axum::http::StatusCode::NOT_FOUND, "health checking is off (enable-health-checking=false)")
+                            .into_response()
+                    }
                 }
             }),
         )
@@ -146,16 +222,12 @@ fn serve_api(
     Ok(path.to_path_buf())
 }
 
-async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf, monitor: Arc<Monitor>) -> String {
+async fn metrics(api: Api) -> String {
     // Counters straight from the pinned map: always current.
-    let counters = node_agent_stub::datapath::Datapath::pinned_metrics(&pins).unwrap_or_default();
+    let counters = node_agent_stub::datapath::Datapath::pinned_metrics(&api.pins).unwrap_or_default();
     // Map pressure counts pinned maps: not under the snapshot's lock.
-    let (ipcache, policy) = {
-        let s = snap.lock().expect("snapshot");
-        (s.ipcache_entries, s.policy_entries)
-    };
-    let pressure = node_agent_stub::datapath::Datapath::pinned_pressure(&pins, ipcache, policy);
-    let s = snap.lock().expect("snapshot");
+    let pressure = api.pressure();
+    let s = api.snapshot.lock().expect("snapshot");
     let mut out = String::new();
     out.push_str("# HELP cilium_forward_count_total Packets forwarded by the policy datapath\n# TYPE cilium_forward_count_total counter\n");
     let mut drops = String::from(
@@ -198,6 +270,9 @@ async fn metrics(snap: Arc<Mutex<Snapshot>>, pins: std::path::PathBuf, monitor: 
     for (kind, n) in &s.malformed_objects {
         out.push_str(&format!("cilium_k8s_malformed_objects_total{{kind=\"{kind}\"}} {n}\n"));
     }
-    out.push_str(&monitor.metrics());
+    out.push_str(&api.monitor.metrics());
+    if let Some(h) = &api.health {
+        out.push_str(&h.report.lock().expect("health report").metrics());
+    }
     out
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use cilium_policy::LabelSet;
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::broadcast;
 
 use crate::datapath::{
     DIR_INGRESS, Datapath, EVENTS_VERDICTS, Event, FIRST_DROP_REASON, MATCH_ANY_PEER, MATCH_PEER,
@@ -25,8 +25,11 @@ use crate::datapath::{
     REASON_NOT_ALLOWED, REASON_RELATED, REASON_REPLY, REASON_UNSUPPORTED_L3, ip_of, reason_name,
 };
 
-/// What the monitor needs to name the ends of a flow; rebuilt by the
-/// agent's reconcile while someone is watching.
+/// How many of the last drops the agent keeps for `/v1/status`.
+pub const RECENT_DROPS: usize = 256;
+
+/// What the monitor needs to name the ends of a flow; rebuilt by each
+/// pass of the agent's reconcile.
 #[derive(Default)]
 pub struct Directory {
     /// Local endpoint id -> `namespace/pod`.
@@ -225,8 +228,8 @@ pub struct Monitor {
     pub ring_lost: AtomicU64,
     pub queue_lost: AtomicU64,
     pub directory: Mutex<Arc<Directory>>,
-    /// Wakes the agent's reconcile (which builds the directory).
-    pub wake: Mutex<Option<Arc<Notify>>>,
+    /// The last drops (raw), for `/v1/status` (doctor explains them).
+    recent: Mutex<std::collections::VecDeque<Event>>,
 }
 
 /// A subscription; dropping it unsubscribes (and turns verdict events off
@@ -260,7 +263,7 @@ impl Monitor {
             ring_lost: AtomicU64::new(0),
             queue_lost: AtomicU64::new(0),
             directory: Mutex::new(Arc::new(Directory::default())),
-            wake: Mutex::new(None),
+            recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_DROPS)),
         })
     }
 
@@ -270,7 +273,7 @@ impl Monitor {
         }
     }
 
-    /// Whether anyone is watching (the directory is kept only then).
+    /// Whether anyone is watching (events are named only then).
     pub fn watched(&self) -> bool {
         self.subscribers.load(Ordering::SeqCst) > 0
     }
@@ -280,9 +283,6 @@ impl Monitor {
         self.subscribers.fetch_add(1, Ordering::SeqCst);
         if verdicts && self.verdict_subscribers.fetch_add(1, Ordering::SeqCst) == 0 {
             self.set_flags(EVENTS_VERDICTS);
-        }
-        if let Some(w) = self.wake.lock().expect("wake").as_ref() {
-            w.notify_one();
         }
         Subscription { monitor: self.clone(), verdicts, rx }
     }
@@ -325,11 +325,18 @@ impl Monitor {
     }
 
     fn publish(&self, batch: &[Event]) {
-        for e in batch {
-            if e.reason >= FIRST_DROP_REASON {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.forwarded.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut recent = self.recent.lock().expect("recent drops");
+            for e in batch {
+                if e.reason >= FIRST_DROP_REASON {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                    if recent.len() == RECENT_DROPS {
+                        recent.pop_front();
+                    }
+                    recent.push_back(*e);
+                } else {
+                    self.forwarded.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         if !self.watched() || batch.is_empty() {
@@ -340,6 +347,13 @@ impl Monitor {
         for e in batch {
             let _ = self.tx.send(Arc::new(Message::Flow(Box::new(resolve(e, &dir, &self.node, wall, mono)))));
         }
+    }
+
+    /// The last drops (at most `RECENT_DROPS`), named now.
+    pub fn recent_drops(&self) -> Vec<Flow> {
+        let dir = self.directory.lock().expect("directory").clone();
+        let (wall, mono) = (jiff::Timestamp::now(), monotonic_ns());
+        self.recent.lock().expect("recent drops").iter().map(|e| resolve(e, &dir, &self.node, wall, mono)).collect()
     }
 
     /// The `hubble_*` metrics text.

@@ -29,6 +29,9 @@ pub struct State {
     /// Pod UID -> endpoint.
     pub endpoints: BTreeMap<String, EndpointRecord>,
     pub next_endpoint_id: u32,
+    /// The node's health endpoint address (from the pod CIDR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_ip: Option<Ipv4Addr>,
 }
 
 pub struct Store {
@@ -58,7 +61,8 @@ impl Store {
     /// The lowest free host address of `cidr` (network and broadcast
     /// excluded), never one a recorded endpoint holds.
     pub fn free_ip(&self, first: u32, last: u32) -> Option<Ipv4Addr> {
-        let used: std::collections::HashSet<Ipv4Addr> = self.state.endpoints.values().map(|e| e.ip).collect();
+        let used: std::collections::HashSet<Ipv4Addr> =
+            self.state.endpoints.values().map(|e| e.ip).chain(self.state.health_ip).collect();
         (first + 1..last).map(Ipv4Addr::from).find(|ip| !used.contains(ip))
     }
 

@@ -134,7 +134,9 @@ pub fn monitor_shows_drops_and_verdicts(_shared: &ControlPlane) -> anyhow::Resul
         // for its identity.
         let verdicts =
             monitor(&c, &["--type=verdict", "-o", "json", "--from=default/tiefighter", "--to=default/deathstar"])?;
-        let (line, _) = line_after_attempts(&verdicts, &tie, ds, Duration::from_secs(1), |l| l.contains("FORWARDED"))?;
+        let (line, _) = line_after_attempts(&verdicts, &tie, ds, Duration::from_secs(1), |l| {
+            l.contains("FORWARDED") && l.contains("\"traffic_direction\":\"INGRESS\"")
+        })?;
         let v: Value = serde_json::from_str(&line)?;
         let f = &v["flow"];
         ensure!(f["source"]["identity"] == tie_id && f["reason"] == "allowed-by-policy", "{line}");
@@ -153,6 +155,183 @@ pub fn monitor_shows_drops_and_verdicts(_shared: &ControlPlane) -> anyhow::Resul
         eprintln!(
             "monitor: the xwing's drop shown {:.0} ms after the attempt, with both pods, identities {xwing_id} -> {ds_id} and the reason",
             took.as_secs_f64() * 1000.0
+        );
+        Ok(())
+    })();
+    result.map_err(|e| e.context(c.agent_logs()))
+}
+
+/// `ip ARGS`, which must succeed.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip").args(args).output()?;
+    ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// `ciliumctl ARGS --host ...` for every agent: (exit code, stdout).
+fn ciliumctl_agents(c: &Cluster, args: &[&str]) -> anyhow::Result<(i32, String)> {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.extend(c.agents.values().map(|a| format!("--host=unix://{}", a.socket.display())));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let out = c.ciliumctl(&refs)?;
+    Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
+}
+
+/// Health probes, doctor's node checks and map pressure, through the real
+/// agents: every node and health endpoint answers (`ciliumctl health`
+/// exit 0); one node cut off its fabric shows in `ciliumctl health`, in
+/// `cilium_unreachable_nodes` and in doctor within two probe intervals,
+/// and heals; a policy that fills most of a small policy map moves
+/// `cilium_bpf_map_pressure` and doctor names the map; doctor explains a
+/// recent drop with the policy trace.
+pub fn health_doctor_and_map_pressure(_shared: &ControlPlane) -> anyhow::Result<()> {
+    const INTERVAL: Duration = Duration::from_secs(2);
+    let c = crate::datapath::cluster_with("hlth", &["node-a", "node-b", "node-c"], |_| {
+        (Vec::new(), vec!["--health-probe-interval=2s".into(), "--bpf-policy-map-max=2048".into()])
+    })?;
+    let result = (|| -> anyhow::Result<()> {
+        let sw = star_wars(&c, &[80])?;
+        // Every agent reaches every node and health endpoint.
+        let t0 = Instant::now();
+        loop {
+            let (code, out) = ciliumctl_agents(&c, &["health", "-o", "json"])?;
+            let reports: Vec<Value> = serde_json::from_str(&out).with_context(|| format!("health JSON: {out}"))?;
+            let complete = reports.iter().all(|r| r["nodes"].as_array().is_some_and(|n| n.len() == 3));
+            if code == 0 && complete {
+                break;
+            }
+            ensure!(t0.elapsed() < Duration::from_secs(30), "not every node reachable after 30 s (exit {code}): {out}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let (_, table) = ciliumctl_agents(&c, &["health", "--color=never"])?;
+        ensure!(
+            table.lines().filter(|l| l.starts_with("node-") && !l.contains(": ")).count() == 9,
+            "3x3 matrix:\n{table}"
+        );
+        let a = &c.agents["node-a"];
+        ensure!(metric(&a.metrics()?, "cilium_unreachable_nodes") == Some(0.0), "node-a sees unreachable nodes");
+
+        // node-c cut off the fabric.
+        let node_c = format!("{}-node-c", c.prefix);
+        ip(&["-n", &node_c, "link", "set", "eth0", "down"])?;
+        let cut = Instant::now();
+        let seen = loop {
+            let m = a.metrics()?;
+            if metric(&m, "cilium_unreachable_nodes") == Some(1.0)
+                && metric(&m, "cilium_unreachable_health_endpoints") == Some(1.0)
+            {
+                break cut.elapsed();
+            }
+            ensure!(cut.elapsed() < INTERVAL * 4, "node-a did not see node-c unreachable:\n{m}");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        ensure!(seen <= INTERVAL * 2, "seen after {seen:?}: more than two probe intervals ({INTERVAL:?} each)");
+        let (code, table) = ciliumctl_agents(&c, &["health", "--color=never"])?;
+        ensure!(code == 2, "health exit {code} with node-c cut off:\n{table}");
+        let row = table.lines().find(|l| l.starts_with("node-a") && l.contains(" node-c ")).context("row")?;
+        ensure!(row.contains("no echo reply") || row.contains("timed out"), "node-a -> node-c row: {row}");
+        let (code, doc) = ciliumctl_agents(&c, &["doctor", "--color=never"])?;
+        ensure!(code == 2, "doctor exit {code} with node-c cut off:\n{doc}");
+        ensure!(doc.contains("node-health") && doc.contains("node-a -> node-c node"), "doctor:\n{doc}");
+
+        ip(&["-n", &node_c, "link", "set", "eth0", "up"])?;
+        let healed = Instant::now();
+        loop {
+            if metric(&a.metrics()?, "cilium_unreachable_nodes") == Some(0.0) {
+                break;
+            }
+            ensure!(healed.elapsed() < INTERVAL * 4, "node-c still unreachable after healing");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let healed_after = healed.elapsed();
+
+        // A policy of 20 CIDRs x 90 separate TCP ports on the deathstar:
+        // 1,800 entries in a policy map of 2,048 (88%), then 2 more CIDRs:
+        // 1,980 (97%).
+        let ds_pressure = |m: &str| metric(m, "cilium_bpf_map_pressure{map_name=\"cilium_policy\"}");
+        let policy = |cidrs: usize| {
+            let cidrs: Vec<String> = (0..cidrs).map(|i| format!("\"192.168.230.{}/32\"", i + 1)).collect();
+            // (At most 40 ports per port rule: three rules of 30.)
+            let rules: Vec<String> = (0..3)
+                .map(|r| {
+                    let ports: Vec<String> = (0..30)
+                        .map(|i| format!("{{\"port\": \"{}\", \"protocol\": \"TCP\"}}", 2000 + 2 * (30 * r + i)))
+                        .collect();
+                    format!("{{\"ports\": [{}]}}", ports.join(","))
+                })
+                .collect();
+            format!(
+                r#"{{"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+                   "metadata": {{"name": "many-ports", "namespace": "default"}},
+                   "spec": {{"endpointSelector": {{"matchLabels": {{"class": "deathstar"}}}},
+                            "ingress": [{{"fromCIDR": [{}], "toPorts": [{}]}}]}}}}"#,
+                cidrs.join(","),
+                rules.join(",")
+            )
+        };
+        c.kubectl(&["apply", "-f", "-"], Some(&policy(20)))?;
+        let t0 = Instant::now();
+        let below = loop {
+            let p = ds_pressure(&a.metrics()?).unwrap_or(0.0);
+            if p > 0.8 {
+                break p;
+            }
+            ensure!(t0.elapsed() < Duration::from_secs(20), "policy map pressure stays at {p}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let (_, doc) = ciliumctl_agents(&c, &["doctor", "-o", "json"])?;
+        let findings: Vec<Value> = serde_json::from_str(&doc)?;
+        let f = findings.iter().find(|f| f["check"] == "bpf-map-pressure").context("no bpf-map-pressure finding")?;
+        ensure!(f["severity"] == "ok", "at {below:.2}: {f}");
+        c.kubectl(&["apply", "-f", "-"], Some(&policy(22)))?;
+        let t0 = Instant::now();
+        let above = loop {
+            let p = ds_pressure(&a.metrics()?).unwrap_or(0.0);
+            if p >= 0.9 {
+                break p;
+            }
+            ensure!(t0.elapsed() < Duration::from_secs(20), "policy map pressure stays at {p}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let (code, doc) = ciliumctl_agents(&c, &["doctor", "-o", "json"])?;
+        let findings: Vec<Value> = serde_json::from_str(&doc)?;
+        let f = findings.iter().find(|f| f["check"] == "bpf-map-pressure").context("no bpf-map-pressure finding")?;
+        ensure!(code == 2 && f["severity"] == "warning", "at {above:.2} (exit {code}): {f}");
+        ensure!(
+            f["evidence"].as_array().is_some_and(|e| e
+                .iter()
+                .any(|x| x.as_str().is_some_and(|s| s.starts_with("cilium_policy on node-a")))),
+            "{f}"
+        );
+        // The deathstar still answers the tiefighter? No: this policy
+        // replaced nothing but selects the deathstar, so only the CIDRs may
+        // reach it; the xwing's attempt is a recent drop doctor explains.
+        ensure!(!can_connect(&sw.xwing, sw.deathstar, 80, Duration::from_millis(500))?, "xwing reached the deathstar");
+        let (_, doc) = ciliumctl_agents(&c, &["doctor", "-o", "json"])?;
+        let findings: Vec<Value> = serde_json::from_str(&doc)?;
+        let f = findings.iter().find(|f| f["check"] == "recent-drops").context("no recent-drops finding")?;
+        let line = f["evidence"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .find(|l| l.starts_with("default/xwing -> default/deathstar TCP/80"))
+            .with_context(|| format!("no xwing drop explained: {f}"))?
+            .to_string();
+        ensure!(
+            line.contains("POLICY_DENIED") && line.contains("default deny by CiliumNetworkPolicy default/many-ports"),
+            "{line}"
+        );
+        eprintln!(
+            "health: node-c cut off seen by node-a after {:.1} s (interval {} s), healed after {:.1} s; \
+             policy map pressure {below:.2} -> {above:.2} named by doctor; the xwing's drop explained: {line}",
+            seen.as_secs_f64(),
+            INTERVAL.as_secs(),
+            healed_after.as_secs_f64()
         );
         Ok(())
     })();
