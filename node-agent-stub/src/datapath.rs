@@ -689,10 +689,15 @@ impl Datapath {
 
     /// Events that found the ring buffer full, since the map was made.
     pub fn pinned_events_lost(pin_dir: &Path) -> Result<u64, DatapathError> {
+        let map = Datapath::pinned_events_lost_map(pin_dir)?;
+        map.get(&0, 0).map_err(|source| DatapathError::Map { name: "cilium_events_lost", source })
+    }
+
+    /// The lost-events counter map (index 0), opened from its pin.
+    pub fn pinned_events_lost_map(pin_dir: &Path) -> Result<aya::maps::Array<MapData, u64>, DatapathError> {
         let e = |source| DatapathError::Map { name: "cilium_events_lost", source };
         let data = MapData::from_pin(pin_dir.join("cilium_events_lost")).map_err(e)?;
-        let map: aya::maps::Array<MapData, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(e)?;
-        map.get(&0, 0).map_err(e)
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(e)
     }
 
     /// Entries the agent holds in the ipcache and in the policy map.

@@ -25,6 +25,9 @@ use crate::datapath::{
     REASON_NOT_ALLOWED, REASON_RELATED, REASON_REPLY, REASON_UNSUPPORTED_L3, ip_of, reason_name,
 };
 
+/// Events read from the ring buffer before they are published.
+const BATCH: usize = 4096;
+
 /// How many of the last drops the agent keeps for `/v1/status`.
 pub const RECENT_DROPS: usize = 256;
 
@@ -237,7 +240,37 @@ pub struct Monitor {
 pub struct Subscription {
     monitor: Arc<Monitor>,
     verdicts: bool,
-    pub rx: broadcast::Receiver<Arc<Message>>,
+    rx: broadcast::Receiver<Arc<Message>>,
+    /// Ring buffer losses already told to this client.
+    ring_lost_seen: u64,
+}
+
+impl Subscription {
+    /// The next message for this client: a flow, or how many events it
+    /// missed since the last such message: lost in the kernel's ring
+    /// buffer (`perf_event_ring_buffer`, counted by the reader for every
+    /// client) or dropped from this client's queue because it fell behind
+    /// (`observer_events_queue`). None when the monitor is gone.
+    pub async fn next(&mut self) -> Option<Arc<Message>> {
+        loop {
+            let lost = self.monitor.ring_lost.load(Ordering::SeqCst);
+            if lost > self.ring_lost_seen {
+                let n = lost - self.ring_lost_seen;
+                self.ring_lost_seen = lost;
+                return Some(Arc::new(Message::LostEvents { source: "perf_event_ring_buffer", num_events_lost: n }));
+            }
+            // Woken at least once a second to report ring losses.
+            match tokio::time::timeout(std::time::Duration::from_secs(1), self.rx.recv()).await {
+                Err(_) => continue,
+                Ok(Ok(m)) => return Some(m),
+                Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                    self.monitor.queue_lost.fetch_add(n, Ordering::Relaxed);
+                    return Some(Arc::new(Message::LostEvents { source: "observer_events_queue", num_events_lost: n }));
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+            }
+        }
+    }
 }
 
 impl Drop for Subscription {
@@ -284,7 +317,8 @@ impl Monitor {
         if verdicts && self.verdict_subscribers.fetch_add(1, Ordering::SeqCst) == 0 {
             self.set_flags(EVENTS_VERDICTS);
         }
-        Subscription { monitor: self.clone(), verdicts, rx }
+        let ring_lost_seen = self.ring_lost.load(Ordering::SeqCst);
+        Subscription { monitor: self.clone(), verdicts, rx, ring_lost_seen }
     }
 
     /// Reads the ring buffer until the process ends. Drop events come
@@ -299,28 +333,48 @@ impl Monitor {
         // long as it lives, and always returns that one.
         let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {}", e.into_parts().1))?;
-        let mut lost_seen = Datapath::pinned_events_lost(&self.pins).unwrap_or(0);
+        let lost_map = Datapath::pinned_events_lost_map(&self.pins)?;
+        let lost_now = || lost_map.get(&0, 0).unwrap_or(0);
+        let mut lost_seen = lost_now();
+        let mut batch = Vec::with_capacity(BATCH);
         loop {
-            let mut guard = fd.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            let mut batch = Vec::new();
-            while let Some(item) = ring.next() {
-                if let Some(e) = Event::from_bytes(&item) {
-                    batch.push(e);
+            // Woken by the kernel, or once a second to report losses even
+            // when no event follows them.
+            let guard = tokio::select! {
+                g = fd.readable_mut() => Some(g?),
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => None,
+            };
+            if let Some(mut guard) = guard {
+                // Cleared before draining: an event submitted after the last
+                // read wakes us again (the kernel wakes a reader that has
+                // caught up); cleared after, that wakeup could be lost and
+                // the reader would stall.
+                guard.clear_ready();
+                let ring = guard.get_inner_mut();
+                loop {
+                    batch.clear();
+                    while batch.len() < BATCH {
+                        let Some(item) = ring.next() else { break };
+                        if let Some(e) = Event::from_bytes(&item) {
+                            batch.push(e);
+                        }
+                    }
+                    self.publish(&batch);
+                    if batch.len() < BATCH {
+                        break;
+                    }
+                    // Let the clients' streams run between batches.
+                    tokio::task::yield_now().await;
                 }
             }
-            guard.clear_ready();
-            let lost = Datapath::pinned_events_lost(&self.pins).unwrap_or(lost_seen);
+            let lost = lost_now();
             if lost > lost_seen {
                 let n = lost - lost_seen;
                 lost_seen = lost;
-                self.ring_lost.fetch_add(n, Ordering::Relaxed);
+                // Each client is told by its subscription.
+                self.ring_lost.fetch_add(n, Ordering::SeqCst);
                 tracing::warn!(events = n, "datapath event ring buffer was full: events lost");
-                let _ = self
-                    .tx
-                    .send(Arc::new(Message::LostEvents { source: "perf_event_ring_buffer", num_events_lost: n }));
             }
-            self.publish(&batch);
         }
     }
 
@@ -391,20 +445,11 @@ pub fn stream(
     let sub = monitor.subscribe(verdicts);
     Ok(futures::stream::unfold(sub, move |mut sub| async move {
         let line = loop {
-            match sub.rx.recv().await {
-                Ok(m) => {
-                    if !verdicts && matches!(&*m, Message::Flow(f) if f.verdict != "DROPPED") {
-                        continue;
-                    }
-                    break serde_json::to_string(&*m).expect("message serializes");
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    sub.monitor.queue_lost.fetch_add(n, Ordering::Relaxed);
-                    let m = Message::LostEvents { source: "observer_events_queue", num_events_lost: n };
-                    break serde_json::to_string(&m).expect("message serializes");
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
+            let m = sub.next().await?;
+            if !verdicts && matches!(&*m, Message::Flow(f) if f.verdict != "DROPPED") {
+                continue;
             }
+            break serde_json::to_string(&*m).expect("message serializes");
         };
         Some((Ok(axum::body::Bytes::from(line + "\n")), sub))
     }))
