@@ -23,10 +23,14 @@ pub fn hosts(given: &[String]) -> Vec<String> {
     if default.exists() { vec![agent_api::DEFAULT_HOST.to_string()] } else { Vec::new() }
 }
 
+/// `GET path`, the whole body.
+pub async fn get_bytes(host: &str, path: &str) -> anyhow::Result<Vec<u8>> {
+    Ok(agent_api::get(host, path).await?.collect().await?.to_bytes().to_vec())
+}
+
 /// `GET path` as JSON.
 pub async fn get_json(host: &str, path: &str) -> anyhow::Result<Value> {
-    let body = agent_api::get(host, path).await?.collect().await?.to_bytes();
-    Ok(serde_json::from_slice(&body)?)
+    Ok(serde_json::from_slice(&get_bytes(host, path).await?)?)
 }
 
 fn probe_cell(out: &Output, p: &Value) -> String {

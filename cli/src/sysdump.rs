@@ -127,15 +127,26 @@ pub async fn sysdump(ctx: &Ctx, output: Option<PathBuf>, forward: &[String], hos
         }
     }
 
-    // Each agent's own view: map pressure, probe results, recent drops.
+    // Each agent's own view: status (map pressure, probe results, recent
+    // drops), its datapath maps and its metrics.
     for (i, h) in hosts.iter().enumerate() {
-        ctx.out.step(&format!("agent status from {h}"));
-        match crate::agents::get_json(h, "/v1/status").await {
+        ctx.out.step(&format!("agent status, maps and metrics from {h}"));
+        let node = match crate::agents::get_json(h, "/v1/status").await {
             Ok(v) => {
                 let node = v["node"].as_str().map(str::to_string).unwrap_or_else(|| format!("agent-{i}"));
-                a.json(&format!("agents/{node}-status.json"), &v)
+                a.json(&format!("agents/{node}-status.json"), &v);
+                node
             }
-            Err(e) => a.problems.push(format!("agent {h}: {}", one_line(&format!("{e:#}")))),
+            Err(e) => {
+                a.problems.push(format!("agent {h}: {}", one_line(&format!("{e:#}"))));
+                continue;
+            }
+        };
+        for (path, file) in [("/v1/maps", "maps.json"), ("/metrics", "metrics.txt")] {
+            match crate::agents::get_bytes(h, path).await {
+                Ok(body) => a.add(&format!("agents/{node}-{file}"), body),
+                Err(e) => a.problems.push(format!("agent {node} {path}: {}", one_line(&format!("{e:#}")))),
+            }
         }
     }
 

@@ -194,6 +194,44 @@ pub struct MetricsValue {
     pub bytes: u64,
 }
 
+/// The maps as `/v1/maps` shows them.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct MapsDump {
+    pub ipcache: Vec<IpcacheDump>,
+    pub endpoints: Vec<EndpointDump>,
+    /// Endpoint id -> its entries.
+    pub policy: BTreeMap<u32, Vec<PolicyDump>>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct IpcacheDump {
+    pub prefix: String,
+    pub identity: u32,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct EndpointDump {
+    pub ifindex: u32,
+    pub endpoint_id: u32,
+    pub identity: u32,
+    pub ingress_enforce: bool,
+    pub egress_enforce: bool,
+    pub ready: bool,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct PolicyDump {
+    pub direction: &'static str,
+    /// Peer identity, 0: any.
+    pub peer: u32,
+    /// 0: any protocol.
+    pub proto: u8,
+    pub port: u16,
+    /// Bits of the port that must match (16: one port, 0: any).
+    pub port_prefix_len: u8,
+    pub deny: bool,
+}
+
 /// `event.match`: which policy entry decided.
 pub const MATCH_NONE: u8 = 0;
 pub const MATCH_PEER: u8 = 1;
@@ -669,6 +707,55 @@ impl Datapath {
             }
         }
         out
+    }
+
+    /// The ipcache, endpoints and policy maps as the kernel holds them,
+    /// read from the pins (for `/v1/maps` and sysdump).
+    pub fn pinned_dump(pin_dir: &Path) -> Result<MapsDump, DatapathError> {
+        let open = |name: &'static str| {
+            MapData::from_pin(pin_dir.join(name)).map_err(|source| DatapathError::Map { name, source })
+        };
+        let err = |name: &'static str| move |source| DatapathError::Map { name, source };
+        let ipcache: LpmTrie<MapData, Addr16, IpcacheValue> =
+            LpmTrie::try_from(aya::maps::Map::LpmTrie(open("cilium_ipcache")?)).map_err(err("cilium_ipcache"))?;
+        let mut dump = MapsDump::default();
+        for kv in ipcache.iter() {
+            let (k, v) = kv.map_err(err("cilium_ipcache"))?;
+            if let Some(p) = prefix_of(&k) {
+                dump.ipcache.push(IpcacheDump { prefix: p.to_string(), identity: v.identity });
+            }
+        }
+        let endpoints: BpfHashMap<MapData, EndpointKey, EndpointValue> =
+            BpfHashMap::try_from(aya::maps::Map::HashMap(open("cilium_endpoints")?))
+                .map_err(err("cilium_endpoints"))?;
+        for kv in endpoints.iter() {
+            let (k, v) = kv.map_err(err("cilium_endpoints"))?;
+            dump.endpoints.push(EndpointDump {
+                ifindex: k.ifindex,
+                endpoint_id: v.endpoint_id,
+                identity: v.identity,
+                ingress_enforce: v.ingress_enforce != 0,
+                egress_enforce: v.egress_enforce != 0,
+                ready: v.state == ENDPOINT_READY,
+            });
+        }
+        let policy: LpmTrie<MapData, PolicyKeyData, PolicyValue> =
+            LpmTrie::try_from(aya::maps::Map::LpmTrie(open("cilium_policy")?)).map_err(err("cilium_policy"))?;
+        for kv in policy.iter() {
+            let (k, v) = kv.map_err(err("cilium_policy"))?;
+            let (ep, e) = PolicyEntry::from_lpm(&k);
+            dump.policy.entry(ep).or_default().push(PolicyDump {
+                direction: if e.direction == DIR_INGRESS { "ingress" } else { "egress" },
+                peer: e.key.peer,
+                proto: e.key.proto,
+                port: e.key.port,
+                port_prefix_len: e.key.plen,
+                deny: v.deny != 0,
+            });
+        }
+        dump.ipcache.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+        dump.endpoints.sort_by_key(|e| e.endpoint_id);
+        Ok(dump)
     }
 
     /// The event ring buffer, opened from its pin (one reader at a time).

@@ -164,8 +164,9 @@ fn json_response<T: serde::Serialize>(v: &T) -> axum::response::Response {
 
 /// The agent's API on a unix socket (as upstream's
 /// `/var/run/cilium/cilium.sock`): `GET /v1/healthz`, `/v1/status`,
-/// `/v1/health` (the probes' results), `/v1/monitor?type=drop|verdict`
-/// (newline-delimited JSON, streamed).
+/// `/v1/health` (the probes' results), `/v1/maps` (the datapath maps),
+/// `/metrics`, `/v1/monitor?type=drop|verdict` (newline-delimited JSON,
+/// streamed).
 fn serve_api(path: &std::path::Path, api: Api, stop: CancellationToken) -> anyhow::Result<std::path::PathBuf> {
     use anyhow::Context;
     if let Some(dir) = path.parent() {
@@ -178,6 +179,20 @@ fn serve_api(path: &std::path::Path, api: Api, stop: CancellationToken) -> anyho
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
     let (snapshot, monitor, health) = (api.snapshot.clone(), api.monitor.clone(), api.health.clone());
     let app = axum::Router::new()
+        .route("/v1/maps", {
+            let pins = api.pins.clone();
+            axum::routing::get(move || async move {
+                use axum::response::IntoResponse;
+                match node_agent_stub::datapath::Datapath::pinned_dump(&pins) {
+                    Ok(d) => json_response(&d),
+                    Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                }
+            })
+        })
+        .route("/metrics", {
+            let api = api.clone();
+            axum::routing::get(move || metrics(api.clone()))
+        })
         .route("/v1/status", axum::routing::get(move || async move { json_response(&api.status()) }))
         .route(
             "/v1/healthz",

@@ -326,6 +326,32 @@ pub fn health_doctor_and_map_pressure(_shared: &ControlPlane) -> anyhow::Result<
             line.contains("POLICY_DENIED") && line.contains("default deny by CiliumNetworkPolicy default/many-ports"),
             "{line}"
         );
+        // sysdump with the agents: each one's status, maps and metrics.
+        let archive = c.cp.dir().join("sysdump-agents.tar.gz");
+        let (code, _) = ciliumctl_agents(&c, &["sysdump", "--output-file", &archive.display().to_string()])?;
+        ensure!(code == 0, "sysdump exit {code}");
+        let list = std::process::Command::new("tar").arg("tzf").arg(&archive).output()?;
+        let list = String::from_utf8_lossy(&list.stdout).into_owned();
+        for node in ["node-a", "node-b", "node-c"] {
+            for file in ["status.json", "maps.json", "metrics.txt"] {
+                let want = format!("agents/{node}-{file}");
+                ensure!(list.lines().any(|l| l.ends_with(&want)), "sysdump lacks {want}:\n{list}");
+            }
+        }
+        ensure!(list.lines().any(|l| l.ends_with("ciliumctl/health.json")), "sysdump lacks health.json:\n{list}");
+        let maps = std::process::Command::new("tar")
+            .arg("xzOf")
+            .arg(&archive)
+            .arg(list.lines().find(|l| l.ends_with("agents/node-a-maps.json")).context("maps")?)
+            .output()?;
+        let maps: Value = serde_json::from_slice(&maps.stdout).context("node-a maps.json")?;
+        let entries: usize =
+            maps["policy"].as_object().into_iter().flatten().map(|(_, v)| v.as_array().map_or(0, Vec::len)).sum();
+        ensure!(entries >= 1980, "node-a's policy map dump has {entries} entries");
+        ensure!(
+            maps["ipcache"].as_array().is_some_and(|i| i.iter().any(|e| e["identity"] == 4)),
+            "no health endpoint (reserved:health) in node-a's ipcache dump"
+        );
         eprintln!(
             "health: node-c cut off seen by node-a after {:.1} s (interval {} s), healed after {:.1} s; \
              policy map pressure {below:.2} -> {above:.2} named by doctor; the xwing's drop explained: {line}",
