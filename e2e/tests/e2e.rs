@@ -17,6 +17,7 @@ mod datapath;
 mod endpoint_gc;
 mod identity;
 mod ipam;
+mod nodes;
 mod observe;
 mod policy;
 mod processes;
@@ -44,6 +45,7 @@ fn main() {
         ("endpoint_gc::orphans_end_as_specified", endpoint_gc::orphans_end_as_specified),
         ("endpoint_gc::survives_apiserver_restart", endpoint_gc::survives_apiserver_restart),
         ("endpoint_gc::interval_zero_runs_once", endpoint_gc::interval_zero_runs_once),
+        ("nodes::agent_readiness_drives_taints_and_condition", nodes::agent_readiness_drives_taints_and_condition),
         ("identity::crd_allocation_races_and_gc", identity::crd_allocation_races_and_gc),
         ("identity::gc_clock_survives_operator_restart", identity::gc_clock_survives_operator_restart),
         ("identity::kvstore_heartbeat_layout_and_etcd_restart", identity::kvstore_heartbeat_layout_and_etcd_restart),

@@ -76,6 +76,44 @@ pub const OPTIONS: &[OptSpec] = &[
         "Share of the identity range in use that triggers an immediate GC pass, an Event and a metric",
     ),
     opt("nodes-gc-interval", "5m0s", Kind::Value, "Interval between CiliumNode GC runs"),
+    opt(
+        "remove-cilium-node-taints",
+        "true",
+        Kind::Bool,
+        "Remove the agent-not-ready taint from a node once a Cilium agent pod on it is Ready",
+    ),
+    opt(
+        "set-cilium-node-taints",
+        "false",
+        Kind::Bool,
+        "Taint a node (NoSchedule) while the Cilium agent pod on it is not Ready",
+    ),
+    opt(
+        "set-cilium-is-up-condition",
+        "true",
+        Kind::Bool,
+        "Set NetworkUnavailable=False (reason CiliumIsUp) on a node once a Cilium agent pod on it is Ready",
+    ),
+    opt("agent-not-ready-taint-key", "node.cilium.io/agent-not-ready", Kind::Value, "Key of the agent-not-ready taint"),
+    opt("cilium-pod-labels", "k8s-app=cilium", Kind::Value, "Label selector of the Cilium agent pods"),
+    opt(
+        "cilium-pod-namespace",
+        "",
+        Kind::Value,
+        "Namespace of the Cilium agent pods (empty: the operator's --k8s-namespace)",
+    ),
+    opt(
+        "unmanaged-pod-watcher-interval",
+        "15",
+        Kind::Value,
+        "Seconds between restarts of pods Cilium does not manage (0 disables)",
+    ),
+    opt(
+        "pod-restart-selector",
+        "k8s-app=kube-dns",
+        Kind::Value,
+        "Label selector of the pods restarted when Cilium does not manage them",
+    ),
     opt("cilium-endpoint-gc-interval", "5m0s", Kind::Value, "Interval between CiliumEndpoint GC runs (0 runs once)"),
     opt("operator-api-serve-addr", "localhost:9234", Kind::Value, "Address of the health API (/healthz)"),
     opt("operator-prometheus-serve-addr", ":9963", Kind::Value, "Address of the Prometheus metrics endpoint"),
@@ -335,6 +373,12 @@ pub struct Config {
     pub identity_space_pressure_threshold: f64,
     pub nodes_gc_interval: Duration,
     pub endpoint_gc_interval: Duration,
+    /// Node taints and the CiliumIsUp condition (upstream's node taint
+    /// duty).
+    pub node_taints: NodeTaintConfig,
+    /// Seconds between unmanaged-pod restarts (0: off) and which pods.
+    pub unmanaged_pod_watcher_interval: Duration,
+    pub pod_restart_selector: String,
     pub health_addr: String,
     pub metrics_addr: Option<String>,
     pub leader_election: LeaderElectionConfig,
@@ -419,6 +463,23 @@ impl Config {
             identity_space_pressure_threshold: v.fraction("identity-space-pressure-threshold")?,
             nodes_gc_interval: v.positive_duration("nodes-gc-interval")?,
             endpoint_gc_interval: v.duration("cilium-endpoint-gc-interval")?,
+            node_taints: NodeTaintConfig {
+                remove_taint: v.bool("remove-cilium-node-taints")?,
+                set_taint: v.bool("set-cilium-node-taints")?,
+                set_is_up_condition: v.bool("set-cilium-is-up-condition")?,
+                taint_key: non_empty("agent-not-ready-taint-key")?,
+                pod_labels: v.raw.get("cilium-pod-labels").0.trim().to_string(),
+                pod_namespace: match v.raw.get("cilium-pod-namespace").0.trim() {
+                    "" => non_empty("k8s-namespace")?,
+                    ns => ns.to_string(),
+                },
+            },
+            unmanaged_pod_watcher_interval: Duration::from_secs(v.int(
+                "unmanaged-pod-watcher-interval",
+                0,
+                365 * 24 * 3600,
+            )? as u64),
+            pod_restart_selector: v.raw.get("pod-restart-selector").0.trim().to_string(),
             health_addr: v.addr("operator-api-serve-addr")?,
             metrics_addr: if enable_metrics { Some(v.addr("operator-prometheus-serve-addr")?) } else { None },
             leader_election,
@@ -429,6 +490,23 @@ impl Config {
             debug: v.bool("debug")?,
         })
     }
+}
+
+/// The node taint duty's settings (upstream names in comments).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeTaintConfig {
+    /// `remove-cilium-node-taints`.
+    pub remove_taint: bool,
+    /// `set-cilium-node-taints`.
+    pub set_taint: bool,
+    /// `set-cilium-is-up-condition`.
+    pub set_is_up_condition: bool,
+    /// `agent-not-ready-taint-key`.
+    pub taint_key: String,
+    /// `cilium-pod-labels`, a label selector.
+    pub pod_labels: String,
+    /// `cilium-pod-namespace` (or the operator's namespace).
+    pub pod_namespace: String,
 }
 
 struct Validator<'a> {

@@ -19,6 +19,8 @@ pub mod kvstore;
 pub mod leader;
 pub mod lean;
 pub mod metrics;
+pub mod node_taints;
 pub mod nodes_gc;
 pub mod policy_status;
 pub mod run;
+pub mod unmanaged_pods;

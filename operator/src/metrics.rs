@@ -72,6 +72,7 @@ pub struct Metrics {
     pub identity_gc: crate::identity_gc::IdentityGcMetrics,
     pub kvstore: crate::kvstore::KvstoreMetrics,
     pub doublewrite: crate::doublewrite::DoubleWriteMetrics,
+    pub unmanaged_pods: crate::unmanaged_pods::UnmanagedPodsMetrics,
 }
 
 impl Metrics {
@@ -89,7 +90,18 @@ impl Metrics {
         kvstore.register(&mut registry);
         let doublewrite = crate::doublewrite::DoubleWriteMetrics::default();
         doublewrite.register(&mut registry);
-        Metrics { registry: Arc::new(registry), process, ipam, endpoint_gc, identity_gc, kvstore, doublewrite }
+        let unmanaged_pods = crate::unmanaged_pods::UnmanagedPodsMetrics::default();
+        unmanaged_pods.register(&mut registry);
+        Metrics {
+            registry: Arc::new(registry),
+            process,
+            ipam,
+            endpoint_gc,
+            identity_gc,
+            kvstore,
+            doublewrite,
+            unmanaged_pods,
+        }
     }
 
     /// Counts, and logs, an object a watch cache skipped.

@@ -137,6 +137,8 @@ async fn run_duties(
     duties.spawn(supervise("kvstore-heartbeat", s.clone(), crate::kvstore::run_heartbeat(c.clone(), s.clone())));
     duties.spawn(supervise("doublewrite-reporter", s.clone(), crate::doublewrite::run(c.clone(), s.clone())));
     duties.spawn(supervise("nodes-gc", s.clone(), crate::nodes_gc::run(c.clone(), s.clone())));
+    duties.spawn(supervise("node-taints", s.clone(), crate::node_taints::run(c.clone(), s.clone())));
+    duties.spawn(supervise("unmanaged-pods", s.clone(), crate::unmanaged_pods::run(c.clone(), s.clone())));
     duties.spawn(supervise("policy-status", s.clone(), crate::policy_status::run(c.clone(), s.clone())));
     stop.cancelled().await;
     while duties.join_next().await.is_some() {}

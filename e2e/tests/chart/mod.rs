@@ -17,7 +17,7 @@ use e2e::{ControlPlane, Operator, Options, block_on, eventually, tools};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node};
 use k8s_openapi::api::rbac::v1::ClusterRole;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 const OPERATOR_SA: &str = "system:serviceaccount:kube-system:cilium-operator";
@@ -217,6 +217,8 @@ pub fn rbac_least_privilege(_shared: &ControlPlane) -> anyhow::Result<()> {
                 "operator.endpointGCInterval=2s",
                 "--set",
                 "operator.nodeGCInterval=2s",
+                "--set",
+                "operator.unmanagedPodWatcher.intervalSeconds=1",
             ],
         )?;
         let token = ok(&cp, "kubectl", &["create", "token", "cilium-operator", "-n", "kube-system", "--duration=2h"])?;
@@ -245,6 +247,17 @@ pub fn rbac_least_privilege(_shared: &ControlPlane) -> anyhow::Result<()> {
             nodes.create(&pp, &crate::ipam::node(n)).await?;
             cnodes.create(&pp, &crate::ipam::cilium_node(n, &[])).await?;
         }
+        // Node duties: n1 carries the agent-not-ready taint and its agent
+        // pod is Ready (taint removed, CiliumIsUp set); a kube-dns pod
+        // without an endpoint is restarted.
+        let taint = json!([{ "key": "node.cilium.io/agent-not-ready", "effect": "NoExecute" }]);
+        nodes.patch("n1", &PatchParams::default(), &Patch::Merge(json!({ "spec": { "taints": taint } }))).await?;
+        crate::nodes::pod(&client, "kube-system", "cilium-n1", Some("n1"), json!({ "k8s-app": "cilium" }), true)
+            .await?;
+        crate::nodes::set_status(&client, "kube-system", "cilium-n1", true, Duration::from_secs(5)).await?;
+        crate::nodes::pod(&client, "kube-system", "dns-1", None, json!({ "k8s-app": "kube-dns" }), false).await?;
+        crate::nodes::set_status(&client, "kube-system", "dns-1", true, Duration::from_secs(120)).await?;
+        let kpods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "kube-system");
         // CiliumNode GC: a CiliumNode without a Node goes away.
         cnodes.create(&pp, &crate::ipam::cilium_node("gone", &[])).await?;
         // Endpoint GC: a CEP whose owner Pod does not exist goes away.
@@ -270,7 +283,10 @@ pub fn rbac_least_privilege(_shared: &ControlPlane) -> anyhow::Result<()> {
                 && cnodes.get_opt("gone").await?.is_none()
                 && ceps.get_opt("orphan").await?.is_none()
                 && ids.get_opt("5001").await?.is_none();
-            Ok(done.then_some(()))
+            let n1_node = nodes.get("n1").await?;
+            let marked = crate::nodes::taints(&n1_node).is_empty() && crate::nodes::cilium_is_up(&n1_node);
+            let restarted = kpods.get_opt("dns-1").await?.is_none();
+            Ok((done && marked && restarted).then_some(()))
         })
         .await?;
         let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
