@@ -61,8 +61,20 @@ pub fn add(name: &str) -> anyhow::Result<()> {
     if !exists(name) {
         ip(&["netns", "add", name], true)?;
     }
-    ip(&["-n", name, "link", "set", "lo", "up"], false)?;
-    Ok(())
+    // Another agent of this host may be making the same namespace (the
+    // shared fabric): its file exists before it is a namespace, and entering
+    // it fails with EINVAL for that moment. Wait for it, briefly.
+    let mut tries = 0;
+    loop {
+        match ip(&["-n", name, "link", "set", "lo", "up"], false) {
+            Ok(_) => return Ok(()),
+            Err(e) if tries < 40 && e.to_string().contains("Invalid argument") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 pub fn delete(name: &str) -> anyhow::Result<()> {
