@@ -134,6 +134,29 @@ impl Operator {
         Ok(Operator { proc, health_addr, metrics_addr })
     }
 
+    /// Upstream Cilium's `cilium-operator-generic` (built by
+    /// `scripts/build-upstream.sh`) against `cp`, for side-by-side
+    /// benchmarks: the same namespace and loopback health/metrics ports,
+    /// plus `extra` upstream flags.
+    pub fn start_upstream(
+        cp: &ControlPlane,
+        name: &str,
+        namespace: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Operator> {
+        let health_addr = format!("127.0.0.1:{}", free_port());
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(tools::tool("cilium-operator-generic")?);
+        cmd.arg(format!("--k8s-kubeconfig-path={}", cp.kubeconfig.display()))
+            .arg(format!("--k8s-namespace={namespace}"))
+            .arg(format!("--operator-api-serve-addr={health_addr}"))
+            .arg(format!("--operator-prometheus-serve-addr={metrics_addr}"))
+            .arg("--enable-metrics")
+            .args(extra);
+        let proc = Process::spawn(name, cp.dir(), &mut cmd)?;
+        Ok(Operator { proc, health_addr, metrics_addr })
+    }
+
     /// `/healthz` body, if it answers 200.
     pub fn healthz(&self) -> Option<String> {
         http_get_plain(&self.health_addr, "/healthz").ok()

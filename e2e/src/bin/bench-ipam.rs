@@ -8,7 +8,13 @@
 //! creating it (per-node latency: creation acknowledged -> patch
 //! acknowledged).
 //!
+//! Upstream, when `scripts/build-upstream.sh` has built it: Cilium's own
+//! cilium-operator-generic with the same pool and mask on a fresh control
+//! plane, the same nodes, measured the same way (its lines read "vs
+//! upstream").
+//!
 //! Usage: `cargo run --release -p e2e --bin bench-ipam -- [nodes]`
+//! (`BENCH_IPAM_DEADLINE=<seconds>`: how long to wait for every CIDR, 300).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,6 +57,45 @@ fn main() -> anyhow::Result<()> {
     let rss_kib = peak_rss_kib(op.proc.pid())?;
     ensure!(!op.proc.log_text().contains("panicked"), "operator panicked");
 
+    drop(op);
+    drop(cp);
+
+    // Upstream's cilium-operator-generic, when scripts/build-upstream.sh
+    // built it: the same pool and mask, on a fresh control plane; once with
+    // its defaults (a client rate limit of 100 requests/s, burst 200), once
+    // without a client rate limit, as ours runs.
+    let mut upstream = Vec::new();
+    if e2e::tools::tool("cilium-operator-generic").is_ok() {
+        let unlimited: &[&str] = &["--operator-k8s-client-qps=100000", "--operator-k8s-client-burst=200000"];
+        for (what, extra) in
+            [("upstream cilium-operator-generic", &[][..]), ("upstream, client rate limit off", unlimited)]
+        {
+            let cp = ControlPlane::start(Options::default())?;
+            let mut args: Vec<String> = vec![
+                "--ipam=cluster-pool".into(),
+                // The binary's default is dual stack (Helm's is not).
+                "--enable-ipv4=true".into(),
+                "--enable-ipv6=false".into(),
+                "--cluster-pool-ipv4-cidr=10.0.0.0/8".into(),
+                "--cluster-pool-ipv4-mask-size=24".into(),
+            ];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            let mut up = Operator::start_upstream(&cp, "bench-upstream", "kube-system", &args)?;
+            up.wait_healthy(Duration::from_secs(120))?;
+            e2e::block_on(wait_for_crd_and_lease(&cp))?;
+            let log_tail = |up: &Operator| {
+                let text = up.proc.log_text();
+                text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+            };
+            let run = e2e::block_on(with_operator(&cp, n))
+                .map_err(|e| e.context(format!("upstream operator log:\n{}", log_tail(&up))))?;
+            let rss = peak_rss_kib(up.proc.pid())?;
+            upstream.push((what, run, rss));
+        }
+    } else {
+        eprintln!("upstream cilium-operator-generic not built (scripts/build-upstream.sh): no upstream arm");
+    }
+
     let ratio = ours.total.as_secs_f64() / base.total.as_secs_f64();
     println!("\nIPAM benchmark ({n} CiliumNodes created at once, concurrency {CONCURRENCY})");
     println!("{:<28} {:>10} {:>10} {:>10}", "", "total s", "p50 ms", "p99 ms");
@@ -92,7 +137,55 @@ fn main() -> anyhow::Result<()> {
         "- ipam: operator peak RSS after {n} nodes = {:.1} MiB (baseline n/a, ratio n/a)",
         rss_kib as f64 / 1024.0
     );
+    for (what, up, up_rss) in upstream {
+        let t = |r: &Run| r.total.as_secs_f64();
+        println!(
+            "- ipam: time until {n} CiliumNodes have pod CIDRs vs {what} = {:.2} s (baseline {:.2} s, ratio {:.3})",
+            t(&ours),
+            t(&up),
+            t(&ours) / t(&up)
+        );
+        for pct in [50, 99] {
+            println!(
+                "- ipam: per-node latency p{pct} vs {what} = {:.1} ms (baseline {:.1} ms, ratio {:.3})",
+                ours.p(pct),
+                up.p(pct),
+                ours.p(pct) / up.p(pct)
+            );
+        }
+        println!(
+            "- ipam: operator peak RSS after {n} nodes vs {what} = {:.1} MiB (baseline {:.1} MiB, ratio {:.2})",
+            rss_kib as f64 / 1024.0,
+            up_rss as f64 / 1024.0,
+            rss_kib as f64 / up_rss as f64
+        );
+    }
     Ok(())
+}
+
+/// Upstream's operator registers its CRDs and takes the Lease itself: wait
+/// for both before creating nodes.
+async fn wait_for_crd_and_lease(cp: &ControlPlane) -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let client = cp.client().await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client, "kube-system");
+    e2e::eventually("upstream's CiliumNode CRD and its Lease", Duration::from_secs(120), || async {
+        let established = crds.get_opt("ciliumnodes.cilium.io").await?.is_some_and(|c| {
+            c.status
+                .iter()
+                .flat_map(|s| s.conditions.iter().flatten())
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        let led = leases
+            .get_opt("cilium-operator-resource-lock")
+            .await?
+            .and_then(|l| l.spec?.holder_identity)
+            .is_some_and(|h| !h.is_empty());
+        Ok((established && led).then_some(()))
+    })
+    .await
 }
 
 struct Run {
@@ -181,7 +274,8 @@ async fn with_operator(cp: &ControlPlane, n: usize) -> anyhow::Result<Run> {
         .collect()
         .await;
     let created = created.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now()
+        + Duration::from_secs(std::env::var("BENCH_IPAM_DEADLINE").ok().and_then(|v| v.parse().ok()).unwrap_or(300));
     loop {
         if seen.lock().unwrap().len() >= n {
             break;
