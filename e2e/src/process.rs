@@ -121,17 +121,9 @@ impl Operator {
         kubeconfig: &Path,
         extra: &[String],
     ) -> anyhow::Result<Operator> {
-        let health_addr = format!("127.0.0.1:{}", free_port());
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(tools::workspace_bin("cilium-operator")?);
-        cmd.arg(format!("--k8s-kubeconfig-path={}", kubeconfig.display()))
-            .arg(format!("--k8s-namespace={namespace}"))
-            .arg(format!("--operator-api-serve-addr={health_addr}"))
-            .arg(format!("--operator-prometheus-serve-addr={metrics_addr}"))
-            .args(extra)
-            .env("CILIUM_LOG_FILTER", "info");
-        let proc = Process::spawn(name, cp.dir(), &mut cmd)?;
-        Ok(Operator { proc, health_addr, metrics_addr })
+        cmd.args(extra).env("CILIUM_LOG_FILTER", "info");
+        Operator::spawn(cp, name, namespace, kubeconfig, cmd)
     }
 
     /// Upstream Cilium's `cilium-operator-generic` (built by
@@ -144,15 +136,26 @@ impl Operator {
         namespace: &str,
         extra: &[String],
     ) -> anyhow::Result<Operator> {
+        let mut cmd = Command::new(tools::tool("cilium-operator-generic")?);
+        cmd.arg("--enable-metrics").args(extra);
+        Operator::spawn(cp, name, namespace, &cp.kubeconfig, cmd)
+    }
+
+    /// Either operator (the same flag names) with loopback health and
+    /// metrics ports.
+    fn spawn(
+        cp: &ControlPlane,
+        name: &str,
+        namespace: &str,
+        kubeconfig: &Path,
+        mut cmd: Command,
+    ) -> anyhow::Result<Operator> {
         let health_addr = format!("127.0.0.1:{}", free_port());
         let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let mut cmd = Command::new(tools::tool("cilium-operator-generic")?);
-        cmd.arg(format!("--k8s-kubeconfig-path={}", cp.kubeconfig.display()))
+        cmd.arg(format!("--k8s-kubeconfig-path={}", kubeconfig.display()))
             .arg(format!("--k8s-namespace={namespace}"))
             .arg(format!("--operator-api-serve-addr={health_addr}"))
-            .arg(format!("--operator-prometheus-serve-addr={metrics_addr}"))
-            .arg("--enable-metrics")
-            .args(extra);
+            .arg(format!("--operator-prometheus-serve-addr={metrics_addr}"));
         let proc = Process::spawn(name, cp.dir(), &mut cmd)?;
         Ok(Operator { proc, health_addr, metrics_addr })
     }

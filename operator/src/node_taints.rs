@@ -13,7 +13,6 @@
 //! taint someone else added.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -184,7 +183,6 @@ pub async fn run(ctx: Context, stop: CancellationToken) -> anyhow::Result<()> {
             let _ = tx.send(name);
         }
     }
-    let node_reader = Arc::new(node_reader);
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => break,

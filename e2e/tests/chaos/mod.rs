@@ -33,6 +33,24 @@ async fn endpoint_identities(client: kube::Client) -> anyhow::Result<BTreeMap<St
     Ok(out)
 }
 
+/// Waits until every value key in etcd is gone (the agents' session lease
+/// expired while they were cut off).
+async fn value_keys_expired(etcd: &etcd_client::Client) -> anyhow::Result<()> {
+    eventually("the agents' value keys to expire", Duration::from_secs(30), || {
+        let mut etcd = etcd.clone();
+        async move {
+            let r = etcd
+                .get(
+                    format!("{}value/", cilium_identity_alloc::kvstore::PREFIX),
+                    Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await?;
+            Ok((r.count() == 0).then_some(()))
+        }
+    })
+    .await
+}
+
 /// The kvstore label key of a CEP's labels (`source:key=value;` each).
 fn key_string(labels: &[String]) -> String {
     labels.iter().map(|l| format!("{l};")).collect()
@@ -75,19 +93,7 @@ pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::R
         proxy.blackhole();
         let vanished = block_on(async {
             let mut etcd = etcd_client::Client::connect([c.cp.etcd_endpoint.as_str()], None).await?;
-            eventually("the agents' value keys to expire", Duration::from_secs(30), || {
-                let mut etcd = etcd.clone();
-                async move {
-                    let r = etcd
-                        .get(
-                            format!("{}value/", cilium_identity_alloc::kvstore::PREFIX),
-                            Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
-                        )
-                        .await?;
-                    Ok((r.count() == 0).then_some(()))
-                }
-            })
-            .await?;
+            value_keys_expired(&etcd).await?;
             // Give the GC its two rounds over the orphaned IDs.
             tokio::time::sleep(Duration::from_secs(6)).await;
             let ids = etcd
@@ -205,19 +211,7 @@ pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::R
             proxy.blackhole();
             block_on(async {
                 let etcd = etcd_client::Client::connect([c.cp.etcd_endpoint.as_str()], None).await?;
-                eventually("the agents' value keys to expire", Duration::from_secs(30), || {
-                    let mut etcd = etcd.clone();
-                    async move {
-                        let r = etcd
-                            .get(
-                                format!("{}value/", cilium_identity_alloc::kvstore::PREFIX),
-                                Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
-                            )
-                            .await?;
-                        Ok((r.count() == 0).then_some(()))
-                    }
-                })
-                .await?;
+                value_keys_expired(&etcd).await?;
                 tokio::time::sleep(Duration::from_secs(6)).await;
                 anyhow::Ok(())
             })?;
