@@ -72,13 +72,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         "/healthz",
         axum::routing::get({
             let snap = snapshot.clone();
-            move || async move {
-                if snap.lock().expect("snapshot").ready {
-                    (axum::http::StatusCode::OK, "ok")
-                } else {
-                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
-                }
-            }
+            move || async move { healthz(&snap) }
         }),
     );
     let server_stop = stop.clone();
@@ -156,6 +150,16 @@ impl Api {
     }
 }
 
+/// `/healthz` (metrics port) and `/v1/healthz` (API socket): 200 once the
+/// caches are synced.
+fn healthz(snapshot: &Mutex<Snapshot>) -> (axum::http::StatusCode, &'static str) {
+    if snapshot.lock().expect("snapshot").ready {
+        (axum::http::StatusCode::OK, "ok")
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
 fn json_response<T: serde::Serialize>(v: &T) -> axum::response::Response {
     use axum::response::IntoResponse;
     let body = serde_json::to_string(v).expect("serializes");
@@ -194,16 +198,7 @@ fn serve_api(path: &std::path::Path, api: Api, stop: CancellationToken) -> anyho
             axum::routing::get(move || metrics(api.clone()))
         })
         .route("/v1/status", axum::routing::get(move || async move { json_response(&api.status()) }))
-        .route(
-            "/v1/healthz",
-            axum::routing::get(move || async move {
-                if snapshot.lock().expect("snapshot").ready {
-                    (axum::http::StatusCode::OK, "ok")
-                } else {
-                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "starting")
-                }
-            }),
-        )
+        .route("/v1/healthz", axum::routing::get(move || async move { healthz(&snapshot) }))
         .route(
             "/v1/health",
             axum::routing::get(move || async move {

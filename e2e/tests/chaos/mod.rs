@@ -51,6 +51,36 @@ async fn value_keys_expired(etcd: &etcd_client::Client) -> anyhow::Result<()> {
     .await
 }
 
+/// Waits until every identity of `wanted` (pod -> (ID, labels)) is back in
+/// etcd: its `id/` key holding its labels (other labels there: an error)
+/// and a value key of a node using it.
+async fn identities_back(
+    etcd: &etcd_client::Client,
+    wanted: &BTreeMap<String, (u32, Vec<String>)>,
+) -> anyhow::Result<()> {
+    eventually("every in-use identity back under its ID", Duration::from_secs(40), || {
+        let mut etcd = etcd.clone();
+        async move {
+            for (pod, (id, labels)) in wanted {
+                let r = etcd.get(cilium_identity_alloc::kvstore::id_key(*id), None).await?;
+                let Some(v) = r.kvs().first() else { return Ok(None) };
+                ensure!(v.value_str()? == key_string(labels), "id/{id} of {pod} holds {} now", v.value_str()?);
+                let values = etcd
+                    .get(
+                        cilium_identity_alloc::kvstore::value_prefix(&key_string(labels)),
+                        Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await?;
+                if values.count() == 0 {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        }
+    })
+    .await
+}
+
 /// The kvstore label key of a CEP's labels (`source:key=value;` each).
 fn key_string(labels: &[String]) -> String {
     labels.iter().map(|l| format!("{l};")).collect()
@@ -122,31 +152,9 @@ pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::R
         // node's value key; no two label sets share an ID.
         block_on(async {
             let mut etcd = etcd_client::Client::connect([c.cp.etcd_endpoint.as_str()], None).await?;
-            eventually("every in-use identity back in etcd", Duration::from_secs(40), || {
-                let mut etcd = etcd.clone();
-                let before = &before;
-                async move {
-                    for (pod, (id, labels)) in before.iter().filter(|(pod, _)| *pod != "tiefighter") {
-                        let id_key = cilium_identity_alloc::kvstore::id_key(*id);
-                        let r = etcd.get(id_key.as_str(), None).await?;
-                        let Some(v) = r.kvs().first() else { return Ok(None) };
-                        if v.value_str()? != key_string(labels) {
-                            anyhow::bail!("id/{id} of {pod} holds {} now", v.value_str()?);
-                        }
-                        let values = etcd
-                            .get(
-                                cilium_identity_alloc::kvstore::value_prefix(&key_string(labels)),
-                                Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
-                            )
-                            .await?;
-                        if values.count() == 0 {
-                            return Ok(None);
-                        }
-                    }
-                    Ok(Some(()))
-                }
-            })
-            .await?;
+            let others: BTreeMap<String, (u32, Vec<String>)> =
+                before.iter().filter(|(pod, _)| *pod != "tiefighter").map(|(p, v)| (p.clone(), v.clone())).collect();
+            identities_back(&etcd, &others).await?;
             // The tiefighter gets a new ID holding its labels; the other
             // label set keeps the old one.
             let (old_tie, tie_labels) = before["tiefighter"].clone();
@@ -224,28 +232,7 @@ pub fn etcd_blackhole_longer_than_the_lease(_shared: &ControlPlane) -> anyhow::R
             let healed = Instant::now();
             block_on(async {
                 let etcd = etcd_client::Client::connect([c.cp.etcd_endpoint.as_str()], None).await?;
-                eventually("every in-use identity back under its ID", Duration::from_secs(40), || {
-                    let mut etcd = etcd.clone();
-                    let before = &before;
-                    async move {
-                        for (pod, (id, labels)) in before {
-                            let r = etcd.get(cilium_identity_alloc::kvstore::id_key(*id), None).await?;
-                            let Some(v) = r.kvs().first() else { return Ok(None) };
-                            ensure!(v.value_str()? == key_string(labels), "id/{id} of {pod} holds {}", v.value_str()?);
-                            let values = etcd
-                                .get(
-                                    cilium_identity_alloc::kvstore::value_prefix(&key_string(labels)),
-                                    Some(etcd_client::GetOptions::new().with_prefix().with_count_only()),
-                                )
-                                .await?;
-                            if values.count() == 0 {
-                                return Ok(None);
-                            }
-                        }
-                        Ok(Some(()))
-                    }
-                })
-                .await
+                identities_back(&etcd, &before).await
             })?;
             let recovered = healed.elapsed();
             let after = block_on(async { endpoint_identities(c.cp.client().await?).await })?;
