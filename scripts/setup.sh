@@ -17,6 +17,9 @@
 #     github.com/cilium/cilium, pinned) behind a test-only wrapper, built by
 #     scripts/build-oracle.sh with the machine's Go (>= 1.26) and the Go
 #     module proxy, cached in $CILIUM_RS_CACHE.
+#   - cnitool: the CNI project's reference runtime library (libcni) as a
+#     command, pinned, built by scripts/build-cnitool.sh the same way; the
+#     e2e tests run our cilium-cni plugin through it.
 #
 # Everything the tests and the demo look up ends in .tools/bin (git-ignored).
 set -euo pipefail
@@ -143,6 +146,11 @@ install_kubernetes_validate() {
 # (scripts/oracle), for the differential policy test. Built from Go modules
 # and cached in $cache like the API server.
 bash "$here/scripts/build-oracle.sh"
+
+# ---------------------------------------------------------------- cnitool
+# The CNI project's reference runtime side (libcni), which runs our
+# cilium-cni plugin in the e2e tests. Built from Go modules, cached in $cache.
+bash "$here/scripts/build-cnitool.sh"
 
 # ---------------------------------------------------------------- .tools/bin
 mkdir -p "$bin"

@@ -227,7 +227,8 @@ impl Agent {
         Agent::start_with(cp, node, node_ip, prefix, &cp.kubeconfig, extra)
     }
 
-    /// Like [`Agent::start`], authenticated by `kubeconfig`.
+    /// Like [`Agent::start`], authenticated by `kubeconfig`. `{node}` in
+    /// an `extra` flag is replaced by the node's name.
     pub fn start_with(
         cp: &ControlPlane,
         node: &str,
@@ -247,7 +248,8 @@ impl Agent {
             format!("--prometheus-serve-addr={metrics_addr}"),
             format!("--state-dir={}", cp.dir().join(format!("agent-{node}")).display()),
         ];
-        args.extend_from_slice(extra);
+        // `{node}` in a flag stands for this node's name (per-node paths).
+        args.extend(extra.iter().map(|f| f.replace("{node}", node)));
         let proc = Agent::spawn(node, &args, cp.dir(), false)?;
         Ok(Agent { proc, node: node.to_string(), metrics_addr, socket, args, dir: cp.dir().to_path_buf() })
     }

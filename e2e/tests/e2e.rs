@@ -12,6 +12,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 mod chaos;
 mod chart;
 mod cli;
+mod cni;
 mod connectivity;
 mod datapath;
 mod endpoint_gc;
@@ -46,6 +47,7 @@ fn main() {
         ("endpoint_gc::survives_apiserver_restart", endpoint_gc::survives_apiserver_restart),
         ("endpoint_gc::interval_zero_runs_once", endpoint_gc::interval_zero_runs_once),
         ("nodes::agent_readiness_drives_taints_and_condition", nodes::agent_readiness_drives_taints_and_condition),
+        ("cni::plugin_through_libcni", cni::plugin_through_libcni),
         ("identity::crd_allocation_races_and_gc", identity::crd_allocation_races_and_gc),
         ("identity::gc_clock_survives_operator_restart", identity::gc_clock_survives_operator_restart),
         ("identity::kvstore_heartbeat_layout_and_etcd_restart", identity::kvstore_heartbeat_layout_and_etcd_restart),

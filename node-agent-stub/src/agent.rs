@@ -8,7 +8,9 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
+use cilium_cni::api::{AddReply, AddRequest, ApiError, AttachmentRef};
+use cilium_cni::spec::Code;
 use cilium_crds::policy::{CiliumClusterwideNetworkPolicy, CiliumNetworkPolicy};
 use cilium_crds::{CiliumCidrGroup, CiliumEndpoint, CiliumIdentity, CiliumNode};
 use cilium_identity::{Label, LabelFilter, Labels};
@@ -28,6 +30,7 @@ use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
+use crate::cni::{self, Call};
 use crate::config::Settings;
 use crate::datapath::{DIR_EGRESS, DIR_INGRESS, Datapath, ENDPOINT_FAILED, ENDPOINT_READY, EndpointValue, PolicyEntry};
 use crate::enforce::{CidrIdentities, NodeIdentities};
@@ -83,6 +86,20 @@ struct Live {
     reported: BTreeSet<String>,
     /// Since when its CiliumIdentity is missing from the watch.
     missing_since: Option<std::time::Instant>,
+}
+
+/// How long a CNI ADD waits for the pod to show in the agent's cache and
+/// its endpoint to enforce its policy.
+const ADD_WAIT: Duration = Duration::from_secs(25);
+
+/// A CNI ADD waiting for its endpoint to enforce its policy.
+struct PendingAdd {
+    req: AddRequest,
+    reply: tokio::sync::oneshot::Sender<Result<AddReply, ApiError>>,
+    deadline: std::time::Instant,
+    /// The pod's UID, once the pod is in the cache and its endpoint is
+    /// recorded.
+    uid: Option<String>,
 }
 
 /// What the metrics and health endpoints need from the agent (the
@@ -154,6 +171,11 @@ pub struct Agent {
     /// this node's health endpoint address.
     health: Option<Arc<Health>>,
     health_ip: Option<Ipv4Addr>,
+    /// CNI ADDs not answered yet.
+    pending_adds: Vec<PendingAdd>,
+    /// The last error making each endpoint (pod UID -> error), for the
+    /// answer to a CNI ADD.
+    endpoint_errors: BTreeMap<String, String>,
 }
 
 /// This node's health endpoint (an address from the pod CIDR, kept across
@@ -410,10 +432,18 @@ impl Agent {
             monitor,
             health,
             health_ip,
+            pending_adds: Vec::new(),
+            endpoint_errors: BTreeMap::new(),
         })
     }
 
-    pub async fn run(mut self, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    /// Runs until `stop`. With `--cni`, `calls` brings the plugin's
+    /// requests from the API socket.
+    pub async fn run(
+        mut self,
+        stop: tokio_util::sync::CancellationToken,
+        mut calls: Option<tokio::sync::mpsc::Receiver<Call>>,
+    ) -> anyhow::Result<()> {
         let wake = Arc::new(tokio::sync::Notify::new());
         let c = &self.client;
         let cfg = watcher::Config::default();
@@ -461,17 +491,210 @@ impl Agent {
         }
         tracing::info!("caches synced, enforcing");
         self.snapshot.lock().expect("snapshot").ready = true;
+        if let Some(path) = &self.s.flags.write_cni_conf_when_ready {
+            cni::write_conflist(path, &self.s.flags.socket_path)?;
+            tracing::info!(path = %path.display(), "CNI configuration written: the node's pods can be networked");
+        }
         loop {
+            self.admit_adds(&stores).await;
             if let Err(e) = self.reconcile(&stores).await {
                 tracing::warn!(error = format!("{e:#}"), "reconcile failed, retrying");
             }
+            self.answer_adds();
             self.refresh_names();
+            // A waiting ADD looks for its pod again soon.
+            let tick = if self.pending_adds.is_empty() { Duration::from_secs(2) } else { Duration::from_millis(200) };
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                Some(call) = next_call(&mut calls) => self.handle_call(call, &stores).await,
+                _ = tokio::time::sleep(tick) => {}
             }
         }
+    }
+
+    async fn handle_call(&mut self, call: Call, st: &Stores) {
+        match call {
+            Call::Add(req, reply) => {
+                tracing::info!(pod = %format!("{}/{}", req.pod_namespace, req.pod_name), container = %req.container_id, netns = %req.netns, "CNI ADD");
+                let deadline = std::time::Instant::now() + ADD_WAIT;
+                self.pending_adds.push(PendingAdd { req, reply, deadline, uid: None });
+            }
+            Call::Del(r, reply) => {
+                let _ = reply.send(self.cni_del(&r, st).await);
+            }
+            Call::Check(r, reply) => {
+                let _ = reply.send(self.cni_check(&r));
+            }
+        }
+    }
+
+    /// The pod of each waiting ADD, once the cache has it: its endpoint is
+    /// recorded (address, interface names) for this pass to make.
+    async fn admit_adds(&mut self, st: &Stores) {
+        let pods = st.pods.state();
+        let mut i = 0;
+        while i < self.pending_adds.len() {
+            if self.pending_adds[i].uid.is_some() {
+                i += 1;
+                continue;
+            }
+            let req = self.pending_adds[i].req.clone();
+            let uid = pods
+                .iter()
+                .filter(|p| {
+                    p.metadata.namespace.as_deref() == Some(req.pod_namespace.as_str())
+                        && p.metadata.name.as_deref() == Some(req.pod_name.as_str())
+                })
+                .filter_map(|p| p.metadata.uid.clone())
+                .find(|u| req.pod_uid.as_ref().is_none_or(|want| want == u));
+            let Some(uid) = uid else {
+                i += 1;
+                continue;
+            };
+            match self.record_cni(&uid, &req, st).await {
+                Ok(()) => {
+                    self.pending_adds[i].uid = Some(uid);
+                    i += 1;
+                }
+                Err(e) => {
+                    let p = self.pending_adds.remove(i);
+                    let _ = p.reply.send(Err(e));
+                }
+            }
+        }
+    }
+
+    /// Records the endpoint of a CNI ADD: a retried ADD finds its record; a
+    /// pod whose sandbox was made again loses the old one's endpoint first.
+    async fn record_cni(&mut self, uid: &str, req: &AddRequest, st: &Stores) -> Result<(), ApiError> {
+        if let Some(rec) = self.state.state.endpoints.get(uid) {
+            if rec.container_id.as_deref() == Some(req.container_id.as_str()) {
+                return Ok(());
+            }
+            tracing::info!(pod = %format!("{}/{}", rec.namespace, rec.name), old = ?rec.container_id, new = %req.container_id, "the pod has a new sandbox: removing the old one's endpoint");
+            self.teardown(uid, &ceps_by_name(st)).await;
+        }
+        let ip = self.state.free_ip(self.pod_range.0, self.pod_range.1).ok_or_else(|| {
+            cni::error(Code::TryAgainLater, "no free address in this node's pod CIDR (ciliumctl ipam shows the pools)")
+        })?;
+        let rec = EndpointRecord {
+            namespace: req.pod_namespace.clone(),
+            name: req.pod_name.clone(),
+            ip,
+            ip6: self.ipv6_for(ip),
+            endpoint_id: self.state.next_endpoint_id(),
+            netns: req.netns.clone(),
+            lxc: netns::ifname("lxc", &req.container_id),
+            container_id: Some(req.container_id.clone()),
+            ifname: Some(req.ifname.clone()),
+        };
+        self.state.state.endpoints.insert(uid.to_string(), rec);
+        // Remembered before anything is made: a crash never leaks or
+        // reuses the address.
+        self.state.save().map_err(|e| cni::error(Code::Io, format!("saving the agent's state: {e:#}")))
+    }
+
+    /// Answers each waiting ADD whose endpoint enforces its policy and has
+    /// its identity and CiliumEndpoint; one whose endpoint failed, or that
+    /// waited too long, gets the reason.
+    fn answer_adds(&mut self) {
+        let now = std::time::Instant::now();
+        for p in std::mem::take(&mut self.pending_adds) {
+            let pod = format!("{}/{}", p.req.pod_namespace, p.req.pod_name);
+            let live = p.uid.as_ref().and_then(|u| self.live.get(u));
+            let failed = p.uid.as_ref().and_then(|u| self.endpoint_errors.get(u));
+            let answer = match (live, failed) {
+                (Some(l), _) if l.ready && l.identity != 0 && l.written.is_some() => Some(self.add_reply(l)),
+                (_, Some(e)) => Some(Err(cni::error(Code::Agent, format!("pod {pod}: {e}")))),
+                _ if now >= p.deadline => {
+                    let why = match &p.uid {
+                        None => format!(
+                            "the pod is not in this agent's cache: is it bound to node {}?",
+                            self.s.flags.node_name
+                        ),
+                        Some(_) => "its endpoint is not enforcing yet (see the agent's log)".to_string(),
+                    };
+                    Some(Err(cni::error(
+                        Code::TryAgainLater,
+                        format!("pod {pod}: not networked within {} s: {why}", ADD_WAIT.as_secs()),
+                    )))
+                }
+                _ => None,
+            };
+            match answer {
+                Some(a) => {
+                    if let Err(e) = &a {
+                        tracing::warn!(pod = %pod, container = %p.req.container_id, error = %e.msg, "CNI ADD failed");
+                    }
+                    let _ = p.reply.send(a);
+                }
+                None => self.pending_adds.push(p),
+            }
+        }
+    }
+
+    fn add_reply(&self, l: &Live) -> Result<AddReply, ApiError> {
+        let ifname = l.rec.ifname.clone().unwrap_or_else(|| "eth0".to_string());
+        let mac = netns::mac_at(&l.rec.netns, &ifname)
+            .map_err(|e| cni::error(Code::Io, format!("reading the pod interface's address: {e:#}")))?;
+        Ok(AddReply {
+            ifname,
+            mac,
+            ipv4: l.rec.ip.to_string(),
+            gateway4: netns::GATEWAY.to_string(),
+            ipv6: l.rec.ip6.map(|a| a.to_string()),
+            gateway6: l.rec.ip6.map(|_| netns::GATEWAY6.to_string()),
+            endpoint_id: l.rec.endpoint_id,
+            identity: l.identity,
+        })
+    }
+
+    fn uid_of_container(&self, container_id: &str) -> Option<String> {
+        self.state
+            .state
+            .endpoints
+            .iter()
+            .find(|(_, r)| r.container_id.as_deref() == Some(container_id))
+            .map(|(uid, _)| uid.clone())
+    }
+
+    /// CNI DEL: everything of the sandbox goes; nothing to do is success.
+    async fn cni_del(&mut self, r: &AttachmentRef, st: &Stores) -> Result<(), ApiError> {
+        tracing::info!(container = %r.container_id, "CNI DEL");
+        if let Some(i) = self.pending_adds.iter().position(|p| p.req.container_id == r.container_id) {
+            let p = self.pending_adds.remove(i);
+            let _ = p.reply.send(Err(cni::error(Code::TryAgainLater, "the sandbox was deleted while being added")));
+        }
+        if let Some(uid) = self.uid_of_container(&r.container_id) {
+            self.teardown(&uid, &ceps_by_name(st)).await;
+            self.endpoint_errors.remove(&uid);
+        }
+        Ok(())
+    }
+
+    /// CNI CHECK: the sandbox's endpoint runs, enforces its policy, and
+    /// both ends of its veth are as made.
+    fn cni_check(&self, r: &AttachmentRef) -> Result<(), ApiError> {
+        let fail = |msg: String| Err(cni::error(Code::Agent, msg));
+        let Some(uid) = self.uid_of_container(&r.container_id) else {
+            return Err(cni::error(Code::UnknownContainer, format!("no endpoint for container {}", r.container_id)));
+        };
+        let Some(l) = self.live.get(&uid) else {
+            return fail(format!("the endpoint of container {} is recorded but not running", r.container_id));
+        };
+        let pod = format!("{}/{}", l.rec.namespace, l.rec.name);
+        if !l.ready {
+            return fail(format!("pod {pod}: its policy is not in the datapath"));
+        }
+        if netns::ifindex(&self.s.node_ns(), &l.rec.lxc).ok() != Some(l.ifindex) {
+            return fail(format!("pod {pod}: interface {} is gone from the node", l.rec.lxc));
+        }
+        let ifname = l.rec.ifname.as_deref().unwrap_or("eth0");
+        if ifname != r.ifname || !netns::has_address_at(&l.rec.netns, ifname, l.rec.ip) {
+            return fail(format!("pod {pod}: {} in {} does not hold {}", r.ifname, l.rec.netns, l.rec.ip));
+        }
+        Ok(())
     }
 
     /// Endpoint names for the metrics endpoint (the counters are read from
@@ -490,36 +713,33 @@ impl Agent {
     async fn reconcile(&mut self, st: &Stores) -> anyhow::Result<()> {
         self.sync_routes(st);
         // Pods of this node.
+        // With the CNI plugin, a pod has an endpoint from its ADD to its DEL
+        // (a terminating pod keeps its network until the runtime removes
+        // the sandbox); otherwise while it exists and is not terminating.
+        let cni_mode = self.s.flags.cni;
         let pods: BTreeMap<String, Arc<Pod>> = st
             .pods
             .state()
             .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| cni_mode || p.metadata.deletion_timestamp.is_none())
             .filter_map(|p| Some((p.metadata.uid.clone()?, p)))
+            .filter(|(uid, _)| !cni_mode || self.state.state.endpoints.contains_key(uid))
             .collect();
-        let gone: Vec<String> = self
-            .state
-            .state
-            .endpoints
-            .keys()
-            .chain(self.live.keys())
-            .filter(|uid| !pods.contains_key(*uid))
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        // CiliumEndpoints as the API server has them: (namespace, name) ->
-        // (the CEP's uid, the uid of the Pod owning it).
-        let ceps_now: BTreeMap<(String, String), (String, String)> = st
-            .ceps
-            .state()
-            .iter()
-            .filter_map(|c| {
-                let key = (c.metadata.namespace.clone()?, c.metadata.name.clone()?);
-                let owner = c.metadata.owner_references.iter().flatten().find(|o| o.kind == "Pod")?.uid.clone();
-                Some((key, (c.metadata.uid.clone().unwrap_or_default(), owner)))
-            })
-            .collect();
+        let gone: Vec<String> = if cni_mode {
+            Vec::new()
+        } else {
+            self.state
+                .state
+                .endpoints
+                .keys()
+                .chain(self.live.keys())
+                .filter(|uid| !pods.contains_key(*uid))
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        let ceps_now = ceps_by_name(st);
         for uid in gone {
             self.teardown(&uid, &ceps_now).await;
         }
@@ -594,7 +814,12 @@ impl Agent {
             st.namespaces.state().into_iter().filter_map(|n| Some((n.metadata.name.clone()?, n))).collect();
         for (uid, pod) in &pods {
             let ns = namespaces.get(pod.metadata.namespace.as_deref().unwrap_or_default()).map(|n| n.as_ref());
-            if let Err(e) = self.ensure_endpoint(uid, pod, ns, &mut selections, &view.entries).await {
+            let made = self.ensure_endpoint(uid, pod, ns, &mut selections, &view.entries).await;
+            match &made {
+                Ok(()) => self.endpoint_errors.remove(uid),
+                Err(e) => self.endpoint_errors.insert(uid.clone(), format!("{e:#}")),
+            };
+            if let Err(e) = made {
                 tracing::warn!(pod = %format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or(""), pod.metadata.name.as_deref().unwrap_or("")), error = format!("{e:#}"), "endpoint not ready");
             }
         }
@@ -878,6 +1103,7 @@ impl Agent {
             let is_new = known.is_none();
             let rec = match known {
                 Some(r) => r,
+                None if self.s.flags.cni => bail!("no CNI ADD recorded for this pod"),
                 None => {
                     let ip = self
                         .state
@@ -891,6 +1117,8 @@ impl Agent {
                         endpoint_id: self.state.next_endpoint_id(),
                         netns: self.s.pod_ns(&ns, &name),
                         lxc: netns::ifname("lxc", uid),
+                        container_id: None,
+                        ifname: None,
                     };
                     // Remembered before anything is made: a crash never leaks
                     // or reuses the address.
@@ -908,7 +1136,10 @@ impl Agent {
                 self.state.save()?;
             }
             let node_ns = self.s.node_ns();
-            netns::make_pod(&node_ns, &rec.netns, &rec.lxc, rec.ip, rec.ip6)?;
+            match (&rec.container_id, &rec.ifname) {
+                (Some(_), Some(ifname)) => netns::make_cni(&node_ns, &rec.netns, &rec.lxc, ifname, rec.ip, rec.ip6)?,
+                _ => netns::make_pod(&node_ns, &rec.netns, &rec.lxc, rec.ip, rec.ip6)?,
+            }
             let ifindex = netns::ifindex(&node_ns, &rec.lxc)?;
             self.dp.attach(&netns::path(&node_ns), &rec.lxc)?;
             if is_new {
@@ -1002,6 +1233,12 @@ impl Agent {
             api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
                 .await
                 .context("writing the CiliumEndpoint")?;
+            live.written = Some(body);
+            // The kubelet writes the status of pods it runs (from the CNI
+            // result); the simulated nodes have no kubelet.
+            if self.s.flags.cni {
+                return self.report_notes(&ns, &name, uid, new_notes).await;
+            }
             let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
             let ip = live.rec.ip.to_string();
             let pod_ips: Vec<serde_json::Value> = std::iter::once(ip.clone())
@@ -1012,14 +1249,22 @@ impl Agent {
                 "phase": "Running", "podIP": ip, "podIPs": pod_ips, "hostIP": self.node_ip.to_string(),
                 "conditions": [{ "type": "Ready", "status": "True" }],
             } });
-            pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                .await
-                .context("writing the Pod status")?;
-            live.written = Some(body);
+            if let Err(e) = pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await {
+                if let Some(l) = self.live.get_mut(uid) {
+                    l.written = None;
+                }
+                return Err(e).context("writing the Pod status");
+            }
         }
+        self.report_notes(&ns, &name, uid, new_notes).await
+    }
+
+    /// Logs and reports (as Events of the pod) what its policy does not
+    /// enforce, once each.
+    async fn report_notes(&mut self, ns: &str, name: &str, uid: &str, new_notes: Vec<String>) -> anyhow::Result<()> {
         for note in new_notes {
             tracing::warn!(pod = %format!("{ns}/{name}"), "{note}");
-            self.event(&ns, &name, &note).await;
+            self.event(ns, name, &note).await;
             if let Some(l) = self.live.get_mut(uid) {
                 l.reported.insert(note);
             }
@@ -1067,7 +1312,13 @@ impl Agent {
         }
         let _ = self.dp.sync_policy(rec.endpoint_id, &BTreeMap::new());
         self.dp.detach(&rec.lxc);
-        if let Err(e) = netns::delete(&rec.netns) {
+        if rec.container_id.is_some() {
+            // The runtime's sandbox is the runtime's to delete; our veth
+            // (both ends) goes.
+            if let Err(e) = netns::delete_link(&node_ns, &rec.lxc) {
+                tracing::warn!(error = format!("{e:#}"), lxc = %rec.lxc, "cannot delete the pod's veth");
+            }
+        } else if let Err(e) = netns::delete(&rec.netns) {
             tracing::warn!(error = format!("{e:#}"), netns = %rec.netns, "cannot delete the pod namespace");
         }
         // Only our pod's CiliumEndpoint, by uid: a pod of the same name on
@@ -1098,6 +1349,28 @@ impl Agent {
             tracing::warn!(error = format!("{e:#}"), "cannot save state");
         }
         tracing::info!(pod = %format!("{}/{}", rec.namespace, rec.name), ip = %rec.ip, "endpoint removed, address released");
+    }
+}
+
+/// CiliumEndpoints as the API server has them: (namespace, name) -> (the
+/// CEP's uid, the uid of the Pod owning it).
+fn ceps_by_name(st: &Stores) -> BTreeMap<(String, String), (String, String)> {
+    st.ceps
+        .state()
+        .iter()
+        .filter_map(|c| {
+            let key = (c.metadata.namespace.clone()?, c.metadata.name.clone()?);
+            let owner = c.metadata.owner_references.iter().flatten().find(|o| o.kind == "Pod")?.uid.clone();
+            Some((key, (c.metadata.uid.clone().unwrap_or_default(), owner)))
+        })
+        .collect()
+}
+
+/// The next plugin call; never, without the CNI plugin.
+async fn next_call(calls: &mut Option<tokio::sync::mpsc::Receiver<Call>>) -> Option<Call> {
+    match calls {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -75,6 +75,19 @@ pub struct Flags {
     /// How often the health prober probes every node, e.g. `60s`.
     #[arg(long, default_value = "60s")]
     pub health_probe_interval: String,
+    /// Pods get their network through the `cilium-cni` plugin: the
+    /// container runtime makes each sandbox's namespace and the plugin asks
+    /// this agent (on --socket-path) to plug it. Without it the agent makes
+    /// a namespace itself for each Pod bound to this node (the simulated
+    /// nodes of the fast test tier).
+    #[arg(long, default_value_t = false)]
+    pub cni: bool,
+    /// Writes the CNI network configuration (a conflist naming
+    /// `cilium-cni` and this agent's socket) to this file once the agent
+    /// enforces, as upstream's option of this name: the kubelet reports the
+    /// node's network ready only then. E.g. /host/etc/cni/net.d/05-cilium.conflist.
+    #[arg(long)]
+    pub write_cni_conf_when_ready: Option<PathBuf>,
 }
 
 /// The settings the agent uses.

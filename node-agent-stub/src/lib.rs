@@ -4,6 +4,7 @@
 //! eBPF programs of `bpf/` (see `datapath`).
 
 pub mod agent;
+pub mod cni;
 pub mod config;
 pub mod datapath;
 pub mod enforce;

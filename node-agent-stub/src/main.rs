@@ -79,7 +79,14 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await }).await;
     });
-    let api = serve_api(&s.flags.socket_path, api, stop.clone())?;
+    // With the CNI plugin: its calls go from the API socket to the agent.
+    let (cni_routes, calls) = if s.flags.cni {
+        let (tx, rx) = node_agent_stub::cni::channel();
+        (Some(node_agent_stub::cni::routes(tx, snapshot.clone())), Some(rx))
+    } else {
+        (None, None)
+    };
+    let api = serve_api(&s.flags.socket_path, api, cni_routes, stop.clone())?;
     tracing::info!(node = %s.flags.node_name, mode = %s.mode, metrics = %addr, api = %s.flags.socket_path.display(), "cilium-node-agent starting");
     let agent = tokio::select! {
         _ = stop.cancelled() => return Ok(()),
@@ -91,7 +98,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
             tracing::error!(error = format!("{e:#}"), "datapath event reader stopped: no monitor events");
         }
     });
-    let r = agent.run(stop).await;
+    let r = agent.run(stop, calls).await;
     let _ = std::fs::remove_file(&api);
     r
 }
@@ -170,8 +177,13 @@ fn json_response<T: serde::Serialize>(v: &T) -> axum::response::Response {
 /// `/var/run/cilium/cilium.sock`): `GET /v1/healthz`, `/v1/status`,
 /// `/v1/health` (the probes' results), `/v1/maps` (the datapath maps),
 /// `/metrics`, `/v1/monitor?type=drop|verdict` (newline-delimited JSON,
-/// streamed).
-fn serve_api(path: &std::path::Path, api: Api, stop: CancellationToken) -> anyhow::Result<std::path::PathBuf> {
+/// streamed); with `--cni`, the plugin's `POST /v1/cni/{add,del,check}`.
+fn serve_api(
+    path: &std::path::Path,
+    api: Api,
+    cni_routes: Option<axum::Router>,
+    stop: CancellationToken,
+) -> anyhow::Result<std::path::PathBuf> {
     use anyhow::Context;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -226,6 +238,10 @@ fn serve_api(path: &std::path::Path, api: Api, stop: CancellationToken) -> anyho
                 }
             }),
         );
+    let app = match cni_routes {
+        Some(r) => app.merge(r),
+        None => app,
+    };
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
     });

@@ -37,12 +37,24 @@ pub fn exists(name: &str) -> bool {
 
 /// Runs `ip ARGS`; "File exists" is success when `idempotent`.
 fn ip(args: &[&str], idempotent: bool) -> anyhow::Result<String> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    run_ip(Command::new("ip").args(args), &format!("ip {}", args.join(" ")), idempotent)
+}
+
+/// Runs `ip ARGS` inside the network namespace at `path`: a container
+/// runtime's sandbox, which need not be under /var/run/netns.
+fn ip_at(path: &str, args: &[&str], idempotent: bool) -> anyhow::Result<String> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={path}")).arg("ip").args(args);
+    run_ip(&mut cmd, &format!("(in {path}) ip {}", args.join(" ")), idempotent)
+}
+
+fn run_ip(cmd: &mut Command, what: &str, idempotent: bool) -> anyhow::Result<String> {
+    let out = cmd.output().context("running ip (iproute2)")?;
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() || (idempotent && (err.contains("File exists") || err.contains("already assigned"))) {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
-    bail!("ip {}: {}", args.join(" "), err.trim())
+    bail!("{what}: {}", err.trim())
 }
 
 fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
@@ -161,6 +173,79 @@ pub fn make_pod(
         ip(&["-n", node_ns, "-6", "addr", "add", &format!("{GATEWAY6}/64"), "dev", lxc, "nodad"], true)?;
         ip(&["-n", pod_ns, "-6", "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"], true)?;
         ip(&["-n", pod_ns, "-6", "route", "replace", "default", "via", GATEWAY6, "dev", "eth0"], false)?;
+    }
+    Ok(())
+}
+
+/// A container runtime's sandbox (the network namespace at `sandbox`,
+/// made by the runtime) plugged as [`make_pod`] plugs ours: a veth whose
+/// peer is moved into the sandbox and named `ifname`, the pod's addresses
+/// and routes on it; the node side stays down until [`plug_pod`]. Each step
+/// is skipped when done already (an agent restart, a retried ADD).
+pub fn make_cni(
+    node_ns: &str,
+    sandbox: &str,
+    lxc: &str,
+    ifname: &str,
+    pod_ip: Ipv4Addr,
+    pod_ip6: Option<Ipv6Addr>,
+) -> anyhow::Result<()> {
+    if !std::path::Path::new(sandbox).exists() {
+        bail!("the sandbox's network namespace {sandbox} does not exist");
+    }
+    let tmp = self::ifname("tmp", lxc);
+    let has = |at: Option<&str>, dev: &str| match at {
+        None => ip(&["-n", node_ns, "link", "show", "dev", dev], false).is_ok(),
+        Some(path) => ip_at(path, &["link", "show", "dev", dev], false).is_ok(),
+    };
+    if !has(None, lxc) {
+        ip(&["-n", node_ns, "link", "add", lxc, "type", "veth", "peer", "name", &tmp], false)?;
+    }
+    if has(None, &tmp) {
+        ip(&["-n", node_ns, "link", "set", &tmp, "netns", sandbox], false)?;
+    }
+    if !has(Some(sandbox), ifname) {
+        ip_at(sandbox, &["link", "set", &tmp, "name", ifname], false)?;
+    }
+    ip(&["-n", node_ns, "addr", "add", &format!("{GATEWAY}/32"), "dev", lxc], true)?;
+    ip_at(sandbox, &["addr", "add", &format!("{pod_ip}/32"), "dev", ifname], true)?;
+    ip_at(sandbox, &["link", "set", "lo", "up"], false)?;
+    ip_at(sandbox, &["link", "set", ifname, "up"], false)?;
+    ip_at(sandbox, &["route", "replace", GATEWAY, "dev", ifname, "scope", "link"], false)?;
+    ip_at(sandbox, &["route", "replace", "default", "via", GATEWAY, "dev", ifname], false)?;
+    if let Some(ip6) = pod_ip6 {
+        ip(&["-n", node_ns, "-6", "addr", "add", &format!("{GATEWAY6}/64"), "dev", lxc, "nodad"], true)?;
+        ip_at(sandbox, &["-6", "addr", "add", &format!("{ip6}/128"), "dev", ifname, "nodad"], true)?;
+        ip_at(sandbox, &["-6", "route", "replace", "default", "via", GATEWAY6, "dev", ifname], false)?;
+    }
+    Ok(())
+}
+
+/// The MAC address of `dev` in the namespace at `sandbox`.
+pub fn mac_at(sandbox: &str, dev: &str) -> anyhow::Result<String> {
+    let out = ip_at(sandbox, &["-j", "link", "show", "dev", dev], false)?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("parsing ip -j output")?;
+    v.get(0).and_then(|l| l["address"].as_str()).map(str::to_string).context("no address in ip -j output")
+}
+
+/// Whether `dev` in the namespace at `sandbox` holds `addr`.
+pub fn has_address_at(sandbox: &str, dev: &str, addr: Ipv4Addr) -> bool {
+    ip_at(sandbox, &["-j", "addr", "show", "dev", dev], false)
+        .ok()
+        .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
+        .is_some_and(|v| {
+            v.get(0)
+                .and_then(|l| l["addr_info"].as_array())
+                .into_iter()
+                .flatten()
+                .any(|a| a["local"].as_str() == Some(&addr.to_string()))
+        })
+}
+
+/// Removes a pod's veth (both ends) from the node, if it is there.
+pub fn delete_link(node_ns: &str, lxc: &str) -> anyhow::Result<()> {
+    if ip(&["-n", node_ns, "link", "show", "dev", lxc], false).is_ok() {
+        ip(&["-n", node_ns, "link", "del", lxc], false)?;
     }
     Ok(())
 }

@@ -20,8 +20,15 @@ pub struct EndpointRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<std::net::Ipv6Addr>,
     pub endpoint_id: u32,
+    /// The pod's network namespace: a name under /var/run/netns that the
+    /// agent made, or (CNI) the path the runtime gave.
     pub netns: String,
     pub lxc: String,
+    /// CNI: the runtime's sandbox (container) ID and interface name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -94,6 +101,8 @@ mod tests {
                 endpoint_id: id,
                 netns: "n".into(),
                 lxc: "l".into(),
+                container_id: None,
+                ifname: None,
             },
         );
         s.save().unwrap();
@@ -110,6 +119,8 @@ mod tests {
                 endpoint_id: 2,
                 netns: "n".into(),
                 lxc: "l".into(),
+                container_id: None,
+                ifname: None,
             },
         );
         assert_eq!(s.free_ip(first, last), None, "a /30 has two host addresses");
