@@ -72,7 +72,44 @@ pub fn helm_install_upgrade_uninstall(_shared: &ControlPlane) -> anyhow::Result<
         let deploys: Api<Deployment> = Api::namespaced(client.clone(), "kube-system");
         let d = deploys.get("cilium-operator").await?;
         ensure!(d.spec.as_ref().and_then(|s| s.replicas) == Some(2), "default replicas: {:?}", d.spec);
-        Api::<DaemonSet>::namespaced(client.clone(), "kube-system").get("cilium").await?;
+        let ds = Api::<DaemonSet>::namespaced(client.clone(), "kube-system").get("cilium").await?;
+        // The agent accepts every flag the chart gives it, serves the CNI
+        // plugin and writes the conflist where the runtime reads it; the
+        // plugin is installed on the node by an init container.
+        let pod = ds.spec.and_then(|s| s.template.spec).context("DaemonSet pod spec")?;
+        let agent = pod.containers.iter().find(|c| c.name == "cilium-agent").context("cilium-agent container")?;
+        let args = agent.args.clone().unwrap_or_default();
+        let help = Command::new(tools::workspace_bin("cilium-node-agent")?).args(&args).arg("--help").output()?;
+        ensure!(
+            help.status.success(),
+            "the agent refuses the chart's flags {args:?}: {}",
+            String::from_utf8_lossy(&help.stderr)
+        );
+        ensure!(
+            args.iter().any(|a| a == "--cni")
+                && args.iter().any(|a| a == "--write-cni-conf-when-ready=/host/etc/cni/net.d/05-cilium.conflist"),
+            "agent flags: {args:?}"
+        );
+        let mounted = |c: &k8s_openapi::api::core::v1::Container, volume: &str, at: &str| {
+            c.volume_mounts.iter().flatten().any(|m| m.name == volume && m.mount_path == at)
+        };
+        let host_path = |volume: &str| {
+            pod.volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == volume)
+                .and_then(|v| Some(v.host_path.as_ref()?.path.clone()))
+        };
+        let install = pod.init_containers.iter().flatten().find(|c| c.name == "install-cni-binaries");
+        ensure!(
+            install.is_some_and(|c| mounted(c, "cni-path", "/host/opt/cni/bin"))
+                && mounted(agent, "etc-cni-netd", "/host/etc/cni/net.d")
+                && host_path("cni-path").as_deref() == Some("/opt/cni/bin")
+                && host_path("etc-cni-netd").as_deref() == Some("/etc/cni/net.d"),
+            "CNI install: init containers {:?}, volumes {:?}",
+            pod.init_containers,
+            pod.volumes
+        );
         let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
         let data = cms.get("cilium-config").await?.data.unwrap_or_default();
         ensure!(data.get("cluster-pool-ipv4-cidr").map(String::as_str) == Some("10.50.0.0/16"), "{data:?}");
