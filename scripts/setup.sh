@@ -50,6 +50,10 @@ APT_PACKAGES=(
   openssl ca-certificates unzip
   python3-venv
   clang llvm libbpf-dev bpftool iproute2 gcc-multilib
+  # The real nodes of the e2e tests (e2e/src/realnode.rs): each node's
+  # container runtime, the CNI project's loopback plugin, and the static
+  # busybox their images are made of (scripts/oci-image.py).
+  containerd runc containernetworking-plugins busybox-static
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

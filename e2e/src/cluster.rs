@@ -26,7 +26,18 @@ pub struct Options {
     /// Write an audit log (Metadata level, every request) to
     /// [`ControlPlane::audit_log`]: who was refused what (RBAC tests).
     pub audit: bool,
+    /// Real nodes (kubelets in network namespaces): the API server also
+    /// listens on [`NODES_GATEWAY`] (the host's leg on the nodes' fabric,
+    /// see `realnode`) and reaches kubelets by their InternalIP;
+    /// kube-scheduler runs, and kube-controller-manager (implied) also runs
+    /// the Deployment, ReplicaSet, DaemonSet and node lifecycle controllers
+    /// (the last lifts the not-ready taint kubelets register with).
+    pub real_nodes: bool,
 }
+
+/// The host's address on the real nodes' fabric (`Options::real_nodes`),
+/// where kubelets and host-network pods reach the API server.
+pub const NODES_GATEWAY: &str = "192.168.220.1";
 
 /// One running process we started, with its log file.
 struct Proc {
@@ -208,6 +219,7 @@ pub struct ControlPlane {
     etcd: Option<Etcd>,
     apiserver: Option<Proc>,
     kcm: Option<Proc>,
+    scheduler: Option<Proc>,
     /// `http://127.0.0.1:<port>` of etcd.
     pub etcd_endpoint: String,
     /// `https://127.0.0.1:<port>` of the API server.
@@ -216,6 +228,7 @@ pub struct ControlPlane {
     pub kubeconfig: PathBuf,
     apiserver_port: u16,
     audit: bool,
+    real_nodes: bool,
 }
 
 impl ControlPlane {
@@ -236,13 +249,18 @@ impl ControlPlane {
             etcd: Some(etcd),
             apiserver: None,
             kcm: None,
+            scheduler: None,
             apiserver_port,
             audit: opts.audit,
+            real_nodes: opts.real_nodes,
         };
         cp.write_kubeconfig()?;
         cp.start_apiserver()?;
-        if opts.controller_manager {
+        if opts.controller_manager || opts.real_nodes {
             cp.start_controller_manager()?;
+        }
+        if opts.real_nodes {
+            cp.start_scheduler()?;
         }
         eprintln!(
             "[control-plane] etcd {} + kube-apiserver {} {} ready in {:.1}s (dir {})",
@@ -286,8 +304,9 @@ impl ControlPlane {
         let p = |f: &str| d.join(f).display().to_string();
         let mut cmd = Command::new(tools::tool("kube-apiserver")?);
         cmd.arg(format!("--etcd-servers={}", self.etcd_endpoint))
-            .arg("--bind-address=127.0.0.1")
+            .arg(if self.real_nodes { "--bind-address=0.0.0.0" } else { "--bind-address=127.0.0.1" })
             .arg("--advertise-address=127.0.0.1")
+            .args(self.real_nodes.then_some("--kubelet-preferred-address-types=InternalIP"))
             .arg(format!("--secure-port={}", self.apiserver_port))
             .arg(format!("--cert-dir={}", p("apiserver-certs")))
             .arg(format!("--tls-cert-file={}", p("apiserver.crt")))
@@ -323,8 +342,13 @@ impl ControlPlane {
     fn start_controller_manager(&mut self) -> anyhow::Result<()> {
         let d = self.dir.path();
         let mut cmd = Command::new(tools::tool("kube-controller-manager")?);
+        let controllers = if self.real_nodes {
+            "namespace,garbagecollector,serviceaccount,serviceaccount-token,deployment,replicaset,daemonset,nodelifecycle"
+        } else {
+            "namespace,garbagecollector,serviceaccount,serviceaccount-token"
+        };
         cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .arg("--controllers=namespace,garbagecollector,serviceaccount,serviceaccount-token")
+            .arg(format!("--controllers={controllers}"))
             .arg(format!("--service-account-private-key-file={}", d.join("sa.key").display()))
             .arg(format!("--root-ca-file={}", d.join("ca.crt").display()))
             .arg("--bind-address=127.0.0.1")
@@ -339,6 +363,38 @@ impl ControlPlane {
         }
         self.kcm = Some(proc);
         Ok(())
+    }
+
+    fn start_scheduler(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let mut cmd = Command::new(tools::tool("kube-scheduler")?);
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--authentication-kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--authorization-kubeconfig={}", self.kubeconfig.display()))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={}", free_port()))
+            .arg("--leader-elect=false")
+            .arg("--v=0");
+        let mut proc = Proc::spawn("kube-scheduler", d, &mut cmd)?;
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(status) = proc.exited() {
+            bail!("kube-scheduler exited ({status}):\n{}", proc.log_tail());
+        }
+        self.scheduler = Some(proc);
+        Ok(())
+    }
+
+    /// The API server's address as the real nodes reach it.
+    pub fn server_for_nodes(&self) -> String {
+        format!("https://{NODES_GATEWAY}:{}", self.apiserver_port)
+    }
+
+    /// A kubeconfig like the admin one, for the real nodes' address.
+    pub fn kubeconfig_for_nodes(&self) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join("nodes.kubeconfig");
+        let text = std::fs::read_to_string(&self.kubeconfig)?.replace(&self.server, &self.server_for_nodes());
+        std::fs::write(&path, text)?;
+        Ok(path)
     }
 
     /// Stops kube-apiserver (SIGTERM) and starts it again on the same port and
@@ -429,7 +485,7 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
-        for p in [&mut self.kcm, &mut self.apiserver].into_iter().flatten() {
+        for p in [&mut self.scheduler, &mut self.kcm, &mut self.apiserver].into_iter().flatten() {
             p.stop(Duration::from_secs(5));
         }
         // etcd stops last, when its field drops.
@@ -487,7 +543,9 @@ fn make_certs(dir: &Path) -> anyhow::Result<()> {
     };
     std::fs::write(
         dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n",
+        format!(
+            "subjectAltName=IP:127.0.0.1,IP:{NODES_GATEWAY},DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n"
+        ),
     )?;
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
     run(&[

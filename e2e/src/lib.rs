@@ -7,6 +7,7 @@ pub mod netns;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
+pub mod realnode;
 pub mod shutdown;
 pub mod tools;
 

@@ -22,6 +22,7 @@ mod nodes;
 mod observe;
 mod policy;
 mod processes;
+mod realnodes;
 mod skeleton;
 
 /// A test body: gets the shared control plane.
@@ -48,6 +49,10 @@ fn main() {
         ("endpoint_gc::interval_zero_runs_once", endpoint_gc::interval_zero_runs_once),
         ("nodes::agent_readiness_drives_taints_and_condition", nodes::agent_readiness_drives_taints_and_condition),
         ("cni::plugin_through_libcni", cni::plugin_through_libcni),
+        (
+            "realnodes::kubelets_run_a_deployment_through_cilium_cni",
+            realnodes::kubelets_run_a_deployment_through_cilium_cni,
+        ),
         ("identity::crd_allocation_races_and_gc", identity::crd_allocation_races_and_gc),
         ("identity::gc_clock_survives_operator_restart", identity::gc_clock_survives_operator_restart),
         ("identity::kvstore_heartbeat_layout_and_etcd_restart", identity::kvstore_heartbeat_layout_and_etcd_restart),

@@ -1,0 +1,416 @@
+//! Real nodes on one machine: per node a containerd (Debian's, with runc)
+//! and a kubelet, both in the node's network namespace on the fabric
+//! bridge, with their own state directories, cgroup root, CNI directories
+//! (our `cilium-cni` and the reference `loopback`) and images imported from
+//! OCI archives written without an engine (`scripts/oci-image.py`). The host
+//! has one leg on the fabric ([`NODES_GATEWAY`]), where the API server
+//! listens for the kubelets (`Options::real_nodes`).
+//!
+//! What this machine needs, found by trying: cgroup v1 (`failCgroupV1:
+//! false`), the cgroup root made in every v1 hierarchy; no
+//! CAP_SYS_RESOURCE, so containerd must not lower `oom_score_adj`
+//! (`restrict_oom_score_adj`); sandboxes' namespaces under the node's state
+//! directory so that tearing a node down finds them all.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+use crate::cluster::{ControlPlane, NODES_GATEWAY};
+use crate::process::Process;
+use crate::tools;
+
+/// The images every node has (imported, never pulled).
+pub const PAUSE_IMAGE: &str = "localhost/cilium-rs/pause:1";
+pub const BUSYBOX_IMAGE: &str = "localhost/cilium-rs/busybox:1";
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// The fabric namespace `<prefix>-fabric` with its bridge (as the agents
+/// make it) and the host's leg on it: a veth whose root end holds
+/// [`NODES_GATEWAY`]/24. Removing the fabric namespace removes the leg.
+pub fn fabric_with_host_leg(prefix: &str) -> anyhow::Result<()> {
+    let fabric = format!("{prefix}-fabric");
+    if !Path::new("/var/run/netns").join(&fabric).exists() {
+        ip(&["netns", "add", &fabric])?;
+    }
+    ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
+    if ip(&["-n", &fabric, "link", "show", "br0"]).is_err() {
+        ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+    }
+    ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+    let host = format!("{}h", &prefix[..prefix.len().min(13)]);
+    if ip(&["link", "show", &host]).is_err() {
+        ip(&["link", "add", &host, "type", "veth", "peer", "name", "hostleg", "netns", &fabric])?;
+    }
+    ip(&["-n", &fabric, "link", "set", "hostleg", "master", "br0", "up"])?;
+    let _ = ip(&["addr", "add", &format!("{NODES_GATEWAY}/24"), "dev", &host]);
+    ip(&["link", "set", &host, "up"])?;
+    Ok(())
+}
+
+/// The pause and busybox images as OCI archives in `dir`.
+pub fn build_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let script = tools::workspace_root().join("scripts/oci-image.py");
+    let busybox = "/bin/busybox";
+    ensure!(Path::new(busybox).exists(), "{busybox} missing: apt-get install busybox-static (scripts/setup.sh)");
+    let mut out = Vec::new();
+    for (name, entry) in [
+        // The sandbox's process: waits, reaps, ends on TERM.
+        (
+            PAUSE_IMAGE,
+            vec![
+                "--entrypoint=/bin/sh",
+                "--cmd=-c",
+                "--cmd=trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done",
+            ],
+        ),
+        (BUSYBOX_IMAGE, vec!["--cmd=/bin/sh"]),
+    ] {
+        let tar = dir.join(format!("{}.tar", name.rsplit('/').next().unwrap_or(name).replace(':', "-")));
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script)
+            .arg(format!("--name={name}"))
+            .arg(format!("--out={}", tar.display()))
+            .arg(format!("--file={busybox}:/bin/busybox"))
+            .arg(format!("--busybox-links={busybox}"))
+            .args(["--dir=/tmp", "--dir=/proc", "--dir=/sys", "--dir=/dev", "--dir=/etc", "--dir=/var/www"])
+            .args(entry);
+        run(&mut cmd)?;
+        out.push(tar);
+    }
+    Ok(out)
+}
+
+/// A node: its containerd and kubelet, in its network namespace.
+pub struct RealNode {
+    pub name: String,
+    pub netns: String,
+    pub dir: PathBuf,
+    /// Where the runtime looks for plugins and network configurations (the
+    /// agent writes its conflist into `cni_conf`).
+    pub cni_bin: PathBuf,
+    pub cni_conf: PathBuf,
+    cgroup_root: String,
+    socket: PathBuf,
+    containerd: Option<Process>,
+    pub kubelet: Option<Process>,
+}
+
+impl RealNode {
+    /// Starts containerd (and imports `images`) and the kubelet of `name`
+    /// in namespace `netns`, which is on the fabric at `node_ip`.
+    pub fn start(
+        cp: &ControlPlane,
+        prefix: &str,
+        name: &str,
+        netns: &str,
+        node_ip: Ipv4Addr,
+        images: &[PathBuf],
+    ) -> anyhow::Result<RealNode> {
+        let dir = cp.dir().join(format!("node-{name}"));
+        let cni_bin = dir.join("cni/bin");
+        let cni_conf = dir.join("cni/net.d");
+        for d in [&cni_bin, &cni_conf] {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::copy(tools::workspace_bin("cilium-cni")?, cni_bin.join("cilium-cni"))?;
+        let loopback = Path::new("/usr/lib/cni/loopback");
+        ensure!(loopback.exists(), "{} missing: apt-get install containernetworking-plugins", loopback.display());
+        std::fs::copy(loopback, cni_bin.join("loopback"))?;
+        let mut node = RealNode {
+            name: name.to_string(),
+            netns: netns.to_string(),
+            cgroup_root: format!("cilium-rs-{prefix}-{name}"),
+            socket: dir.join("containerd/containerd.sock"),
+            dir,
+            cni_bin,
+            cni_conf,
+            containerd: None,
+            kubelet: None,
+        };
+        node.make_cgroup_root()?;
+        node.start_containerd()?;
+        for image in images {
+            run(node.ctr().args(["images", "import"]).arg(image))?;
+        }
+        node.start_kubelet(cp, node_ip)?;
+        Ok(node)
+    }
+
+    fn ctr(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg(format!("--address={}", self.socket.display())).args(["--namespace", "k8s.io"]);
+        cmd
+    }
+
+    fn in_netns(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.netns)).arg("--").arg(program);
+        cmd
+    }
+
+    /// The cgroup v1 hierarchies (`unified`, the v2 one, is left out).
+    fn hierarchies() -> Vec<PathBuf> {
+        RealNode::all_hierarchies().into_iter().filter(|p| p.file_name().is_some_and(|n| n != "unified")).collect()
+    }
+
+    /// Every hierarchy, v2 included (runc also makes the containers'
+    /// cgroups there).
+    fn all_hierarchies() -> Vec<PathBuf> {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect()
+    }
+
+    /// The kubelet's cgroup root, in every cgroup v1 hierarchy (it refuses
+    /// to start when one lacks it), cpuset filled from the parent.
+    fn make_cgroup_root(&self) -> anyhow::Result<()> {
+        for h in RealNode::hierarchies() {
+            let d = h.join(&self.cgroup_root);
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            if h.ends_with("cpuset") {
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let v = std::fs::read_to_string(h.join(f))?;
+                    std::fs::write(d.join(f), v.trim())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_containerd(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.join("containerd");
+        std::fs::create_dir_all(&d)?;
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{socket}"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  stream_server_address = "127.0.0.1"
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{bin}"
+    conf_dir = "{conf}"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            socket = self.socket.display(),
+            opt = d.join("opt").display(),
+            bin = self.cni_bin.display(),
+            conf = self.cni_conf.display(),
+        );
+        let file = d.join("config.toml");
+        std::fs::write(&file, config)?;
+        let mut cmd = self.in_netns("containerd");
+        cmd.arg(format!("--config={}", file.display()));
+        let mut proc = Process::spawn(&format!("containerd-{}", self.name), &self.dir, &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.socket.exists() || self.ctr().arg("version").output().map(|o| !o.status.success()).unwrap_or(true) {
+            if let Some(s) = proc.try_exit() {
+                bail!("containerd of {} exited ({s}):\n{}", self.name, proc.log_text());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "containerd of {} not serving after 30 s:\n{}",
+                self.name,
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.containerd = Some(proc);
+        Ok(())
+    }
+
+    fn start_kubelet(&mut self, cp: &ControlPlane, node_ip: Ipv4Addr) -> anyhow::Result<()> {
+        let d = self.dir.join("kubelet");
+        std::fs::create_dir_all(&d)?;
+        let config = format!(
+            r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: /{cgroup_root}
+containerRuntimeEndpoint: unix://{socket}
+failSwapOn: false
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+authentication:
+  anonymous:
+    enabled: true
+  webhook:
+    enabled: false
+authorization:
+  mode: AlwaysAllow
+evictionHard:
+  memory.available: "1Mi"
+  nodefs.available: "1%"
+  imagefs.available: "1%"
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+localStorageCapacityIsolation: false
+resolvConf: ""
+serializeImagePulls: false
+maxPods: 110
+"#,
+            cgroup_root = self.cgroup_root,
+            socket = self.socket.display(),
+        );
+        let file = d.join("config.yaml");
+        std::fs::write(&file, config)?;
+        let mut cmd = self.in_netns(tools::tool("kubelet")?.to_str().context("kubelet path")?);
+        cmd.arg(format!("--config={}", file.display()))
+            .arg(format!("--kubeconfig={}", cp.kubeconfig_for_nodes()?.display()))
+            .arg(format!("--hostname-override={}", self.name))
+            .arg(format!("--node-ip={node_ip}"))
+            .arg(format!("--root-dir={}", d.join("root").display()))
+            .arg(format!("--cert-dir={}", d.join("pki").display()))
+            .arg("--v=0");
+        self.kubelet = Some(Process::spawn(&format!("kubelet-{}", self.name), &self.dir, &mut cmd)?);
+        Ok(())
+    }
+
+    /// The last `n` lines of the kubelet's and containerd's logs.
+    pub fn log_tails(&self, n: usize) -> String {
+        [&self.kubelet, &self.containerd]
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let text = p.log_text();
+                let lines: Vec<&str> = text.lines().collect();
+                format!("--- {}:\n{}\n", p.name, lines[lines.len().saturating_sub(n)..].join("\n"))
+            })
+            .collect()
+    }
+
+    /// Every process in the node's cgroups (the pods' containers).
+    fn kill_cgroup_processes(&self) {
+        for h in RealNode::all_hierarchies() {
+            let root = h.join(&self.cgroup_root);
+            for procs in walk(&root).into_iter().map(|d| d.join("cgroup.procs")) {
+                for pid in std::fs::read_to_string(procs).unwrap_or_default().lines() {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        // SAFETY: kill(2) on a process of this node's pods.
+                        unsafe {
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// containerd's shims for this node (they outlive containerd).
+    fn kill_shims(&self) {
+        let sock = self.socket.display().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("containerd-shim") && cmdline.contains(&sock) {
+                // SAFETY: kill(2) on a shim of this node's containerd.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    fn unmount_all(&self) {
+        let under = self.dir.display().to_string();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&under))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            if let Ok(c) = std::ffi::CString::new(m) {
+                // SAFETY: umount2(2) of a mount under this node's directory.
+                unsafe {
+                    libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+                }
+            }
+        }
+    }
+
+    fn remove_cgroups(&self) {
+        for _ in 0..20 {
+            let mut left = 0;
+            for h in RealNode::all_hierarchies() {
+                let mut dirs = walk(&h.join(&self.cgroup_root));
+                dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+                for d in dirs {
+                    if std::fs::remove_dir(&d).is_err() && d.exists() {
+                        left += 1;
+                    }
+                }
+            }
+            if left == 0 {
+                return;
+            }
+            self.kill_cgroup_processes();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// `root` and every directory below it.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        if !d.is_dir() {
+            continue;
+        }
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            }
+        }
+        out.push(d);
+    }
+    out
+}
+
+impl Drop for RealNode {
+    /// The kubelet, every pod's process, the shims and containerd go; then
+    /// every mount under the node's directory and its cgroups.
+    fn drop(&mut self) {
+        if let Some(mut k) = self.kubelet.take() {
+            k.signal(libc::SIGTERM);
+            k.wait_exit(Duration::from_secs(5));
+        }
+        self.kill_cgroup_processes();
+        self.kill_shims();
+        if let Some(mut c) = self.containerd.take() {
+            c.signal(libc::SIGTERM);
+            c.wait_exit(Duration::from_secs(5));
+        }
+        self.kill_shims();
+        self.unmount_all();
+        self.remove_cgroups();
+    }
+}

@@ -1,0 +1,320 @@
+//! A real cluster on one machine: two nodes, each a kubelet with its own
+//! containerd in its network namespace; kube-scheduler places the pods of a
+//! Deployment, containerd runs them from images imported without a
+//! registry, and our `cilium-cni` (through the agent on each node) gives
+//! them their network. Checked as a user would: every replica Running with
+//! an address from its node's pod CIDR, a CiliumEndpoint and an identity;
+//! `kubectl exec` traffic within and across nodes; a policy enforced on
+//! these pods.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use cilium_crds::{CiliumEndpoint, CiliumNode};
+use e2e::netns::{Cleanup, external_host};
+use e2e::realnode::{BUSYBOX_IMAGE, RealNode, build_images, fabric_with_host_leg};
+use e2e::{Agent, ControlPlane, Operator, Options, block_on, eventually};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+
+const NODES: &[&str] = &["node-a", "node-b"];
+const REPLICAS: usize = 20;
+
+struct Cluster {
+    // Dropped in this order: agents, nodes (kubelets, pods, containerd),
+    // operator, namespaces, control plane.
+    agents: Vec<Agent>,
+    nodes: Vec<RealNode>,
+    operator: Operator,
+    _cleanup: Cleanup,
+    cp: ControlPlane,
+}
+
+impl Cluster {
+    fn logs(&self) -> String {
+        let mut s: String = self.nodes.iter().map(|n| n.log_tails(15)).collect();
+        for a in &self.agents {
+            let text = a.proc.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            s += &format!("--- {}:\n{}\n", a.proc.name, lines[lines.len().saturating_sub(15)..].join("\n"));
+        }
+        s + &self.cp.log_tails(10)
+    }
+
+    /// `GET /` from `pod` to `ip:80` (busybox `nc`; Debian's static
+    /// busybox `wget` crashes without NSS files): the body's last line.
+    fn get(&self, pod: &str, ip: Ipv4Addr) -> anyhow::Result<String> {
+        let out = self.exec(pod, &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 80"))?;
+        Ok(out.lines().last().unwrap_or_default().trim().to_string())
+    }
+
+    /// `kubectl exec POD -- sh -c SCRIPT`: its output, or the error.
+    fn exec(&self, pod: &str, script: &str) -> anyhow::Result<String> {
+        let out =
+            self.cp.kubectl()?.args(["exec", pod, "--", "/bin/sh", "-c", script]).stderr(Stdio::piped()).output()?;
+        ensure!(out.status.success(), "exec in {pod}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn kubectl_apply(&self, yaml: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut child = self
+            .cp
+            .kubectl()?
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    }
+}
+
+fn start() -> anyhow::Result<Cluster> {
+    let cp = ControlPlane::start(Options { real_nodes: true, ..Default::default() })?;
+    let prefix = format!("rn{}", std::process::id() % 10000);
+    let cleanup = Cleanup::new(prefix.clone());
+    fabric_with_host_leg(&prefix)?;
+    let images = build_images(cp.dir())?;
+    let mut operator =
+        Operator::start(&cp, "operator-rn", "kube-system", &["--cluster-pool-ipv4-cidr=10.210.0.0/16".to_string()])?;
+    operator.wait_healthy(Duration::from_secs(60))?;
+    let mut nodes = Vec::new();
+    let mut agents = Vec::new();
+    for (i, name) in NODES.iter().enumerate() {
+        let ip = Ipv4Addr::new(192, 168, 220, 11 + i as u8);
+        let netns = external_host(&prefix, name, &format!("{ip}/24"), &[])?;
+        nodes.push(RealNode::start(&cp, &prefix, name, &netns, ip, &images)?);
+    }
+    // The kubelets register their Nodes; then each agent (which needs its
+    // Node) starts and writes the conflist that makes its node Ready.
+    block_on(async {
+        let api: Api<Node> = Api::all(cp.client().await?);
+        for name in NODES {
+            eventually(&format!("Node {name} registered by its kubelet"), Duration::from_secs(60), || async {
+                Ok(api.get_opt(name).await?.map(|_| ()))
+            })
+            .await?;
+        }
+        anyhow::Ok(())
+    })
+    .map_err(|e| e.context(nodes.iter().map(|n| n.log_tails(20)).collect::<String>()))?;
+    for (i, node) in nodes.iter().enumerate() {
+        let ip = Ipv4Addr::new(192, 168, 220, 11 + i as u8);
+        let conf = node.cni_conf.join("05-cilium.conflist");
+        let flags = ["--cni".to_string(), format!("--write-cni-conf-when-ready={}", conf.display())];
+        let mut agent = Agent::start(&cp, &node.name, &format!("{ip}/24"), &prefix, &flags)?;
+        agent.wait_ready(Duration::from_secs(60))?;
+        agents.push(agent);
+    }
+    Ok(Cluster { agents, nodes, operator, _cleanup: cleanup, cp })
+}
+
+fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
+    let Some((net, len)) = cidr.split_once('/') else { return false };
+    let (Ok(net), Ok(len)) = (net.parse::<Ipv4Addr>(), len.parse::<u32>()) else { return false };
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+pub fn kubelets_run_a_deployment_through_cilium_cni(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let c = start()?;
+    let result = run(&c);
+    result.map_err(|e| e.context(c.logs()))
+}
+
+fn run(c: &Cluster) -> anyhow::Result<()> {
+    // One runtime per block_on: a client is made inside each.
+    // Both nodes Ready (the kubelet sees the agent's conflist).
+    block_on(async {
+        let client = c.cp.client().await?;
+        let api: Api<Node> = Api::all(client.clone());
+        for name in NODES {
+            eventually(&format!("Node {name} Ready"), Duration::from_secs(60), || async {
+                let n = api.get(name).await?;
+                let ready = n
+                    .status
+                    .and_then(|s| s.conditions)
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                Ok(ready.then_some(()))
+            })
+            .await?;
+        }
+        anyhow::Ok(())
+    })?;
+
+    // A Deployment of 20 replicas, placed by the scheduler.
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": "web", "namespace": "default" },
+        "spec": {
+            "replicas": REPLICAS,
+            "selector": { "matchLabels": { "app": "web" } },
+            "template": {
+                "metadata": { "labels": { "app": "web" } },
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "httpd",
+                        "image": BUSYBOX_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["/bin/sh", "-c", "hostname > /var/www/index.html; exec httpd -f -p 80 -h /var/www"],
+                        "ports": [{ "containerPort": 80 }],
+                    }],
+                },
+            },
+        },
+    }))?;
+    let t0 = Instant::now();
+    block_on(async {
+        let client = c.cp.client().await?;
+        Api::<Deployment>::namespaced(client, "default").create(&PostParams::default(), &deployment).await?;
+        anyhow::Ok(())
+    })?;
+    let pods: Vec<Pod> = block_on(async {
+        let client = c.cp.client().await?;
+        let api: Api<Pod> = Api::namespaced(client.clone(), "default");
+        eventually("20 replicas Running with an IP", Duration::from_secs(180), || async {
+            let list = api.list(&ListParams::default().labels("app=web")).await?.items;
+            let running = list
+                .iter()
+                .filter(|p| {
+                    let s = p.status.as_ref();
+                    s.and_then(|s| s.phase.as_deref()) == Some("Running") && s.and_then(|s| s.pod_ip.as_ref()).is_some()
+                })
+                .count();
+            if running == REPLICAS && list.len() == REPLICAS {
+                return Ok(Some(list));
+            }
+            // What the others wait for, as the last error if this times out.
+            let mut states: BTreeMap<String, usize> = BTreeMap::new();
+            for p in &list {
+                let s = p.status.as_ref();
+                let waiting =
+                    s.and_then(|s| s.container_statuses.as_ref()?.first()?.state.as_ref()?.waiting.as_ref()).map(|w| {
+                        format!("{}: {}", w.reason.clone().unwrap_or_default(), w.message.clone().unwrap_or_default())
+                    });
+                let cond = s
+                    .and_then(|s| s.conditions.as_ref()?.iter().find(|c| c.status != "True").cloned())
+                    .map(|c| format!("{} {}", c.type_, c.message.unwrap_or_default()));
+                let phase = s.and_then(|s| s.phase.clone()).unwrap_or_default();
+                *states.entry(format!("{phase} {}", waiting.or(cond).unwrap_or_default())).or_default() += 1;
+            }
+            anyhow::bail!("{} pods, {running} running; {states:?}", list.len())
+        })
+        .await
+    })?;
+    let all_running = t0.elapsed();
+
+    // Spread over both nodes; each address from its node's pod CIDR; each
+    // pod has its CiliumEndpoint (same address) and one identity for all.
+    let (cnodes, ceps) = block_on(async {
+        let client = c.cp.client().await?;
+        let cn = Api::<CiliumNode>::all(client.clone()).list(&ListParams::default()).await?.items;
+        let ceps =
+            Api::<CiliumEndpoint>::namespaced(client.clone(), "default").list(&ListParams::default()).await?.items;
+        anyhow::Ok((cn, ceps))
+    })?;
+    let cidrs: BTreeMap<String, Vec<String>> =
+        cnodes.iter().map(|n| (n.metadata.name.clone().unwrap_or_default(), n.pod_cidrs().to_vec())).collect();
+    let mut per_node: BTreeMap<String, Vec<(String, Ipv4Addr)>> = BTreeMap::new();
+    let mut identities = std::collections::BTreeSet::new();
+    for p in &pods {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).context("pod without a node")?;
+        let ip: Ipv4Addr = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).context("pod IP")?.parse()?;
+        let node_cidrs = cidrs.get(&node).cloned().unwrap_or_default();
+        ensure!(node_cidrs.iter().any(|c| in_cidr(ip, c)), "{name} on {node} has {ip}, not from {node_cidrs:?}");
+        let cep = ceps.iter().find(|c| c.metadata.name.as_deref() == Some(name.as_str()));
+        let status = cep.and_then(|c| c.status.clone()).with_context(|| format!("no CiliumEndpoint for {name}"))?;
+        let cep_ip = status.networking.and_then(|n| n.addressing.first()?.ipv4.clone());
+        ensure!(cep_ip.as_deref() == Some(ip.to_string().as_str()), "{name}: CiliumEndpoint has {cep_ip:?}, pod {ip}");
+        identities.insert(status.identity.and_then(|i| i.id).with_context(|| format!("{name}: no identity"))?);
+        per_node.entry(node).or_default().push((name, ip));
+    }
+    ensure!(identities.len() == 1, "20 replicas of one template have identities {identities:?}");
+    ensure!(
+        NODES.iter().all(|n| per_node.get(*n).is_some_and(|v| !v.is_empty())),
+        "the scheduler left a node empty: {:?}",
+        per_node.iter().map(|(n, v)| (n, v.len())).collect::<Vec<_>>()
+    );
+    let spread: Vec<String> = per_node.iter().map(|(n, v)| format!("{n}: {}", v.len())).collect();
+    println!("real nodes: {REPLICAS} replicas Running in {all_running:.1?} ({})", spread.join(", "));
+
+    // Traffic with kubectl exec: within node-a, and node-a -> node-b.
+    let a = &per_node["node-a"];
+    let b = &per_node["node-b"];
+    let (from, _) = &a[0];
+    let same_node = a.get(1).unwrap_or(&a[0]);
+    for (what, (to, ip)) in [("within node-a", same_node), ("node-a -> node-b", &b[0])] {
+        let got = c.get(from, *ip)?;
+        ensure!(got == *to, "{what}: {from} -> {to} ({ip}) answered {got:?}");
+    }
+
+    // A policy on these pods: only role=client may reach them on port 80.
+    c.kubectl_apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: web-from-clients
+  namespace: default
+spec:
+  endpointSelector:
+    matchLabels:
+      app: web
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        role: client
+    toPorts:
+    - ports:
+      - port: "80"
+"#,
+    )?;
+    let (to, ip) = &b[0];
+    block_on(async {
+        eventually("web -> web dropped under the policy", Duration::from_secs(20), || async {
+            Ok(c.get(from, *ip).map_or(true, |body| body != *to).then_some(()))
+        })
+        .await
+    })?;
+    c.kubectl_apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: default
+  labels:
+    role: client
+spec:
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: {BUSYBOX_IMAGE}
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", "sleep 3600"]
+"#
+    ))?;
+    let got = block_on(async {
+        eventually("client -> web allowed under the policy", Duration::from_secs(60), || async {
+            Ok(c.get("client", *ip).ok().filter(|body| body == to))
+        })
+        .await
+    })?;
+    ensure!(got == *to, "client -> {to} answered {got:?}");
+    let _ = &c.operator;
+    Ok(())
+}
