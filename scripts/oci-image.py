@@ -8,8 +8,9 @@ index.json, blobs/sha256/...) without a container engine or registry, for
         --entrypoint /bin/sh --cmd -c --cmd 'sleep 3600'
 
 One uncompressed layer holds the files given (`SRC:DST`, mode and content
-from SRC; a shared library's dependencies are not followed: pass them too,
-or use static binaries). `--busybox-links BIN` adds a symlink in /bin for
+from SRC); with `--with-libs`, the shared libraries each one links (as
+`ldd` resolves them on this machine, the loader included) at the same
+paths. `--busybox-links BIN` adds a symlink in /bin for
 every applet BIN lists. The layer's bytes depend on the inputs only (fixed
 mtimes, owners, order), so the same inputs give the same digest.
 """
@@ -19,9 +20,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 MTIME = 0
 
@@ -65,6 +68,20 @@ def layer(files, links, extra_dirs):
     return buf.getvalue()
 
 
+def shared_libs(path):
+    """Absolute paths of the libraries `path` links, per ldd (none for a
+    static binary or a script)."""
+    r = subprocess.run(["ldd", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        return []
+    libs = []
+    for line in r.stdout.splitlines():
+        for word in line.split():
+            if word.startswith("/") and os.path.exists(word):
+                libs.append(word)
+    return libs
+
+
 def blob(out, data):
     digest = hashlib.sha256(data).hexdigest()
     info = tarfile.TarInfo(f"blobs/sha256/{digest}")
@@ -80,6 +97,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--file", action="append", default=[], help="SRC:DST")
     p.add_argument("--busybox-links", help="busybox binary whose applets get /bin symlinks")
+    p.add_argument("--with-libs", action="store_true", help="add the shared libraries the files link")
+    p.add_argument("--strip", action="store_true", help="strip debug information from the ELF files given")
     p.add_argument("--dir", action="append", default=[], help="an empty directory in the image, e.g. /tmp")
     p.add_argument("--entrypoint", action="append", default=[])
     p.add_argument("--cmd", action="append", default=[])
@@ -92,6 +111,27 @@ def main():
         if not dst or not os.path.isfile(src):
             sys.exit(f"oci-image: --file {f!r}: want SRC:DST with SRC an existing file")
         files.append((src, dst))
+    if a.strip:
+        tmp = tempfile.mkdtemp(prefix="oci-image-")
+        stripped = []
+        for i, (src, dst) in enumerate(files):
+            with open(src, "rb") as f:
+                elf = f.read(4) == b"\x7fELF"
+            if elf:
+                out = os.path.join(tmp, f"{i}-{os.path.basename(src)}")
+                subprocess.run(["strip", "--strip-debug", "-o", out, src], check=True)
+                shutil.copymode(src, out)
+                src = out
+            stripped.append((src, dst))
+        files = stripped
+    if a.with_libs:
+        have = {d for _, d in files}
+        for src, _ in list(files):
+            for lib in shared_libs(src):
+                real = os.path.realpath(lib)
+                if lib not in have:
+                    have.add(lib)
+                    files.append((real, lib))
     links = []
     if a.busybox_links:
         applets = subprocess.run([a.busybox_links, "--list"], check=True, capture_output=True, text=True).stdout.split()
@@ -139,6 +179,8 @@ def main():
             info.mtime = MTIME
             out.addfile(info, io.BytesIO(raw))
     os.replace(a.out + ".tmp", a.out)
+    if a.strip:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"oci-image: {a.name} -> {a.out} (layer {lay}, {lay_size} bytes)", file=sys.stderr)
 
 

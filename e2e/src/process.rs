@@ -212,6 +212,9 @@ pub struct Agent {
     pub socket: PathBuf,
     args: Vec<String>,
     dir: PathBuf,
+    /// The network namespace the process runs in (a real node's), if not
+    /// the test's.
+    netns: Option<String>,
 }
 
 impl Agent {
@@ -250,12 +253,50 @@ impl Agent {
         ];
         // `{node}` in a flag stands for this node's name (per-node paths).
         args.extend(extra.iter().map(|f| f.replace("{node}", node)));
-        let proc = Agent::spawn(node, &args, cp.dir(), false)?;
-        Ok(Agent { proc, node: node.to_string(), metrics_addr, socket, args, dir: cp.dir().to_path_buf() })
+        let proc = Agent::spawn(node, &args, cp.dir(), None, false)?;
+        Ok(Agent { proc, node: node.to_string(), metrics_addr, socket, args, dir: cp.dir().to_path_buf(), netns: None })
     }
 
-    fn spawn(node: &str, args: &[String], dir: &Path, append: bool) -> anyhow::Result<Process> {
-        let mut cmd = Command::new(tools::workspace_bin("cilium-node-agent")?);
+    /// The agent of a real node (`realnode`): run in the node's network
+    /// namespace `netns` as a host-network pod would be
+    /// (`--node-netns=host`), reaching the API server on the nodes'
+    /// gateway, its metrics on `node_ip:9962`.
+    pub fn start_on_node(
+        cp: &ControlPlane,
+        node: &str,
+        node_ip: std::net::Ipv4Addr,
+        prefix: &str,
+        netns: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Agent> {
+        let metrics_addr = format!("{node_ip}:9962");
+        let socket = cp.dir().join(format!("agent-{node}.sock"));
+        let mut args = vec![
+            format!("--socket-path={}", socket.display()),
+            format!("--node-name={node}"),
+            format!("--node-ip={node_ip}/32"),
+            "--node-netns=host".to_string(),
+            format!("--netns-prefix={prefix}"),
+            format!("--k8s-kubeconfig-path={}", cp.kubeconfig_for_nodes()?.display()),
+            format!("--prometheus-serve-addr={metrics_addr}"),
+            format!("--state-dir={}", cp.dir().join(format!("agent-{node}")).display()),
+        ];
+        args.extend(extra.iter().map(|f| f.replace("{node}", node)));
+        let proc = Agent::spawn(node, &args, cp.dir(), Some(netns), false)?;
+        let dir = cp.dir().to_path_buf();
+        Ok(Agent { proc, node: node.to_string(), metrics_addr, socket, args, dir, netns: Some(netns.to_string()) })
+    }
+
+    fn spawn(node: &str, args: &[String], dir: &Path, netns: Option<&str>, append: bool) -> anyhow::Result<Process> {
+        let agent = tools::workspace_bin("cilium-node-agent")?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg("--").arg(agent);
+                c
+            }
+            None => Command::new(agent),
+        };
         cmd.args(args).env("CILIUM_LOG_FILTER", "info");
         Process::spawn_logged(&format!("agent-{node}"), dir, &mut cmd, append)
     }
@@ -265,7 +306,7 @@ impl Agent {
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();
         // The same log, continued.
-        self.proc = Agent::spawn(&self.node, &self.args, &self.dir, true)?;
+        self.proc = Agent::spawn(&self.node, &self.args, &self.dir, self.netns.as_deref(), true)?;
         Ok(())
     }
 

@@ -198,7 +198,7 @@ fn start_health(
         }
     };
     let node_ns = s.node_ns();
-    let health_ns = format!("{node_ns}-health");
+    let health_ns = s.health_ns();
     netns::make_pod(&node_ns, &health_ns, crate::health::HEALTH_IFNAME, ip, None)?;
     netns::plug_pod(&node_ns, crate::health::HEALTH_IFNAME, ip, None)?;
     crate::health::serve(&netns::path(&node_ns))?;

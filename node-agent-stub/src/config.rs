@@ -29,6 +29,13 @@ pub struct Flags {
     /// Prefix of every network namespace this agent creates.
     #[arg(long, default_value = "cilium-rs")]
     pub netns_prefix: String,
+    /// The node's network namespace: `host` for the agent's own (a real
+    /// node: the agent runs in the host's network, its interfaces and
+    /// addresses are the node's), or a name under /var/run/netns. Unset:
+    /// `<netns-prefix>-<node-name>`, which the agent makes and wires to
+    /// the fabric namespace (the simulated nodes of the fast test tier).
+    #[arg(long)]
+    pub node_netns: Option<String>,
     /// Where pinned maps and links live (a bpffs directory); default
     /// /sys/fs/bpf/<netns-prefix>/<node-name>.
     #[arg(long)]
@@ -226,8 +233,19 @@ impl Settings {
         })
     }
 
+    /// The node's network namespace by name; empty for `--node-netns=host`
+    /// (see `netns`: an empty name is the agent's own namespace).
     pub fn node_ns(&self) -> String {
-        format!("{}-{}", self.flags.netns_prefix, self.flags.node_name)
+        match self.flags.node_netns.as_deref() {
+            Some("host") => String::new(),
+            Some(name) => name.to_string(),
+            None => format!("{}-{}", self.flags.netns_prefix, self.flags.node_name),
+        }
+    }
+
+    /// The namespace of this node's health endpoint (one the agent makes).
+    pub fn health_ns(&self) -> String {
+        format!("{}-{}-health", self.flags.netns_prefix, self.flags.node_name)
     }
 
     pub fn fabric_ns(&self) -> String {

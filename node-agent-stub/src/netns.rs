@@ -27,7 +27,12 @@ pub fn node_ipv6(v4: Ipv4Addr) -> Ipv6Addr {
     Ipv6Addr::new(0xfd00, 0x0fab, 0, 0, 0, 0, u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]))
 }
 
+/// The file of a named namespace; the empty name is the agent's own
+/// namespace (a real node's, `--node-netns=host`).
 pub fn path(name: &str) -> PathBuf {
+    if name.is_empty() {
+        return PathBuf::from("/proc/self/ns/net");
+    }
     PathBuf::from("/var/run/netns").join(name)
 }
 
@@ -35,8 +40,13 @@ pub fn exists(name: &str) -> bool {
     path(name).exists()
 }
 
-/// Runs `ip ARGS`; "File exists" is success when `idempotent`.
+/// Runs `ip ARGS`; "File exists" is success when `idempotent`. A leading
+/// `-n ""` (the agent's own namespace) is dropped.
 fn ip(args: &[&str], idempotent: bool) -> anyhow::Result<String> {
+    let args = match args {
+        ["-n", "", rest @ ..] => rest,
+        _ => args,
+    };
     run_ip(Command::new("ip").args(args), &format!("ip {}", args.join(" ")), idempotent)
 }
 
@@ -59,6 +69,9 @@ fn run_ip(cmd: &mut Command, what: &str, idempotent: bool) -> anyhow::Result<Str
 
 fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     let file = format!("/proc/sys/{}", key.replace('.', "/"));
+    if ns.is_empty() {
+        return std::fs::write(&file, value).with_context(|| format!("sysctl {key}={value}"));
+    }
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "sh", "-c", &format!("echo {value} > {file}")])
         .output()
@@ -115,7 +128,12 @@ pub fn ensure_fabric(fabric: &str) -> anyhow::Result<()> {
 }
 
 /// The node namespace, wired to the fabric with `node_ip` (CIDR notation).
+/// On a real node (`node_ns` empty) the interfaces and addresses are the
+/// node's own: only forwarding is turned on.
 pub fn ensure_node(node_ns: &str, fabric: &str, node_ip: &str) -> anyhow::Result<()> {
+    if node_ns.is_empty() {
+        return sysctl(node_ns, "net.ipv4.ip_forward", "1");
+    }
     ensure_fabric(fabric)?;
     add(node_ns)?;
     let has_eth0 = ip(&["-n", node_ns, "link", "show", "dev", "eth0"], false).is_ok();
@@ -133,14 +151,23 @@ pub fn ensure_node(node_ns: &str, fabric: &str, node_ip: &str) -> anyhow::Result
 /// Dual stack on a node: its IPv6 fabric address and IPv6 forwarding.
 pub fn ensure_node_ipv6(node_ns: &str, node_ip6: Ipv6Addr) -> anyhow::Result<()> {
     sysctl(node_ns, "net.ipv6.conf.all.forwarding", "1")?;
+    if node_ns.is_empty() {
+        return Ok(());
+    }
     ip(&["-n", node_ns, "-6", "addr", "add", &format!("{node_ip6}/64"), "dev", "eth0", "nodad"], true)?;
     Ok(())
 }
 
 /// Routes a remote node's pod CIDR through its node IP (of the CIDR's
 /// family).
+/// (On a real node the kernel picks the interface that reaches `via`.)
 pub fn route_via(node_ns: &str, cidr: &str, via: IpAddr) -> anyhow::Result<()> {
-    ip(&["-n", node_ns, "route", "replace", cidr, "via", &via.to_string(), "dev", "eth0"], false)?;
+    let via = via.to_string();
+    if node_ns.is_empty() {
+        ip(&["route", "replace", cidr, "via", &via], false)?;
+    } else {
+        ip(&["-n", node_ns, "route", "replace", cidr, "via", &via, "dev", "eth0"], false)?;
+    }
     Ok(())
 }
 

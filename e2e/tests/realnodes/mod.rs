@@ -5,7 +5,8 @@
 //! them their network. Checked as a user would: every replica Running with
 //! an address from its node's pod CIDR, a CiliumEndpoint and an identity;
 //! `kubectl exec` traffic within and across nodes; a policy enforced on
-//! these pods.
+//! these pods. The agents run in their nodes' network namespaces as the
+//! chart's host-network pods do (`--node-netns=host`).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -111,7 +112,7 @@ fn start() -> anyhow::Result<Cluster> {
         let ip = Ipv4Addr::new(192, 168, 220, 11 + i as u8);
         let conf = node.cni_conf.join("05-cilium.conflist");
         let flags = ["--cni".to_string(), format!("--write-cni-conf-when-ready={}", conf.display())];
-        let mut agent = Agent::start(&cp, &node.name, &format!("{ip}/24"), &prefix, &flags)?;
+        let mut agent = Agent::start_on_node(&cp, &node.name, ip, &prefix, &node.netns, &flags)?;
         agent.wait_ready(Duration::from_secs(60))?;
         agents.push(agent);
     }
