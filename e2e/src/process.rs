@@ -212,9 +212,9 @@ pub struct Agent {
     pub socket: PathBuf,
     args: Vec<String>,
     dir: PathBuf,
-    /// The network namespace the process runs in (a real node's), if not
-    /// the test's.
-    netns: Option<String>,
+    /// `nsenter` arguments: the namespaces the process runs in (a real
+    /// node's), empty for the test's own.
+    enter: Vec<String>,
 }
 
 impl Agent {
@@ -253,22 +253,24 @@ impl Agent {
         ];
         // `{node}` in a flag stands for this node's name (per-node paths).
         args.extend(extra.iter().map(|f| f.replace("{node}", node)));
-        let proc = Agent::spawn(node, &args, cp.dir(), None, false)?;
-        Ok(Agent { proc, node: node.to_string(), metrics_addr, socket, args, dir: cp.dir().to_path_buf(), netns: None })
+        let proc = Agent::spawn(node, &args, cp.dir(), &[], false)?;
+        let dir = cp.dir().to_path_buf();
+        Ok(Agent { proc, node: node.to_string(), metrics_addr, socket, args, dir, enter: Vec::new() })
     }
 
     /// The agent of a real node (`realnode`): run in the node's network
-    /// namespace `netns` as a host-network pod would be
+    /// and mount namespaces as a host-network pod would be
     /// (`--node-netns=host`), reaching the API server on the nodes'
     /// gateway, its metrics on `node_ip:9962`.
     pub fn start_on_node(
         cp: &ControlPlane,
-        node: &str,
+        node: &crate::realnode::RealNode,
         node_ip: std::net::Ipv4Addr,
         prefix: &str,
-        netns: &str,
         extra: &[String],
     ) -> anyhow::Result<Agent> {
+        let enter = node.nsenter_args();
+        let node = node.name.as_str();
         let metrics_addr = format!("{node_ip}:9962");
         let socket = cp.dir().join(format!("agent-{node}.sock"));
         let mut args = vec![
@@ -282,20 +284,19 @@ impl Agent {
             format!("--state-dir={}", cp.dir().join(format!("agent-{node}")).display()),
         ];
         args.extend(extra.iter().map(|f| f.replace("{node}", node)));
-        let proc = Agent::spawn(node, &args, cp.dir(), Some(netns), false)?;
+        let proc = Agent::spawn(node, &args, cp.dir(), &enter, false)?;
         let dir = cp.dir().to_path_buf();
-        Ok(Agent { proc, node: node.to_string(), metrics_addr, socket, args, dir, netns: Some(netns.to_string()) })
+        Ok(Agent { proc, node: node.to_string(), metrics_addr, socket, args, dir, enter })
     }
 
-    fn spawn(node: &str, args: &[String], dir: &Path, netns: Option<&str>, append: bool) -> anyhow::Result<Process> {
+    fn spawn(node: &str, args: &[String], dir: &Path, enter: &[String], append: bool) -> anyhow::Result<Process> {
         let agent = tools::workspace_bin("cilium-node-agent")?;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/var/run/netns/{ns}")).arg("--").arg(agent);
-                c
-            }
-            None => Command::new(agent),
+        let mut cmd = if enter.is_empty() {
+            Command::new(agent)
+        } else {
+            let mut c = Command::new("nsenter");
+            c.args(enter).arg("--").arg(agent);
+            c
         };
         cmd.args(args).env("CILIUM_LOG_FILTER", "info");
         Process::spawn_logged(&format!("agent-{node}"), dir, &mut cmd, append)
@@ -306,7 +307,7 @@ impl Agent {
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();
         // The same log, continued.
-        self.proc = Agent::spawn(&self.node, &self.args, &self.dir, self.netns.as_deref(), true)?;
+        self.proc = Agent::spawn(&self.node, &self.args, &self.dir, &self.enter, true)?;
         Ok(())
     }
 

@@ -6,11 +6,21 @@
 //! has one leg on the fabric ([`NODES_GATEWAY`]), where the API server
 //! listens for the kubelets (`Options::real_nodes`).
 //!
+//! Each node has its own mount view, as kind's node containers do: a
+//! process holding a private mount namespace where the node's own
+//! directories are bound over `/etc/cni/net.d`, `/opt/cni/bin` and
+//! `/var/run/cilium` (so the chart's hostPath volumes are per node), made
+//! shared for the pods' mount propagation. containerd, the kubelet and
+//! everything they start live in it; it goes away with them. Sandboxes'
+//! namespaces are under `/var/run/netns`, where the agent's pod sees them
+//! (HostToContainer), and removed with the node. Only one cluster of real
+//! nodes runs at a time ([`exclusive`]): their sandboxes share that
+//! directory.
+//!
 //! What this machine needs, found by trying: cgroup v1 (`failCgroupV1:
 //! false`), the cgroup root made in every v1 hierarchy; no
 //! CAP_SYS_RESOURCE, so containerd must not lower `oom_score_adj`
-//! (`restrict_oom_score_adj`); sandboxes' namespaces under the node's state
-//! directory so that tearing a node down finds them all.
+//! (`restrict_oom_score_adj`).
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -26,6 +36,18 @@ use crate::tools;
 /// The images every node has (imported, never pulled).
 pub const PAUSE_IMAGE: &str = "localhost/cilium-rs/pause:1";
 pub const BUSYBOX_IMAGE: &str = "localhost/cilium-rs/busybox:1";
+
+static EXCLUSIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Held by a test for as long as its real nodes run.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    EXCLUSIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Directories of the node's own, bound over these paths in its mount
+/// namespace.
+const NODE_PATHS: &[(&str, &str)] =
+    &[("cni/net.d", "/etc/cni/net.d"), ("cni/bin", "/opt/cni/bin"), ("run-cilium", "/var/run/cilium")];
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
@@ -104,6 +126,10 @@ pub struct RealNode {
     pub cni_conf: PathBuf,
     cgroup_root: String,
     socket: PathBuf,
+    /// The process holding the node's mount namespace.
+    mounts: Option<Process>,
+    /// `/var/run/netns` entries before the node started.
+    netns_before: std::collections::BTreeSet<String>,
     containerd: Option<Process>,
     pub kubelet: Option<Process>,
 }
@@ -137,9 +163,12 @@ impl RealNode {
             dir,
             cni_bin,
             cni_conf,
+            mounts: None,
+            netns_before: netns_entries(),
             containerd: None,
             kubelet: None,
         };
+        node.make_mount_namespace()?;
         node.make_cgroup_root()?;
         node.start_containerd()?;
         for image in images {
@@ -155,10 +184,49 @@ impl RealNode {
         cmd
     }
 
-    fn in_netns(&self, program: &str) -> Command {
+    /// `nsenter` arguments entering the node's network and mount
+    /// namespaces.
+    pub fn nsenter_args(&self) -> Vec<String> {
+        let mut args = vec![format!("--net=/var/run/netns/{}", self.netns)];
+        if let Some(m) = &self.mounts {
+            args.push(format!("--mount=/proc/{}/ns/mnt", m.pid()));
+        }
+        args
+    }
+
+    /// `program` in the node's network and mount namespaces.
+    pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/var/run/netns/{}", self.netns)).arg("--").arg(program);
+        cmd.args(self.nsenter_args()).arg("--").arg(program);
         cmd
+    }
+
+    /// The node's mount namespace: its directories bound over the paths of
+    /// [`NODE_PATHS`] (made on the host when missing, empty), then every
+    /// mount shared within the namespace.
+    fn make_mount_namespace(&mut self) -> anyhow::Result<()> {
+        let mut script = String::from("set -e\n");
+        for (own, at) in NODE_PATHS {
+            let own = self.dir.join(own);
+            std::fs::create_dir_all(&own)?;
+            std::fs::create_dir_all(at).with_context(|| format!("creating {at}"))?;
+            script += &format!("mount --bind '{}' '{at}'\n", own.display());
+        }
+        let ready = self.dir.join("mounts-ready");
+        script += &format!("mount --make-rshared /\ntouch '{}'\nexec sleep 2147483647\n", ready.display());
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c", &script]);
+        let mut proc = Process::spawn(&format!("mounts-{}", self.name), &self.dir, &mut cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            if let Some(s) = proc.try_exit() {
+                bail!("the mount namespace of {} failed ({s}):\n{}", self.name, proc.log_text());
+            }
+            ensure!(Instant::now() < deadline, "the mount namespace of {} not ready after 10 s", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.mounts = Some(proc);
+        Ok(())
     }
 
     /// The cgroup v1 hierarchies (`unified`, the v2 one, is left out).
@@ -209,21 +277,18 @@ state = "{state}"
   sandbox_image = "{PAUSE_IMAGE}"
   stream_server_address = "127.0.0.1"
   restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{bin}"
-    conf_dir = "{conf}"
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
 "#,
             root = d.join("root").display(),
             state = d.join("state").display(),
             socket = self.socket.display(),
             opt = d.join("opt").display(),
-            bin = self.cni_bin.display(),
-            conf = self.cni_conf.display(),
         );
         let file = d.join("config.toml");
         std::fs::write(&file, config)?;
-        let mut cmd = self.in_netns("containerd");
+        let mut cmd = self.command("containerd");
         cmd.arg(format!("--config={}", file.display()));
         let mut proc = Process::spawn(&format!("containerd-{}", self.name), &self.dir, &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -279,7 +344,7 @@ maxPods: 110
         );
         let file = d.join("config.yaml");
         std::fs::write(&file, config)?;
-        let mut cmd = self.in_netns(tools::tool("kubelet")?.to_str().context("kubelet path")?);
+        let mut cmd = self.command(tools::tool("kubelet")?.to_str().context("kubelet path")?);
         cmd.arg(format!("--config={}", file.display()))
             .arg(format!("--kubeconfig={}", cp.kubeconfig_for_nodes()?.display()))
             .arg(format!("--hostname-override={}", self.name))
@@ -377,6 +442,15 @@ maxPods: 110
     }
 }
 
+fn netns_entries() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/var/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// `root` and every directory below it.
 fn walk(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -410,7 +484,17 @@ impl Drop for RealNode {
             c.wait_exit(Duration::from_secs(5));
         }
         self.kill_shims();
+        // The mount namespace (and every mount in it) ends with its last
+        // process.
+        self.mounts.take();
         self.unmount_all();
         self.remove_cgroups();
+        // The sandboxes' namespace files (their mounts went with the
+        // node's mount namespace).
+        for name in netns_entries().difference(&self.netns_before) {
+            if name.starts_with("cni-") {
+                let _ = std::fs::remove_file(Path::new("/var/run/netns").join(name));
+            }
+        }
     }
 }

@@ -28,12 +28,13 @@ const REPLICAS: usize = 20;
 
 struct Cluster {
     // Dropped in this order: agents, nodes (kubelets, pods, containerd),
-    // operator, namespaces, control plane.
+    // operator, namespaces, control plane, the lock on real nodes.
     agents: Vec<Agent>,
     nodes: Vec<RealNode>,
     operator: Operator,
     _cleanup: Cleanup,
     cp: ControlPlane,
+    _exclusive: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Cluster {
@@ -80,6 +81,7 @@ impl Cluster {
 }
 
 fn start() -> anyhow::Result<Cluster> {
+    let exclusive = e2e::realnode::exclusive();
     let cp = ControlPlane::start(Options { real_nodes: true, ..Default::default() })?;
     let prefix = format!("rn{}", std::process::id() % 10000);
     let cleanup = Cleanup::new(prefix.clone());
@@ -110,13 +112,15 @@ fn start() -> anyhow::Result<Cluster> {
     .map_err(|e| e.context(nodes.iter().map(|n| n.log_tails(20)).collect::<String>()))?;
     for (i, node) in nodes.iter().enumerate() {
         let ip = Ipv4Addr::new(192, 168, 220, 11 + i as u8);
-        let conf = node.cni_conf.join("05-cilium.conflist");
+        // The node's /etc/cni/net.d, as the agent sees it in the node's
+        // mount namespace.
+        let conf = std::path::Path::new("/etc/cni/net.d/05-cilium.conflist");
         let flags = ["--cni".to_string(), format!("--write-cni-conf-when-ready={}", conf.display())];
-        let mut agent = Agent::start_on_node(&cp, &node.name, ip, &prefix, &node.netns, &flags)?;
+        let mut agent = Agent::start_on_node(&cp, node, ip, &prefix, &flags)?;
         agent.wait_ready(Duration::from_secs(60))?;
         agents.push(agent);
     }
-    Ok(Cluster { agents, nodes, operator, _cleanup: cleanup, cp })
+    Ok(Cluster { agents, nodes, operator, _cleanup: cleanup, cp, _exclusive: exclusive })
 }
 
 fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
