@@ -100,6 +100,7 @@ def main():
     p.add_argument("--with-libs", action="store_true", help="add the shared libraries the files link")
     p.add_argument("--strip", action="store_true", help="strip debug information from the ELF files given")
     p.add_argument("--dir", action="append", default=[], help="an empty directory in the image, e.g. /tmp")
+    p.add_argument("--link", action="append", default=[], help="DST:TARGET, a symlink, e.g. /var/run:../run")
     p.add_argument("--entrypoint", action="append", default=[])
     p.add_argument("--cmd", action="append", default=[])
     p.add_argument("--env", action="append", default=["PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"])
@@ -138,6 +139,11 @@ def main():
         dsts = {d for _, d in files}
         links = [(f"/bin/{x}", "busybox") for x in applets if f"/bin/{x}" not in dsts and x != "busybox"]
 
+    for l in a.link:
+        dst, _, target = l.partition(":")
+        if not target:
+            sys.exit(f"oci-image: --link {l!r}: want DST:TARGET")
+        links.append((dst, target))
     data = layer(files, links, a.dir)
     layer_digest = "sha256:" + hashlib.sha256(data).hexdigest()
     config = {

@@ -30,8 +30,9 @@ pub struct Options {
     /// listens on [`NODES_GATEWAY`] (the host's leg on the nodes' fabric,
     /// see `realnode`) and reaches kubelets by their InternalIP;
     /// kube-scheduler runs, and kube-controller-manager (implied) also runs
-    /// the Deployment, ReplicaSet, DaemonSet and node lifecycle controllers
-    /// (the last lifts the not-ready taint kubelets register with).
+    /// the Deployment, ReplicaSet, DaemonSet, node lifecycle (which lifts
+    /// the not-ready taint kubelets register with) and root CA publisher
+    /// controllers; pods get service-account tokens.
     pub real_nodes: bool,
 }
 
@@ -316,7 +317,8 @@ impl ControlPlane {
             .arg(format!("--service-account-signing-key-file={}", p("sa.key")))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg("--authorization-mode=RBAC")
-            .arg("--disable-admission-plugins=ServiceAccount")
+            // Pods get service-account tokens only where kubelets run them.
+            .args((!self.real_nodes).then_some("--disable-admission-plugins=ServiceAccount"))
             .arg("--endpoint-reconciler-type=none")
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--allow-privileged=true")
@@ -343,7 +345,7 @@ impl ControlPlane {
         let d = self.dir.path();
         let mut cmd = Command::new(tools::tool("kube-controller-manager")?);
         let controllers = if self.real_nodes {
-            "namespace,garbagecollector,serviceaccount,serviceaccount-token,deployment,replicaset,daemonset,nodelifecycle"
+            "namespace,garbagecollector,serviceaccount,serviceaccount-token,deployment,replicaset,daemonset,nodelifecycle,root-ca-cert-publisher"
         } else {
             "namespace,garbagecollector,serviceaccount,serviceaccount-token"
         };

@@ -9,7 +9,8 @@
 //! Each node has its own mount view, as kind's node containers do: a
 //! process holding a private mount namespace where the node's own
 //! directories are bound over `/etc/cni/net.d`, `/opt/cni/bin` and
-//! `/var/run/cilium` (so the chart's hostPath volumes are per node), made
+//! `/var/run/cilium` (so the chart's hostPath volumes are per node) and the
+//! pods' log directories, made
 //! shared for the pods' mount propagation. containerd, the kubelet and
 //! everything they start live in it; it goes away with them. Sandboxes'
 //! namespaces are under `/var/run/netns`, where the agent's pod sees them
@@ -46,8 +47,15 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
 
 /// Directories of the node's own, bound over these paths in its mount
 /// namespace.
-const NODE_PATHS: &[(&str, &str)] =
-    &[("cni/net.d", "/etc/cni/net.d"), ("cni/bin", "/opt/cni/bin"), ("run-cilium", "/var/run/cilium")];
+/// (A kubelet removes the log directories of pods it does not run, so each
+/// needs its own.)
+const NODE_PATHS: &[(&str, &str)] = &[
+    ("cni/net.d", "/etc/cni/net.d"),
+    ("cni/bin", "/opt/cni/bin"),
+    ("run-cilium", "/var/run/cilium"),
+    ("log/pods", "/var/log/pods"),
+    ("log/containers", "/var/log/containers"),
+];
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
@@ -113,6 +121,38 @@ pub fn build_images(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         out.push(tar);
     }
     Ok(out)
+}
+
+/// The chart's default image (`image.repository` and the chart's
+/// appVersion): this workspace's binaries, stripped, with the libraries
+/// they link, `ip`, `nsenter` and busybox (the init containers' shell).
+pub fn build_cilium_image(dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let chart = std::fs::read_to_string(tools::workspace_root().join("charts/cilium/Chart.yaml"))?;
+    let version = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .context("no appVersion in Chart.yaml")?;
+    let name = format!("localhost/cilium-rs:{version}");
+    let tar = dir.join("cilium-rs.tar");
+    let mut cmd = Command::new("python3");
+    cmd.arg(tools::workspace_root().join("scripts/oci-image.py"))
+        .arg(format!("--name={name}"))
+        .arg(format!("--out={}", tar.display()))
+        .args(["--strip", "--with-libs"]);
+    for bin in ["cilium-operator", "cilium-node-agent", "cilium-cni", "ciliumctl"] {
+        cmd.arg(format!("--file={}:/usr/bin/{bin}", tools::workspace_bin(bin)?.display()));
+    }
+    for tool in ["/usr/bin/ip", "/usr/bin/nsenter"] {
+        cmd.arg(format!("--file={tool}:{tool}"));
+    }
+    cmd.args(["--file=/bin/busybox:/bin/busybox", "--busybox-links=/bin/busybox"])
+        .args(["--dir=/tmp", "--dir=/proc", "--dir=/sys", "--dir=/dev", "--dir=/etc", "--dir=/run"])
+        // iproute2 keeps named namespaces in /run/netns; the chart mounts
+        // the node's at /var/run/netns.
+        .arg("--link=/var/run:../run");
+    run(&mut cmd)?;
+    Ok((name, tar))
 }
 
 /// A node: its containerd and kubelet, in its network namespace.

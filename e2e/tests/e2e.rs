@@ -53,6 +53,7 @@ fn main() {
             "realnodes::kubelets_run_a_deployment_through_cilium_cni",
             realnodes::kubelets_run_a_deployment_through_cilium_cni,
         ),
+        ("realnodes::helm_install_on_real_nodes", realnodes::helm_install_on_real_nodes),
         ("identity::crd_allocation_races_and_gc", identity::crd_allocation_races_and_gc),
         ("identity::gc_clock_survives_operator_restart", identity::gc_clock_survives_operator_restart),
         ("identity::kvstore_heartbeat_layout_and_etcd_restart", identity::kvstore_heartbeat_layout_and_etcd_restart),

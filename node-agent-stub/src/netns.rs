@@ -70,7 +70,12 @@ fn run_ip(cmd: &mut Command, what: &str, idempotent: bool) -> anyhow::Result<Str
 fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     let file = format!("/proc/sys/{}", key.replace('.', "/"));
     if ns.is_empty() {
-        return std::fs::write(&file, value).with_context(|| format!("sysctl {key}={value}"));
+        // In a pod /proc/sys is read-only; the chart mounts the node's
+        // /proc/sys/net at /host/proc/sys/net (upstream's volume), which
+        // shows the settings of the agent's own (the node's) namespace.
+        let host = format!("/host{file}");
+        let file = if std::path::Path::new("/host/proc/sys/net").exists() { host } else { file };
+        return std::fs::write(&file, value).with_context(|| format!("sysctl {key}={value} ({file})"));
     }
     let out = Command::new("ip")
         .args(["netns", "exec", ns, "sh", "-c", &format!("echo {value} > {file}")])

@@ -68,3 +68,18 @@ endpoints:
       {{- toYaml . | nindent 6 }}
     {{- end }}
 {{- end }}
+
+{{/*
+KUBERNETES_SERVICE_HOST/PORT from k8sServiceHost/k8sServicePort (upstream's
+values), for pods on the host network before Services work.
+*/}}
+{{- define "cilium.k8sServiceEnv" -}}
+{{- if .Values.k8sServiceHost }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .Values.k8sServiceHost | quote }}
+{{- end }}
+{{- if .Values.k8sServicePort }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .Values.k8sServicePort | quote }}
+{{- end }}
+{{- end }}

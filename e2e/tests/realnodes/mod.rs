@@ -31,7 +31,7 @@ struct Cluster {
     // operator, namespaces, control plane, the lock on real nodes.
     agents: Vec<Agent>,
     nodes: Vec<RealNode>,
-    operator: Operator,
+    _operator: Operator,
     _cleanup: Cleanup,
     cp: ControlPlane,
     _exclusive: std::sync::MutexGuard<'static, ()>,
@@ -46,37 +46,6 @@ impl Cluster {
             s += &format!("--- {}:\n{}\n", a.proc.name, lines[lines.len().saturating_sub(15)..].join("\n"));
         }
         s + &self.cp.log_tails(10)
-    }
-
-    /// `GET /` from `pod` to `ip:80` (busybox `nc`; Debian's static
-    /// busybox `wget` crashes without NSS files): the body's last line.
-    fn get(&self, pod: &str, ip: Ipv4Addr) -> anyhow::Result<String> {
-        let out = self.exec(pod, &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 80"))?;
-        Ok(out.lines().last().unwrap_or_default().trim().to_string())
-    }
-
-    /// `kubectl exec POD -- sh -c SCRIPT`: its output, or the error.
-    fn exec(&self, pod: &str, script: &str) -> anyhow::Result<String> {
-        let out =
-            self.cp.kubectl()?.args(["exec", pod, "--", "/bin/sh", "-c", script]).stderr(Stdio::piped()).output()?;
-        ensure!(out.status.success(), "exec in {pod}: {}", String::from_utf8_lossy(&out.stderr).trim());
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
-    fn kubectl_apply(&self, yaml: &str) -> anyhow::Result<()> {
-        use std::io::Write;
-        let mut child = self
-            .cp
-            .kubectl()?
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
-        let out = child.wait_with_output()?;
-        ensure!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(())
     }
 }
 
@@ -99,17 +68,7 @@ fn start() -> anyhow::Result<Cluster> {
     }
     // The kubelets register their Nodes; then each agent (which needs its
     // Node) starts and writes the conflist that makes its node Ready.
-    block_on(async {
-        let api: Api<Node> = Api::all(cp.client().await?);
-        for name in NODES {
-            eventually(&format!("Node {name} registered by its kubelet"), Duration::from_secs(60), || async {
-                Ok(api.get_opt(name).await?.map(|_| ()))
-            })
-            .await?;
-        }
-        anyhow::Ok(())
-    })
-    .map_err(|e| e.context(nodes.iter().map(|n| n.log_tails(20)).collect::<String>()))?;
+    registered(&cp, &nodes)?;
     for (i, node) in nodes.iter().enumerate() {
         let ip = Ipv4Addr::new(192, 168, 220, 11 + i as u8);
         // The node's /etc/cni/net.d, as the agent sees it in the node's
@@ -120,7 +79,52 @@ fn start() -> anyhow::Result<Cluster> {
         agent.wait_ready(Duration::from_secs(60))?;
         agents.push(agent);
     }
-    Ok(Cluster { agents, nodes, operator, _cleanup: cleanup, cp, _exclusive: exclusive })
+    Ok(Cluster { agents, nodes, _operator: operator, _cleanup: cleanup, cp, _exclusive: exclusive })
+}
+
+/// `GET /` from `pod` to `ip:80` (busybox `nc`; Debian's static
+/// busybox `wget` crashes without NSS files): the body's last line.
+fn get(cp: &ControlPlane, pod: &str, ip: Ipv4Addr) -> anyhow::Result<String> {
+    let out = exec(cp, pod, &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 80"))?;
+    Ok(out.lines().last().unwrap_or_default().trim().to_string())
+}
+
+/// `kubectl exec POD -- sh -c SCRIPT`: its output, or the error.
+fn exec(cp: &ControlPlane, pod: &str, script: &str) -> anyhow::Result<String> {
+    let out = cp.kubectl()?.args(["exec", pod, "--", "/bin/sh", "-c", script]).stderr(Stdio::piped()).output()?;
+    ensure!(out.status.success(), "exec in {pod}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn kubectl_apply(cp: &ControlPlane, yaml: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = cp
+        .kubectl()?
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// Waits for the kubelets to register their Nodes.
+fn registered(cp: &ControlPlane, nodes: &[RealNode]) -> anyhow::Result<()> {
+    block_on(async {
+        let api: Api<Node> = Api::all(cp.client().await?);
+        for n in nodes {
+            let name = n.name.as_str();
+            eventually(&format!("Node {name} registered by its kubelet"), Duration::from_secs(60), || async {
+                Ok(api.get_opt(name).await?.map(|_| ()))
+            })
+            .await?;
+        }
+        anyhow::Ok(())
+    })
+    .map_err(|e| e.context(nodes.iter().map(|n| n.log_tails(20)).collect::<String>()))
 }
 
 fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
@@ -132,17 +136,21 @@ fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
 
 pub fn kubelets_run_a_deployment_through_cilium_cni(_shared: &ControlPlane) -> anyhow::Result<()> {
     let c = start()?;
-    let result = run(&c);
+    let result = workload(&c.cp, NODES);
     result.map_err(|e| e.context(c.logs()))
 }
 
-fn run(c: &Cluster) -> anyhow::Result<()> {
+/// The nodes Ready; a Deployment of 20 replicas placed by the scheduler
+/// over them, each networked (address from its node's pod CIDR,
+/// CiliumEndpoint, one identity for all); traffic within and across nodes;
+/// a policy on them enforced.
+fn workload(cp: &ControlPlane, nodes: &[&str]) -> anyhow::Result<()> {
     // One runtime per block_on: a client is made inside each.
     // Both nodes Ready (the kubelet sees the agent's conflist).
     block_on(async {
-        let client = c.cp.client().await?;
+        let client = cp.client().await?;
         let api: Api<Node> = Api::all(client.clone());
-        for name in NODES {
+        for name in nodes {
             eventually(&format!("Node {name} Ready"), Duration::from_secs(60), || async {
                 let n = api.get(name).await?;
                 let ready = n
@@ -182,12 +190,12 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     }))?;
     let t0 = Instant::now();
     block_on(async {
-        let client = c.cp.client().await?;
+        let client = cp.client().await?;
         Api::<Deployment>::namespaced(client, "default").create(&PostParams::default(), &deployment).await?;
         anyhow::Ok(())
     })?;
     let pods: Vec<Pod> = block_on(async {
-        let client = c.cp.client().await?;
+        let client = cp.client().await?;
         let api: Api<Pod> = Api::namespaced(client.clone(), "default");
         eventually("20 replicas Running with an IP", Duration::from_secs(180), || async {
             let list = api.list(&ListParams::default().labels("app=web")).await?.items;
@@ -224,7 +232,7 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     // Spread over both nodes; each address from its node's pod CIDR; each
     // pod has its CiliumEndpoint (same address) and one identity for all.
     let (cnodes, ceps) = block_on(async {
-        let client = c.cp.client().await?;
+        let client = cp.client().await?;
         let cn = Api::<CiliumNode>::all(client.clone()).list(&ListParams::default()).await?.items;
         let ceps =
             Api::<CiliumEndpoint>::namespaced(client.clone(), "default").list(&ListParams::default()).await?.items;
@@ -249,7 +257,7 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     }
     ensure!(identities.len() == 1, "20 replicas of one template have identities {identities:?}");
     ensure!(
-        NODES.iter().all(|n| per_node.get(*n).is_some_and(|v| !v.is_empty())),
+        nodes.iter().all(|n| per_node.get(*n).is_some_and(|v| !v.is_empty())),
         "the scheduler left a node empty: {:?}",
         per_node.iter().map(|(n, v)| (n, v.len())).collect::<Vec<_>>()
     );
@@ -257,17 +265,18 @@ fn run(c: &Cluster) -> anyhow::Result<()> {
     println!("real nodes: {REPLICAS} replicas Running in {all_running:.1?} ({})", spread.join(", "));
 
     // Traffic with kubectl exec: within node-a, and node-a -> node-b.
-    let a = &per_node["node-a"];
-    let b = &per_node["node-b"];
+    let a = &per_node[nodes[0]];
+    let b = &per_node[nodes[1]];
     let (from, _) = &a[0];
     let same_node = a.get(1).unwrap_or(&a[0]);
-    for (what, (to, ip)) in [("within node-a", same_node), ("node-a -> node-b", &b[0])] {
-        let got = c.get(from, *ip)?;
+    for (what, (to, ip)) in [("within the first node", same_node), ("first node -> second node", &b[0])] {
+        let got = get(cp, from, *ip)?;
         ensure!(got == *to, "{what}: {from} -> {to} ({ip}) answered {got:?}");
     }
 
     // A policy on these pods: only role=client may reach them on port 80.
-    c.kubectl_apply(
+    kubectl_apply(
+        cp,
         r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -290,12 +299,14 @@ spec:
     let (to, ip) = &b[0];
     block_on(async {
         eventually("web -> web dropped under the policy", Duration::from_secs(20), || async {
-            Ok(c.get(from, *ip).map_or(true, |body| body != *to).then_some(()))
+            Ok(get(cp, from, *ip).map_or(true, |body| body != *to).then_some(()))
         })
         .await
     })?;
-    c.kubectl_apply(&format!(
-        r#"
+    kubectl_apply(
+        cp,
+        &format!(
+            r#"
 apiVersion: v1
 kind: Pod
 metadata:
@@ -312,14 +323,117 @@ spec:
     imagePullPolicy: Never
     command: ["/bin/sh", "-c", "sleep 3600"]
 "#
-    ))?;
+        ),
+    )?;
     let got = block_on(async {
         eventually("client -> web allowed under the policy", Duration::from_secs(60), || async {
-            Ok(c.get("client", *ip).ok().filter(|body| body == to))
+            Ok(get(cp, "client", *ip).ok().filter(|body| body == to))
         })
         .await
     })?;
     ensure!(got == *to, "client -> {to} answered {got:?}");
-    let _ = &c.operator;
     Ok(())
+}
+
+/// Pins the chart's agents make (`/sys/fs/bpf/cilium-rs/<node>`), removed
+/// when dropped.
+struct Pins(Vec<String>);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for node in &self.0 {
+            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/cilium-rs/{node}"));
+        }
+    }
+}
+
+/// `helm install` with the chart's defaults but for what this machine
+/// needs (images imported, not pulled; the API server's address for the
+/// host network; no CAP_SYS_RESOURCE to give): the operator Deployment and
+/// the agent DaemonSet run from our image on the real nodes, the agents
+/// install cilium-cni and make their nodes Ready, and the workload of
+/// [`kubelets_run_a_deployment_through_cilium_cni`] runs on them.
+pub fn helm_install_on_real_nodes(_shared: &ControlPlane) -> anyhow::Result<()> {
+    let _exclusive = e2e::realnode::exclusive();
+    let cp = ControlPlane::start(Options { real_nodes: true, ..Default::default() })?;
+    let prefix = format!("hm{}", std::process::id() % 10000);
+    let _cleanup = Cleanup::new(prefix.clone());
+    // The agents' own namespaces (health endpoints) are `cilium-rs-<node>-*`.
+    let _agent_netns = Cleanup::new(format!("cilium-rs-{prefix}"));
+    let names: Vec<String> = ["a", "b"].iter().map(|n| format!("{prefix}-{n}")).collect();
+    let _pins = Pins(names.clone());
+    fabric_with_host_leg(&prefix)?;
+    let mut images = build_images(cp.dir())?;
+    let (image, tar) = e2e::realnode::build_cilium_image(cp.dir())?;
+    images.push(tar);
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let ip = Ipv4Addr::new(192, 168, 220, 21 + i as u8);
+        let netns = external_host(&prefix, name, &format!("{ip}/24"), &[])?;
+        nodes.push(RealNode::start(&cp, &prefix, name, &netns, ip, &images)?);
+    }
+    let logs = |nodes: &[RealNode]| -> String {
+        let mut s: String = nodes.iter().map(|n| n.log_tails(15)).collect();
+        if let Ok(out) = cp.kubectl().and_then(|mut k| Ok(k.args(["get", "pods", "-A", "-o", "wide"]).output()?)) {
+            s += &String::from_utf8_lossy(&out.stdout);
+        }
+        for sel in ["k8s-app=cilium", "io.cilium/app=operator"] {
+            if let Ok(out) = cp.kubectl().and_then(|mut k| {
+                Ok(k.args(["logs", "-n", "kube-system", "-l", sel, "--tail=15", "--all-containers", "--prefix"])
+                    .output()?)
+            }) {
+                s += &String::from_utf8_lossy(&out.stdout);
+                s += &String::from_utf8_lossy(&out.stderr);
+            }
+        }
+        s + &cp.log_tails(5)
+    };
+    let result = (|| -> anyhow::Result<()> {
+        registered(&cp, &nodes)?;
+        let chart = e2e::tools::workspace_root().join("charts/cilium");
+        let port = cp.server.rsplit(':').next().context("API server port")?.to_string();
+        let out = std::process::Command::new(e2e::tools::tool("helm")?)
+            .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
+            .args(["install", "cilium"])
+            .arg(&chart)
+            .args(["-n", "kube-system", "--wait=false"])
+            .args(["--set", "image.pullPolicy=Never", "--set", "operator.image.pullPolicy=Never"])
+            .args(["--set", &format!("k8sServiceHost={}", e2e::cluster::NODES_GATEWAY)])
+            .args(["--set", &format!("k8sServicePort={port}")])
+            .args(["--set", "ipam.operator.clusterPoolIPv4PodCIDRList={10.220.0.0/16}"])
+            // This machine's root lacks CAP_SYS_RESOURCE: no container gets it.
+            .args(["--set", "securityContext.capabilities.ciliumAgent={BPF,NET_ADMIN,SYS_ADMIN,PERFMON}"])
+            .stdin(Stdio::null())
+            .output()?;
+        ensure!(out.status.success(), "helm install: {}", String::from_utf8_lossy(&out.stderr));
+        println!("real nodes: helm install of {image} done");
+        let t0 = Instant::now();
+        block_on(async {
+            let client = cp.client().await?;
+            let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(client.clone(), "kube-system");
+            let deploys: Api<Deployment> = Api::namespaced(client, "kube-system");
+            eventually("agent DaemonSet Ready on every node", Duration::from_secs(180), || async {
+                let st = ds.get("cilium").await?.status.context("no DaemonSet status")?;
+                anyhow::ensure!(
+                    st.number_ready == 2,
+                    "{} of {} agents ready",
+                    st.number_ready,
+                    st.desired_number_scheduled
+                );
+                Ok(Some(()))
+            })
+            .await?;
+            eventually("operator Deployment available", Duration::from_secs(120), || async {
+                let st = deploys.get("cilium-operator").await?.status.context("no Deployment status")?;
+                let ready = st.ready_replicas.unwrap_or(0);
+                anyhow::ensure!(ready == 2, "{ready} of 2 operators ready");
+                Ok(Some(()))
+            })
+            .await
+        })?;
+        println!("real nodes: agents and operators Ready {:.1?} after helm install", t0.elapsed());
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        workload(&cp, &names)
+    })();
+    result.map_err(|e| e.context(logs(&nodes)))
 }
