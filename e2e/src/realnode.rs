@@ -155,6 +155,15 @@ pub fn build_cilium_image(dir: &Path) -> anyhow::Result<(String, PathBuf)> {
     Ok((name, tar))
 }
 
+/// How a node's kubelet registers.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    /// Register with `node.cilium.io/agent-not-ready:NoExecute`, as
+    /// upstream's install guides tell: no pod but the agent's (which
+    /// tolerates it) runs until the operator sees the agent Ready.
+    pub agent_not_ready_taint: bool,
+}
+
 /// A node: its containerd and kubelet, in its network namespace.
 pub struct RealNode {
     pub name: String,
@@ -184,6 +193,7 @@ impl RealNode {
         netns: &str,
         node_ip: Ipv4Addr,
         images: &[PathBuf],
+        opts: &NodeOptions,
     ) -> anyhow::Result<RealNode> {
         let dir = cp.dir().join(format!("node-{name}"));
         let cni_bin = dir.join("cni/bin");
@@ -214,7 +224,7 @@ impl RealNode {
         for image in images {
             run(node.ctr().args(["images", "import"]).arg(image))?;
         }
-        node.start_kubelet(cp, node_ip)?;
+        node.start_kubelet(cp, node_ip, opts)?;
         Ok(node)
     }
 
@@ -348,7 +358,7 @@ state = "{state}"
         Ok(())
     }
 
-    fn start_kubelet(&mut self, cp: &ControlPlane, node_ip: Ipv4Addr) -> anyhow::Result<()> {
+    fn start_kubelet(&mut self, cp: &ControlPlane, node_ip: Ipv4Addr, opts: &NodeOptions) -> anyhow::Result<()> {
         let d = self.dir.join("kubelet");
         std::fs::create_dir_all(&d)?;
         let config = format!(
@@ -378,9 +388,14 @@ localStorageCapacityIsolation: false
 resolvConf: ""
 serializeImagePulls: false
 maxPods: 110
-"#,
+{taints}"#,
             cgroup_root = self.cgroup_root,
             socket = self.socket.display(),
+            taints = if opts.agent_not_ready_taint {
+                "registerWithTaints:\n- key: node.cilium.io/agent-not-ready\n  value: \"true\"\n  effect: NoExecute\n"
+            } else {
+                ""
+            },
         );
         let file = d.join("config.yaml");
         std::fs::write(&file, config)?;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use cilium_crds::{CiliumEndpoint, CiliumNode};
 use e2e::netns::{Cleanup, external_host};
-use e2e::realnode::{BUSYBOX_IMAGE, RealNode, build_images, fabric_with_host_leg};
+use e2e::realnode::{BUSYBOX_IMAGE, NodeOptions, RealNode, build_images, fabric_with_host_leg};
 use e2e::{Agent, ControlPlane, Operator, Options, block_on, eventually};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -64,7 +64,7 @@ fn start() -> anyhow::Result<Cluster> {
     for (i, name) in NODES.iter().enumerate() {
         let ip = Ipv4Addr::new(192, 168, 220, 11 + i as u8);
         let netns = external_host(&prefix, name, &format!("{ip}/24"), &[])?;
-        nodes.push(RealNode::start(&cp, &prefix, name, &netns, ip, &images)?);
+        nodes.push(RealNode::start(&cp, &prefix, name, &netns, ip, &images, &NodeOptions::default())?);
     }
     // The kubelets register their Nodes; then each agent (which needs its
     // Node) starts and writes the conflist that makes its node Ready.
@@ -370,7 +370,8 @@ pub fn helm_install_on_real_nodes(_shared: &ControlPlane) -> anyhow::Result<()> 
     for (i, name) in names.iter().enumerate() {
         let ip = Ipv4Addr::new(192, 168, 220, 21 + i as u8);
         let netns = external_host(&prefix, name, &format!("{ip}/24"), &[])?;
-        nodes.push(RealNode::start(&cp, &prefix, name, &netns, ip, &images)?);
+        let opts = NodeOptions { agent_not_ready_taint: true };
+        nodes.push(RealNode::start(&cp, &prefix, name, &netns, ip, &images, &opts)?);
     }
     let logs = |nodes: &[RealNode]| -> String {
         let mut s: String = nodes.iter().map(|n| n.log_tails(15)).collect();
@@ -432,6 +433,38 @@ pub fn helm_install_on_real_nodes(_shared: &ControlPlane) -> anyhow::Result<()> 
             .await
         })?;
         println!("real nodes: agents and operators Ready {:.1?} after helm install", t0.elapsed());
+        // The nodes registered with the agent-not-ready taint: the operator
+        // lifted it once each node's agent pod was Ready, and set
+        // NetworkUnavailable=False (CiliumIsUp); the CRDs are served.
+        block_on(async {
+            let api: Api<Node> = Api::all(cp.client().await?);
+            for name in &names {
+                eventually(&format!("{name}: taint lifted, CiliumIsUp"), Duration::from_secs(30), || async {
+                    let n = api.get(name).await?;
+                    let tainted = n
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.taints.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .any(|t| t.key == "node.cilium.io/agent-not-ready");
+                    let up = n.status.as_ref().and_then(|s| s.conditions.as_ref()).into_iter().flatten().any(|c| {
+                        c.type_ == "NetworkUnavailable"
+                            && c.status == "False"
+                            && c.reason.as_deref() == Some("CiliumIsUp")
+                    });
+                    anyhow::ensure!(!tainted && up, "tainted {tainted}, CiliumIsUp {up}");
+                    Ok(Some(()))
+                })
+                .await?;
+            }
+            anyhow::Ok(())
+        })?;
+        let crds = cp
+            .kubectl()?
+            .args(["get", "ciliumnodes,ciliumendpoints,ciliumidentities,ciliumnetworkpolicies", "-A"])
+            .output()?;
+        ensure!(crds.status.success(), "Cilium CRDs not served: {}", String::from_utf8_lossy(&crds.stderr));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         workload(&cp, &names)
     })();
