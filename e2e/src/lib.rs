@@ -46,3 +46,23 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// Whether IPv4 `ip` is in `cidr` (a pod CIDR as a CiliumNode lists it); a
+/// CIDR that does not parse holds nothing.
+pub fn in_cidr(ip: std::net::Ipv4Addr, cidr: &str) -> bool {
+    let ip = u128::from(u32::from(ip));
+    cidr.parse::<cilium_ipam::Cidr>().is_ok_and(|c| !cidr.contains(':') && (c.first()..=c.last()).contains(&ip))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn in_cidr_checks_the_prefix() {
+        let ip = "10.0.1.5".parse().unwrap();
+        assert!(super::in_cidr(ip, "10.0.1.0/24"));
+        assert!(super::in_cidr(ip, "10.0.0.0/16"));
+        assert!(!super::in_cidr(ip, "10.0.2.0/24"));
+        assert!(!super::in_cidr(ip, "fd00::/64"));
+        assert!(!super::in_cidr(ip, "not a cidr"));
+    }
+}

@@ -90,6 +90,20 @@ impl Drop for Process {
     }
 }
 
+/// CPU seconds (user + system) process `pid` has used so far, from
+/// `/proc/<pid>/stat`; a benchmark takes the difference over its work.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces): state is
+    // the 3rd field overall, utime the 14th, stime the 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> { Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?) };
+    // SAFETY: sysconf(3) has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
 /// The value of the first line of an exposition `text` that starts with
 /// `sample`: a metric name, with its `{labels}` when it has any.
 pub fn sample_value(text: &str, sample: &str) -> Option<f64> {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use cilium_crds::CiliumNode;
+use e2e::process::cpu_seconds;
 use e2e::{ControlPlane, Operator, Options};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -53,7 +54,9 @@ fn main() -> anyhow::Result<()> {
         ensure!(Instant::now() < deadline, "operator did not lead");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let cpu0 = cpu_seconds(op.proc.pid())?;
     let ours = e2e::block_on(with_operator(&cp, n))?;
+    let cpu = cpu_seconds(op.proc.pid())? - cpu0;
     let rss_kib = peak_rss_kib(op.proc.pid())?;
     ensure!(!op.proc.log_text().contains("panicked"), "operator panicked");
 
@@ -87,10 +90,12 @@ fn main() -> anyhow::Result<()> {
                 let text = up.proc.log_text();
                 text.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
             };
+            let up_cpu0 = cpu_seconds(up.proc.pid())?;
             let run = e2e::block_on(with_operator(&cp, n))
                 .map_err(|e| e.context(format!("upstream operator log:\n{}", log_tail(&up))))?;
+            let up_cpu = cpu_seconds(up.proc.pid())? - up_cpu0;
             let rss = peak_rss_kib(up.proc.pid())?;
-            upstream.push((what, run, rss));
+            upstream.push((what, run, rss, up_cpu));
         }
     } else {
         eprintln!("upstream cilium-operator-generic not built (scripts/build-upstream.sh): no upstream arm");
@@ -115,6 +120,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!("ratio (operator / baseline total): {ratio:.2} (target <= 1.5)");
     println!("operator peak RSS: {:.1} MiB", rss_kib as f64 / 1024.0);
+    println!("operator CPU seconds over the burst: {cpu:.2}");
     println!("\nFor docs/benchmarks.md:");
     println!(
         "- ipam: time until {n} CiliumNodes have pod CIDRs = {:.2} s (baseline {:.2}, ratio {ratio:.2})",
@@ -137,7 +143,11 @@ fn main() -> anyhow::Result<()> {
         "- ipam: operator peak RSS after {n} nodes = {:.1} MiB (baseline n/a, ratio n/a)",
         rss_kib as f64 / 1024.0
     );
-    for (what, up, up_rss) in upstream {
+    for (what, up, up_rss, up_cpu) in upstream {
+        println!(
+            "- ipam: operator CPU seconds for {n} nodes vs {what} = {cpu:.2} s (baseline {up_cpu:.2} s, ratio {:.2})",
+            cpu / up_cpu
+        );
         let t = |r: &Run| r.total.as_secs_f64();
         println!(
             "- ipam: time until {n} CiliumNodes have pod CIDRs vs {what} = {:.2} s (baseline {:.2} s, ratio {:.3})",

@@ -120,13 +120,6 @@ async fn create_pod(c: &Cluster, node: &str, name: &str, labels: Value) -> anyho
     Ok(())
 }
 
-fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
-    let Some((net, len)) = cidr.split_once('/') else { return false };
-    let (Ok(net), Ok(len)) = (net.parse::<Ipv4Addr>(), len.parse::<u32>()) else { return false };
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    u32::from(ip) & mask == u32::from(net) & mask
-}
-
 pub fn plugin_through_libcni(_shared: &ControlPlane) -> anyhow::Result<()> {
     let mut c = cluster_with("cn", &["node-a", "node-b"], |cp| {
         let conf = netconf_dir(cp.dir(), "{node}").join("05-cilium.conflist");
@@ -172,7 +165,10 @@ fn run(c: &mut Cluster) -> anyhow::Result<()> {
             let ip = ipv4_of(result)?;
             let cnode = nodes.get(node).await?;
             let cidrs = cnode.pod_cidrs();
-            ensure!(cidrs.iter().any(|cidr| in_cidr(ip, cidr)), "{pod}: {ip} is not in {node}'s pod CIDRs {cidrs:?}");
+            ensure!(
+                cidrs.iter().any(|cidr| e2e::in_cidr(ip, cidr)),
+                "{pod}: {ip} is not in {node}'s pod CIDRs {cidrs:?}"
+            );
             let link = Command::new("ip").args(["-n", sb, "-j", "addr", "show", "dev", "eth0"]).output()?;
             let link: Value = serde_json::from_slice(&link.stdout).context("ip -j addr")?;
             ensure!(

@@ -127,13 +127,6 @@ fn registered(cp: &ControlPlane, nodes: &[RealNode]) -> anyhow::Result<()> {
     .map_err(|e| e.context(nodes.iter().map(|n| n.log_tails(20)).collect::<String>()))
 }
 
-fn in_cidr(ip: Ipv4Addr, cidr: &str) -> bool {
-    let Some((net, len)) = cidr.split_once('/') else { return false };
-    let (Ok(net), Ok(len)) = (net.parse::<Ipv4Addr>(), len.parse::<u32>()) else { return false };
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    u32::from(ip) & mask == u32::from(net) & mask
-}
-
 pub fn kubelets_run_a_deployment_through_cilium_cni(_shared: &ControlPlane) -> anyhow::Result<()> {
     let c = start()?;
     let result = workload(&c.cp, NODES);
@@ -247,7 +240,7 @@ fn workload(cp: &ControlPlane, nodes: &[&str]) -> anyhow::Result<()> {
         let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).context("pod without a node")?;
         let ip: Ipv4Addr = p.status.as_ref().and_then(|s| s.pod_ip.as_deref()).context("pod IP")?.parse()?;
         let node_cidrs = cidrs.get(&node).cloned().unwrap_or_default();
-        ensure!(node_cidrs.iter().any(|c| in_cidr(ip, c)), "{name} on {node} has {ip}, not from {node_cidrs:?}");
+        ensure!(node_cidrs.iter().any(|c| e2e::in_cidr(ip, c)), "{name} on {node} has {ip}, not from {node_cidrs:?}");
         let cep = ceps.iter().find(|c| c.metadata.name.as_deref() == Some(name.as_str()));
         let status = cep.and_then(|c| c.status.clone()).with_context(|| format!("no CiliumEndpoint for {name}"))?;
         let cep_ip = status.networking.and_then(|n| n.addressing.first()?.ipv4.clone());
