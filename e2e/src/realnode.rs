@@ -9,8 +9,8 @@
 //! Each node has its own mount view, as kind's node containers do: a
 //! process holding a private mount namespace where the node's own
 //! directories are bound over `/etc/cni/net.d`, `/opt/cni/bin` and
-//! `/var/run/cilium` (so the chart's hostPath volumes are per node) and the
-//! pods' log directories, made
+//! `/var/run/cilium` (so the chart's hostPath volumes are per node),
+//! `/var/lib/kubelet` and the pods' log directories, made
 //! shared for the pods' mount propagation. containerd, the kubelet and
 //! everything they start live in it; it goes away with them. Sandboxes'
 //! namespaces are under `/var/run/netns`, where the agent's pod sees them
@@ -47,14 +47,16 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
 
 /// Directories of the node's own, bound over these paths in its mount
 /// namespace.
-/// (A kubelet removes the log directories of pods it does not run, so each
-/// needs its own.)
+/// (A kubelet removes the log directories of pods it does not run, and
+/// keeps its device-plugin socket in /var/lib/kubelet whatever its root
+/// directory: each needs its own.)
 const NODE_PATHS: &[(&str, &str)] = &[
     ("cni/net.d", "/etc/cni/net.d"),
     ("cni/bin", "/opt/cni/bin"),
     ("run-cilium", "/var/run/cilium"),
     ("log/pods", "/var/log/pods"),
     ("log/containers", "/var/log/containers"),
+    ("var-lib-kubelet", "/var/lib/kubelet"),
 ];
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
@@ -177,8 +179,9 @@ pub struct RealNode {
     socket: PathBuf,
     /// The process holding the node's mount namespace.
     mounts: Option<Process>,
-    /// `/var/run/netns` entries before the node started.
-    netns_before: std::collections::BTreeSet<String>,
+    remains: std::sync::Arc<Remains>,
+    /// The shutdown hook cleaning `remains` on a signal.
+    hook: u64,
     containerd: Option<Process>,
     pub kubelet: Option<Process>,
 }
@@ -205,16 +208,27 @@ impl RealNode {
         let loopback = Path::new("/usr/lib/cni/loopback");
         ensure!(loopback.exists(), "{} missing: apt-get install containernetworking-plugins", loopback.display());
         std::fs::copy(loopback, cni_bin.join("loopback"))?;
+        let remains = std::sync::Arc::new(Remains {
+            dir: dir.clone(),
+            cgroup_root: format!("cilium-rs-{prefix}-{name}"),
+            socket: dir.join("containerd/containerd.sock"),
+            netns_before: netns_entries(),
+        });
+        let hook = {
+            let remains = remains.clone();
+            crate::shutdown::register_hook(std::sync::Arc::new(move || remains.clean()))
+        };
         let mut node = RealNode {
             name: name.to_string(),
             netns: netns.to_string(),
-            cgroup_root: format!("cilium-rs-{prefix}-{name}"),
-            socket: dir.join("containerd/containerd.sock"),
+            cgroup_root: remains.cgroup_root.clone(),
+            socket: remains.socket.clone(),
             dir,
             cni_bin,
             cni_conf,
             mounts: None,
-            netns_before: netns_entries(),
+            remains,
+            hook,
             containerd: None,
             kubelet: None,
         };
@@ -423,6 +437,34 @@ maxPods: 110
             })
             .collect()
     }
+}
+
+/// What a node leaves behind its processes (the pods' containers and
+/// containerd's shims, cgroups, mounts, sandbox files): removed when the
+/// node is dropped, or by the shutdown hook on SIGINT/SIGTERM.
+struct Remains {
+    dir: PathBuf,
+    cgroup_root: String,
+    socket: PathBuf,
+    /// `/var/run/netns` entries before the node started.
+    netns_before: std::collections::BTreeSet<String>,
+}
+
+impl Remains {
+    /// Everything, once the node's own processes are stopped.
+    fn clean(&self) {
+        self.kill_cgroup_processes();
+        self.kill_shims();
+        self.unmount_all();
+        self.remove_cgroups();
+        // The sandboxes' namespace files (their mounts went with the
+        // node's mount namespace).
+        for name in netns_entries().difference(&self.netns_before) {
+            if name.starts_with("cni-") {
+                let _ = std::fs::remove_file(Path::new("/var/run/netns").join(name));
+            }
+        }
+    }
 
     /// Every process in the node's cgroups (the pods' containers).
     fn kill_cgroup_processes(&self) {
@@ -526,30 +568,21 @@ fn walk(root: &Path) -> Vec<PathBuf> {
 
 impl Drop for RealNode {
     /// The kubelet, every pod's process, the shims and containerd go; then
-    /// every mount under the node's directory and its cgroups.
+    /// the node's mount namespace (every mount in it ends with its last
+    /// process), its cgroups and sandbox files.
     fn drop(&mut self) {
         if let Some(mut k) = self.kubelet.take() {
             k.signal(libc::SIGTERM);
             k.wait_exit(Duration::from_secs(5));
         }
-        self.kill_cgroup_processes();
-        self.kill_shims();
+        self.remains.kill_cgroup_processes();
+        self.remains.kill_shims();
         if let Some(mut c) = self.containerd.take() {
             c.signal(libc::SIGTERM);
             c.wait_exit(Duration::from_secs(5));
         }
-        self.kill_shims();
-        // The mount namespace (and every mount in it) ends with its last
-        // process.
         self.mounts.take();
-        self.unmount_all();
-        self.remove_cgroups();
-        // The sandboxes' namespace files (their mounts went with the
-        // node's mount namespace).
-        for name in netns_entries().difference(&self.netns_before) {
-            if name.starts_with("cni-") {
-                let _ = std::fs::remove_file(Path::new("/var/run/netns").join(name));
-            }
-        }
+        self.remains.clean();
+        crate::shutdown::unregister_hook(self.hook);
     }
 }

@@ -1,6 +1,6 @@
 //! Ending cleanly on SIGINT and SIGTERM: the demo and the test harness
 //! register what they start (child processes, network-namespace prefixes,
-//! bpffs directories, temporary directories); on either signal every child
+//! bpffs directories, temporary directories, clean-up hooks); on either signal every child
 //! gets SIGTERM (SIGKILL after 5 s), then every namespace, pin directory and
 //! temporary directory is removed, and the process exits with 128 + signal.
 //! Without it, Ctrl-C (which the README tells demo users to press) would kill
@@ -12,15 +12,26 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
+/// Clean-up that needs more than killing our children (what the real
+/// nodes' runtimes started: containers, shims, cgroups).
+type Hook = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 #[derive(Default)]
 struct Registry {
     pids: BTreeSet<i32>,
     prefixes: BTreeSet<String>,
     dirs: BTreeSet<PathBuf>,
+    hooks: std::collections::BTreeMap<u64, Hook>,
+    next_hook: u64,
 }
 
-static REGISTRY: Mutex<Registry> =
-    Mutex::new(Registry { pids: BTreeSet::new(), prefixes: BTreeSet::new(), dirs: BTreeSet::new() });
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    pids: BTreeSet::new(),
+    prefixes: BTreeSet::new(),
+    dirs: BTreeSet::new(),
+    hooks: std::collections::BTreeMap::new(),
+    next_hook: 0,
+});
 static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
 fn with<T>(f: impl FnOnce(&mut Registry) -> T) -> T {
@@ -42,6 +53,20 @@ pub fn register_prefix(prefix: &str) {
 
 pub fn unregister_prefix(prefix: &str) {
     with(|r| r.prefixes.remove(prefix));
+}
+
+/// Runs `hook` on SIGINT/SIGTERM, after our children are stopped and
+/// before namespaces and directories are removed; the id unregisters it.
+pub fn register_hook(hook: Hook) -> u64 {
+    with(|r| {
+        r.next_hook += 1;
+        r.hooks.insert(r.next_hook, hook);
+        r.next_hook
+    })
+}
+
+pub fn unregister_hook(id: u64) {
+    with(|r| r.hooks.remove(&id));
 }
 
 pub fn register_dir(dir: PathBuf) {
@@ -105,7 +130,8 @@ pub fn install() {
 /// Stops every registered child and removes every registered namespace,
 /// pin directory and temporary directory.
 pub fn clean_up() {
-    let (pids, prefixes, dirs) = with(|r| (r.pids.clone(), r.prefixes.clone(), r.dirs.clone()));
+    let (pids, prefixes, dirs, hooks) =
+        with(|r| (r.pids.clone(), r.prefixes.clone(), r.dirs.clone(), r.hooks.values().cloned().collect::<Vec<_>>()));
     // Only our own children (waitpid tells; an exited one is reaped here).
     let alive = |pid: i32| {
         let mut status = 0;
@@ -129,6 +155,9 @@ pub fn clean_up() {
             let mut status = 0;
             unsafe { libc::waitpid(pid, &mut status, 0) };
         }
+    }
+    for hook in hooks {
+        hook();
     }
     for prefix in &prefixes {
         crate::netns::remove_prefix(prefix);
