@@ -590,6 +590,8 @@ impl Agent {
             ifname: Some(req.ifname.clone()),
         };
         self.state.state.endpoints.insert(uid.to_string(), rec);
+        // An error of the pod's earlier sandbox is not this one's.
+        self.endpoint_errors.remove(uid);
         // Remembered before anything is made: a crash never leaks or
         // reuses the address.
         self.state.save().map_err(|e| cni::error(Code::Io, format!("saving the agent's state: {e:#}")))
