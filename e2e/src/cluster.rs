@@ -357,13 +357,7 @@ impl ControlPlane {
             .arg("--secure-port=0")
             .arg("--leader-elect=false")
             .arg("--v=0");
-        let mut proc = Proc::spawn("kube-controller-manager", d, &mut cmd)?;
-        // No health port: give it a moment and check it stays up.
-        std::thread::sleep(Duration::from_millis(500));
-        if let Some(status) = proc.exited() {
-            bail!("kube-controller-manager exited ({status}):\n{}", proc.log_tail());
-        }
-        self.kcm = Some(proc);
+        self.kcm = Some(spawn_and_settle("kube-controller-manager", d, &mut cmd)?);
         Ok(())
     }
 
@@ -377,12 +371,7 @@ impl ControlPlane {
             .arg(format!("--secure-port={}", free_port()))
             .arg("--leader-elect=false")
             .arg("--v=0");
-        let mut proc = Proc::spawn("kube-scheduler", d, &mut cmd)?;
-        std::thread::sleep(Duration::from_millis(500));
-        if let Some(status) = proc.exited() {
-            bail!("kube-scheduler exited ({status}):\n{}", proc.log_tail());
-        }
-        self.scheduler = Some(proc);
+        self.scheduler = Some(spawn_and_settle("kube-scheduler", d, &mut cmd)?);
         Ok(())
     }
 
@@ -441,6 +430,24 @@ impl ControlPlane {
         Ok(kube::Client::try_from(config)?)
     }
 
+    /// `kubectl apply -f -` of `yaml`.
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut child = self
+            .kubectl()?
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     /// A `kubectl` command pointed at this control plane.
     pub fn kubectl(&self) -> anyhow::Result<Command> {
         let mut cmd = Command::new(tools::tool("kubectl")?);
@@ -492,6 +499,17 @@ impl Drop for ControlPlane {
         }
         // etcd stops last, when its field drops.
     }
+}
+
+/// Spawns a component without a health port: gives it a moment and checks
+/// it stays up.
+fn spawn_and_settle(name: &'static str, dir: &Path, cmd: &mut Command) -> anyhow::Result<Proc> {
+    let mut proc = Proc::spawn(name, dir, cmd)?;
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(status) = proc.exited() {
+        bail!("{name} exited ({status}):\n{}", proc.log_tail());
+    }
+    Ok(proc)
 }
 
 /// Polls `ready` every 200 ms until it returns true; fails early with the

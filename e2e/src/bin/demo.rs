@@ -68,7 +68,7 @@ fn run() -> anyhow::Result<()> {
     step(t0, "starting three cilium-node-agents (node-1..3: a network namespace each, joined by a fabric namespace)");
     let mut agents = Vec::new();
     for (i, n) in ["node-1", "node-2", "node-3"].iter().enumerate() {
-        apply(&cp, &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n"))?;
+        cp.apply(&format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n"))?;
         agents.push(Agent::start(&cp, n, &format!("192.168.210.{}/24", 11 + i), &prefix, &[])?);
     }
     for a in &mut agents {
@@ -76,8 +76,7 @@ fn run() -> anyhow::Result<()> {
     }
     step(t0, "creating the deathstar (on node-1 and node-2), a tiefighter (node-3) and an xwing (node-2)");
     for (name, node, org, class) in SHIPS {
-        apply(
-            &cp,
+        cp.apply(
             &format!(
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    org: {org}\n    class: {class}\nspec:\n  nodeName: {node}\n  containers:\n  - name: ship\n    image: docker.io/cilium/starwars\n"
             ),
@@ -176,19 +175,4 @@ fn kubectl(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
     let out = cp.kubectl()?.args(args).stdin(std::process::Stdio::null()).output().context("running kubectl")?;
     ensure!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn apply(cp: &ControlPlane, yaml: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut child = cp
-        .kubectl()?
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
 }

@@ -96,21 +96,6 @@ fn exec(cp: &ControlPlane, pod: &str, script: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn kubectl_apply(cp: &ControlPlane, yaml: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut child = cp
-        .kubectl()?
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
-}
-
 /// Waits for the kubelets to register their Nodes.
 fn registered(cp: &ControlPlane, nodes: &[RealNode]) -> anyhow::Result<()> {
     block_on(async {
@@ -268,8 +253,7 @@ fn workload(cp: &ControlPlane, nodes: &[&str]) -> anyhow::Result<()> {
     }
 
     // A policy on these pods: only role=client may reach them on port 80.
-    kubectl_apply(
-        cp,
+    cp.apply(
         r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -296,10 +280,8 @@ spec:
         })
         .await
     })?;
-    kubectl_apply(
-        cp,
-        &format!(
-            r#"
+    cp.apply(&format!(
+        r#"
 apiVersion: v1
 kind: Pod
 metadata:
@@ -316,8 +298,7 @@ spec:
     imagePullPolicy: Never
     command: ["/bin/sh", "-c", "sleep 3600"]
 "#
-        ),
-    )?;
+    ))?;
     let got = block_on(async {
         eventually("client -> web allowed under the policy", Duration::from_secs(60), || async {
             Ok(get(cp, "client", *ip).ok().filter(|body| body == to))
