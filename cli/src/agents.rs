@@ -203,6 +203,40 @@ pub async fn findings(ctx: &Ctx, hosts: &[String]) -> Option<Vec<Finding>> {
         }
     });
 
+    // Each node's pod CIDR: a full one fails every new pod on that node.
+    let mut pools = Vec::new();
+    let mut tight = Vec::new();
+    for s in &statuses {
+        let ipam = &s["ipam"];
+        let (used, cap) = (ipam["allocated"].as_u64().unwrap_or(0), ipam["capacity"].as_u64().unwrap_or(0));
+        let line = format!("{}: {used}/{cap} allocated from {}", node(s), ipam["cidr"].as_str().unwrap_or("?"));
+        if cap > 0 && used * 10 >= cap * 9 {
+            tight.push((used >= cap, line.clone()));
+        }
+        pools.push(line);
+    }
+    out.push(if tight.is_empty() {
+        Finding {
+            check: "ipam-pod-cidr",
+            severity: Severity::Ok,
+            summary: format!("pod CIDRs below 90% on {} agent(s)", statuses.len()),
+            evidence: pools,
+            fix: None,
+        }
+    } else {
+        Finding {
+            check: "ipam-pod-cidr",
+            severity: if tight.iter().any(|t| t.0) { Severity::Critical } else { Severity::Warning },
+            summary: format!("{} node(s) with their pod CIDR at or above 90%", tight.len()),
+            evidence: tight.into_iter().map(|t| t.1).collect(),
+            fix: Some(
+                "new pods on a full node fail with \"no free address\"; spread pods over more nodes, or give \
+                 nodes bigger pod CIDRs (cluster-pool-ipv4-mask-size; takes effect for new CiliumNodes)"
+                    .into(),
+            ),
+        }
+    });
+
     // Node-to-node health.
     let mut unreachable = Vec::new();
     let mut probed = 0;

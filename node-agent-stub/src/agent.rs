@@ -119,6 +119,19 @@ pub struct Snapshot {
     /// Objects skipped because they do not decode, by kind (each time one
     /// is listed or changed).
     pub malformed_objects: BTreeMap<String, u64>,
+    /// This node's pod addresses (`cilium status`'s IPAM line).
+    pub ipam: IpamStatus,
+}
+
+/// The node's address pool as the agent uses it: upstream's "IPv4: 5/254
+/// allocated from 10.0.1.0/24".
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct IpamStatus {
+    pub cidr: String,
+    /// Addresses held: endpoints and the health endpoint.
+    pub allocated: usize,
+    /// Host addresses of the pod CIDR (network and broadcast excluded).
+    pub capacity: usize,
 }
 
 struct Stores {
@@ -505,11 +518,24 @@ impl Agent {
             // A waiting ADD looks for its pod again soon.
             let tick = if self.pending_adds.is_empty() { Duration::from_secs(2) } else { Duration::from_millis(200) };
             tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => {
+                    self.uninstall_cni_conf();
+                    return Ok(());
+                }
                 _ = wake.notified() => {}
                 Some(call) = next_call(&mut calls) => self.handle_call(call, &stores).await,
                 _ = tokio::time::sleep(tick) => {}
             }
+        }
+    }
+
+    /// `--cni-uninstall`: the conflist this agent wrote goes when it stops.
+    fn uninstall_cni_conf(&self) {
+        let (Some(path), true) = (&self.s.flags.write_cni_conf_when_ready, self.s.flags.cni_uninstall) else { return };
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(path = %path.display(), "CNI configuration removed (cni-uninstall)"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "removing the CNI configuration failed"),
         }
     }
 
@@ -700,7 +726,7 @@ impl Agent {
     }
 
     /// Endpoint names for the metrics endpoint (the counters are read from
-    /// the pinned map on each scrape).
+    /// the pinned map on each scrape) and the address pool's use.
     fn refresh_names(&mut self) {
         let names = self
             .state
@@ -709,7 +735,16 @@ impl Agent {
             .values()
             .map(|e| (e.endpoint_id, format!("{}/{}", e.namespace, e.name)))
             .collect();
-        self.snapshot.lock().expect("snapshot").endpoint_names = names;
+        let (first, last) = self.pod_range;
+        let size = u64::from(last - first) + 1;
+        let ipam = IpamStatus {
+            cidr: format!("{}/{}", Ipv4Addr::from(first), 32 - size.trailing_zeros()),
+            allocated: self.state.state.endpoints.len() + usize::from(self.state.state.health_ip.is_some()),
+            capacity: usize::try_from(size.saturating_sub(2)).unwrap_or(usize::MAX),
+        };
+        let mut snap = self.snapshot.lock().expect("snapshot");
+        snap.endpoint_names = names;
+        snap.ipam = ipam;
     }
 
     async fn reconcile(&mut self, st: &Stores) -> anyhow::Result<()> {

@@ -95,6 +95,12 @@ pub struct Flags {
     /// node's network ready only then. E.g. /host/etc/cni/net.d/05-cilium.conflist.
     #[arg(long)]
     pub write_cni_conf_when_ready: Option<PathBuf>,
+    /// Removes that configuration when the agent stops (upstream's
+    /// `cni-uninstall`): the node's new pods then wait for an agent instead
+    /// of failing in cilium-cni. For removing Cilium from a node; off by
+    /// default, as an upgrade restarts the agent too.
+    #[arg(long)]
+    pub cni_uninstall: bool,
 }
 
 /// The settings the agent uses.

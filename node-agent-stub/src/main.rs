@@ -120,6 +120,8 @@ struct AgentStatus {
     ready: bool,
     endpoints: usize,
     endpoints_not_ready: usize,
+    /// This node's pod addresses in use.
+    ipam: node_agent_stub::agent::IpamStatus,
     /// Map name -> entries / max entries (`cilium_bpf_map_pressure`).
     map_pressure: std::collections::BTreeMap<&'static str, f64>,
     /// None: health checking is off.
@@ -140,15 +142,16 @@ impl Api {
 
     fn status(&self) -> AgentStatus {
         let map_pressure = self.pressure().into_iter().collect();
-        let (ready, endpoints, endpoints_not_ready) = {
+        let (ready, endpoints, endpoints_not_ready, ipam) = {
             let s = self.snapshot.lock().expect("snapshot");
-            (s.ready, s.endpoint_names.len(), s.endpoints_not_ready)
+            (s.ready, s.endpoint_names.len(), s.endpoints_not_ready, s.ipam.clone())
         };
         AgentStatus {
             node: self.node.clone(),
             ready,
             endpoints,
             endpoints_not_ready,
+            ipam,
             map_pressure,
             health: self.health.as_ref().map(|h| h.report.lock().expect("health report").clone()),
             recent_drops: self.monitor.recent_drops(),

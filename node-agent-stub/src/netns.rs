@@ -87,7 +87,35 @@ fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `path` is a namespace (an nsfs file), not just the file a
+/// namespace would be mounted on.
+fn is_namespace(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const NSFS_MAGIC: libc::__fsword_t = 0x6e73_6673;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: statfs(2) with a NUL-terminated path and a zeroed buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == NSFS_MAGIC }
+}
+
 pub fn add(name: &str) -> anyhow::Result<()> {
+    let file = path(name);
+    if file.exists() && !is_namespace(&file) {
+        // Either another agent of this host is making it (the shared
+        // fabric: for a moment the file exists before it is a namespace),
+        // or it is the mount point of a namespace that ended with its
+        // maker: an agent container restarted (its mounts were its own)
+        // leaves an empty file nobody can open. Wait briefly, then take the
+        // name over.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !is_namespace(&file) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        if !is_namespace(&file) {
+            tracing::info!(netns = %name, "replacing a stale network namespace file");
+            std::fs::remove_file(&file).with_context(|| format!("removing stale {}", file.display()))?;
+        }
+    }
     if !exists(name) {
         ip(&["netns", "add", name], true)?;
     }
@@ -297,4 +325,19 @@ pub fn ifindex(ns: &str, dev: &str) -> anyhow::Result<u32> {
     let out = ip(&["-n", ns, "-j", "link", "show", "dev", dev], false)?;
     let v: serde_json::Value = serde_json::from_str(&out).context("parsing ip -j output")?;
     v.get(0).and_then(|l| l["ifindex"].as_u64()).map(|i| i as u32).context("no ifindex in ip -j output")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_is_told_from_the_file_it_would_be_mounted_on() {
+        assert!(is_namespace(std::path::Path::new("/proc/self/ns/net")));
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("cilium-health");
+        std::fs::write(&stale, b"").unwrap();
+        assert!(!is_namespace(&stale), "an empty mount point is not a namespace");
+        assert!(!is_namespace(&dir.path().join("missing")));
+    }
 }

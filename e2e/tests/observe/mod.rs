@@ -287,6 +287,14 @@ pub fn health_doctor_and_map_pressure(_shared: &ControlPlane) -> anyhow::Result<
         let findings: Vec<Value> = serde_json::from_str(&doc)?;
         let f = findings.iter().find(|f| f["check"] == "bpf-map-pressure").context("no bpf-map-pressure finding")?;
         ensure!(f["severity"] == "ok", "at {below:.2}: {f}");
+        // Each agent's pod CIDR use: health endpoint + pods, of a /24.
+        let f = findings.iter().find(|f| f["check"] == "ipam-pod-cidr").context("no ipam-pod-cidr finding")?;
+        let pools: Vec<&str> = f["evidence"].as_array().into_iter().flatten().filter_map(|e| e.as_str()).collect();
+        ensure!(
+            f["severity"] == "ok"
+                && pools.iter().any(|p| p.starts_with("node-a: ") && p.contains("/254 allocated from 10.")),
+            "{f}"
+        );
         c.kubectl(&["apply", "-f", "-"], Some(&policy(22)))?;
         let t0 = Instant::now();
         let above = loop {

@@ -114,15 +114,18 @@ fn registered(cp: &ControlPlane, nodes: &[RealNode]) -> anyhow::Result<()> {
 
 pub fn kubelets_run_a_deployment_through_cilium_cni(_shared: &ControlPlane) -> anyhow::Result<()> {
     let c = start()?;
-    let result = workload(&c.cp, NODES);
+    let result = workload(&c.cp, NODES).map(|_| ());
     result.map_err(|e| e.context(c.logs()))
 }
+
+/// Where [`workload`] put the replicas: node -> (pod, address).
+type Placed = BTreeMap<String, Vec<(String, Ipv4Addr)>>;
 
 /// The nodes Ready; a Deployment of 20 replicas placed by the scheduler
 /// over them, each networked (address from its node's pod CIDR,
 /// CiliumEndpoint, one identity for all); traffic within and across nodes;
 /// a policy on them enforced.
-fn workload(cp: &ControlPlane, nodes: &[&str]) -> anyhow::Result<()> {
+fn workload(cp: &ControlPlane, nodes: &[&str]) -> anyhow::Result<Placed> {
     // One runtime per block_on: a client is made inside each.
     // Both nodes Ready (the kubelet sees the agent's conflist).
     block_on(async {
@@ -306,7 +309,7 @@ spec:
         .await
     })?;
     ensure!(got == *to, "client -> {to} answered {got:?}");
-    Ok(())
+    Ok(per_node)
 }
 
 /// Pins the chart's agents make (`/sys/fs/bpf/cilium-rs/<node>`), removed
@@ -365,22 +368,7 @@ pub fn helm_install_on_real_nodes(_shared: &ControlPlane) -> anyhow::Result<()> 
     };
     let result = (|| -> anyhow::Result<()> {
         registered(&cp, &nodes)?;
-        let chart = e2e::tools::workspace_root().join("charts/cilium");
-        let port = cp.server.rsplit(':').next().context("API server port")?.to_string();
-        let out = std::process::Command::new(e2e::tools::tool("helm")?)
-            .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
-            .args(["install", "cilium"])
-            .arg(&chart)
-            .args(["-n", "kube-system", "--wait=false"])
-            .args(["--set", "image.pullPolicy=Never", "--set", "operator.image.pullPolicy=Never"])
-            .args(["--set", &format!("k8sServiceHost={}", e2e::cluster::NODES_GATEWAY)])
-            .args(["--set", &format!("k8sServicePort={port}")])
-            .args(["--set", "ipam.operator.clusterPoolIPv4PodCIDRList={10.220.0.0/16}"])
-            // This machine's root lacks CAP_SYS_RESOURCE: no container gets it.
-            .args(["--set", "securityContext.capabilities.ciliumAgent={BPF,NET_ADMIN,SYS_ADMIN,PERFMON}"])
-            .stdin(Stdio::null())
-            .output()?;
-        ensure!(out.status.success(), "helm install: {}", String::from_utf8_lossy(&out.stderr));
+        helm(&cp, "install", &[])?;
         println!("real nodes: helm install of {image} done");
         let t0 = Instant::now();
         block_on(async {
@@ -440,7 +428,303 @@ pub fn helm_install_on_real_nodes(_shared: &ControlPlane) -> anyhow::Result<()> 
             .output()?;
         ensure!(crds.status.success(), "Cilium CRDs not served: {}", String::from_utf8_lossy(&crds.stderr));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        workload(&cp, &names)
+        let placed = workload(&cp, &names)?;
+        agent_killed(&cp, &nodes[0], &placed)?;
+        deleted_pods_release_addresses(&cp, &nodes, &placed)?;
+        upgrade_then_uninstall(&cp, &nodes)
     })();
     result.map_err(|e| e.context(logs(&nodes)))
+}
+
+/// `helm VERB cilium charts/cilium -n kube-system` with what this machine
+/// needs (images imported, not pulled; the API server's address for the
+/// host network; no CAP_SYS_RESOURCE to give) and `extra` arguments.
+fn helm(cp: &ControlPlane, verb: &str, extra: &[&str]) -> anyhow::Result<()> {
+    let chart = e2e::tools::workspace_root().join("charts/cilium");
+    let port = cp.server.rsplit(':').next().context("API server port")?.to_string();
+    let out = std::process::Command::new(e2e::tools::tool("helm")?)
+        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
+        .args([verb, "cilium"])
+        .arg(&chart)
+        .args(["-n", "kube-system", "--wait=false"])
+        .args(["--set", "image.pullPolicy=Never", "--set", "operator.image.pullPolicy=Never"])
+        .args(["--set", &format!("k8sServiceHost={}", e2e::cluster::NODES_GATEWAY)])
+        .args(["--set", &format!("k8sServicePort={port}")])
+        .args(["--set", "ipam.operator.clusterPoolIPv4PodCIDRList={10.220.0.0/16}"])
+        // This machine's root lacks CAP_SYS_RESOURCE: no container gets it.
+        .args(["--set", "securityContext.capabilities.ciliumAgent={BPF,NET_ADMIN,SYS_ADMIN,PERFMON}"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(out.status.success(), "helm {verb}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// The agent processes serving `node`: `cilium-node-agent` in the node's
+/// network namespace (the DaemonSet's pods are on the host network).
+fn agent_pids(node: &RealNode) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(want) = std::fs::metadata(format!("/var/run/netns/{}", node.netns)).map(|m| m.ino()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        // comm is cut at 15 characters.
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.starts_with("cilium-node-age")
+            && std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()).ok() == Some(want)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// `kubectl get ... -o jsonpath=...`: its output.
+fn jsonpath(cp: &ControlPlane, args: &[&str], path: &str) -> anyhow::Result<String> {
+    let out = cp.kubectl()?.args(args).arg(format!("-o=jsonpath={path}")).output()?;
+    ensure!(out.status.success(), "kubectl get {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn pod_ip(cp: &ControlPlane, pod: &str) -> anyhow::Result<Option<Ipv4Addr>> {
+    let out = jsonpath(cp, &["get", "pod", pod], "{.status.phase} {.status.podIP}")?;
+    Ok(match out.split_once(' ') {
+        Some(("Running", ip)) => ip.parse().ok(),
+        _ => None,
+    })
+}
+
+/// kill -9 of the node's agent, kept down until the operator has tainted
+/// the node and the kubelet has tried to network a new pod there: while no
+/// agent runs, the policy is still enforced and traffic still flows; the
+/// kubelet's ADD fails with cilium-cni's "try again" and the kubelet
+/// retries until the restarted agent answers; the taint goes again; the
+/// node's pods keep their addresses and CiliumEndpoints.
+fn agent_killed(cp: &ControlPlane, node: &RealNode, placed: &Placed) -> anyhow::Result<()> {
+    let name = node.name.as_str();
+    let (target, target_ip) = placed[name][0].clone();
+    let (peer, _) = placed.iter().find(|(n, _)| n.as_str() != name).context("no pod on another node")?.1[0].clone();
+    let before: Vec<(String, Ipv4Addr)> = placed[name].clone();
+    ensure!(!agent_pids(node).is_empty(), "no agent process found on {name}");
+    let t0 = Instant::now();
+    let mut kills = 0;
+    let kill_all = |kills: &mut usize| {
+        for pid in agent_pids(node) {
+            // SAFETY: kill(2) with a pid read from /proc.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                *kills += 1;
+            }
+        }
+    };
+    kill_all(&mut kills);
+    // A pod for this node made while its agent is down (bound by name: the
+    // scheduler would keep it off the tainted node).
+    cp.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: late
+  namespace: default
+  labels:
+    app: late
+spec:
+  nodeName: {name}
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: httpd
+    image: {BUSYBOX_IMAGE}
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", "hostname > /var/www/index.html; exec httpd -f -p 80 -h /var/www"]
+"#
+    ))?;
+    let (mut enforced_while_down, mut tainted, mut retried) = (false, false, None::<String>);
+    while !(enforced_while_down && tainted && retried.is_some()) {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(150),
+            "with {name}'s agent kept down for {:.0?} ({kills} kills): enforced while down {enforced_while_down}, \
+             tainted {tainted}, kubelet ADD failed {retried:?}",
+            t0.elapsed()
+        );
+        kill_all(&mut kills);
+        if !enforced_while_down && agent_pids(node).is_empty() {
+            let allowed = get(cp, "client", target_ip)?;
+            let denied = get(cp, &peer, target_ip).unwrap_or_default();
+            // Counts only if no agent ran meanwhile.
+            if agent_pids(node).is_empty() {
+                ensure!(allowed == target, "agent down: client -> {target} answered {allowed:?}");
+                ensure!(denied != target, "agent down: {peer} -> {target} got through the policy");
+                enforced_while_down = true;
+            }
+        }
+        tainted = tainted
+            || jsonpath(cp, &["get", "node", name], "{.spec.taints[*].key}")?
+                .contains("node.cilium.io/agent-not-ready");
+        if retried.is_none() {
+            let events = jsonpath(
+                cp,
+                &["get", "events", "--field-selector=involvedObject.name=late"],
+                "{range .items[*]}{.reason}: {.message}{'\\n'}{end}",
+            )?;
+            retried = events
+                .lines()
+                .find(|l| l.starts_with("FailedCreatePodSandBox") && l.contains("Cilium agent"))
+                .map(str::to_string);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let down_for = t0.elapsed();
+    println!(
+        "real nodes: {name}'s agent kept down {down_for:.1?} ({kills} kill -9): policy enforced meanwhile, node \
+         tainted, kubelet's ADD refused ({})",
+        retried.as_deref().and_then(|r| r.find("plugin type").map(|i| &r[i..])).unwrap_or_default()
+    );
+    // The agent is restarted by the kubelet; the kubelet's retried ADD
+    // networks the pod; the operator lifts the taint.
+    let late_ip = block_on(async {
+        eventually("late pod Running once the agent is back", Duration::from_secs(240), || async {
+            pod_ip(cp, "late")
+        })
+        .await
+    })?;
+    let late_running = t0.elapsed() - down_for;
+    block_on(async {
+        eventually(&format!("{name}: agent-not-ready taint lifted"), Duration::from_secs(120), || async {
+            let keys = jsonpath(cp, &["get", "node", name], "{.spec.taints[*].key}")?;
+            Ok((!keys.contains("node.cilium.io/agent-not-ready")).then_some(()))
+        })
+        .await
+    })?;
+    println!("real nodes: late pod Running {late_running:.1?} after the last kill, taint lifted");
+    // Same pods, same addresses, CiliumEndpoints kept; the new pod's
+    // address is new; policy and traffic as before.
+    for (pod, ip) in &before {
+        ensure!(pod_ip(cp, pod)? == Some(*ip), "{pod} no longer Running at {ip} after the agent restart");
+        let cep = jsonpath(cp, &["get", "ciliumendpoint", pod], "{.status.networking.addressing[0].ipv4}")?;
+        ensure!(cep == ip.to_string(), "{pod}: CiliumEndpoint has {cep:?}, pod {ip}");
+    }
+    ensure!(before.iter().all(|(_, ip)| *ip != late_ip), "late got {late_ip}, an address in use");
+    let got = get(cp, "client", target_ip)?;
+    ensure!(got == target, "after the restart: client -> {target} answered {got:?}");
+    let got = get(cp, &peer, target_ip).unwrap_or_default();
+    ensure!(got != target, "after the restart: {peer} -> {target} got through the policy");
+    let got = get(cp, &peer, late_ip)?;
+    ensure!(got == "late", "{peer} -> late ({late_ip}) answered {got:?}");
+    Ok(())
+}
+
+/// Each node's pod CIDR use as the agents report it (`ciliumctl doctor`'s
+/// ipam-pod-cidr evidence): node -> allocated.
+fn allocated(cp: &ControlPlane, nodes: &[RealNode]) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut cmd = std::process::Command::new(e2e::tools::workspace_bin("ciliumctl")?);
+    cmd.args(["doctor", "-o", "json"]).arg(format!("--kubeconfig={}", cp.kubeconfig.display()));
+    for n in nodes {
+        // The chart's agent socket, /var/run/cilium/cilium.sock in the node.
+        cmd.arg(format!("--host=unix://{}", n.dir.join("run-cilium/cilium.sock").display()));
+    }
+    let out = cmd.stdin(Stdio::null()).output()?;
+    let findings: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("ciliumctl doctor: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let f = findings.iter().find(|f| f["check"] == "ipam-pod-cidr").context("no ipam-pod-cidr finding")?;
+    let mut out = BTreeMap::new();
+    for e in f["evidence"].as_array().into_iter().flatten().filter_map(|e| e.as_str()) {
+        // "<node>: <allocated>/<capacity> allocated from <cidr>"
+        let (node, rest) = e.split_once(": ").context("evidence line")?;
+        let used = rest.split('/').next().and_then(|u| u.parse().ok()).with_context(|| format!("in {e:?}"))?;
+        out.insert(node.to_string(), used);
+    }
+    ensure!(out.len() == nodes.len(), "agents reported {out:?}: {f}");
+    Ok(out)
+}
+
+/// Scaling the Deployment to zero releases the replicas' addresses on
+/// their nodes (the agents' pools shrink by what each node ran) and their
+/// CiliumEndpoints go.
+fn deleted_pods_release_addresses(cp: &ControlPlane, nodes: &[RealNode], placed: &Placed) -> anyhow::Result<()> {
+    let before = allocated(cp, nodes)?;
+    let out = cp.kubectl()?.args(["scale", "deployment", "web", "--replicas=0"]).output()?;
+    ensure!(out.status.success(), "kubectl scale: {}", String::from_utf8_lossy(&out.stderr));
+    let t0 = Instant::now();
+    let expected: BTreeMap<String, usize> =
+        before.iter().map(|(n, used)| (n.clone(), used - placed.get(n).map_or(0, Vec::len))).collect();
+    block_on(async {
+        eventually("the replicas' addresses and CiliumEndpoints released", Duration::from_secs(120), || async {
+            let now = allocated(cp, nodes)?;
+            let ceps = jsonpath(cp, &["get", "ciliumendpoints", "-l", "app=web"], "{.items[*].metadata.name}")?;
+            anyhow::ensure!(now == expected && ceps.is_empty(), "allocated {now:?} (want {expected:?}), CEPs {ceps:?}");
+            Ok(Some(()))
+        })
+        .await
+    })?;
+    println!("real nodes: {REPLICAS} replicas deleted, addresses {before:?} -> {expected:?} in {:.1?}", t0.elapsed());
+    Ok(())
+}
+
+/// `helm upgrade` rolls the agents (pods keep their network through it);
+/// `helm uninstall` (after an upgrade setting `cni.uninstall`) leaves no
+/// object of the release, no process of ours on the nodes and no CNI
+/// configuration.
+fn upgrade_then_uninstall(cp: &ControlPlane, nodes: &[RealNode]) -> anyhow::Result<()> {
+    let pids: Vec<i32> = nodes.iter().flat_map(agent_pids).collect();
+    let late_ip = pod_ip(cp, "late")?.context("late not Running")?;
+    let t0 = Instant::now();
+    helm(cp, "upgrade", &["--set", "cni.uninstall=true", "--set", "rollOutCiliumPods=true"])?;
+    block_on(async {
+        eventually("agents rolled by helm upgrade and Ready", Duration::from_secs(180), || async {
+            let st = jsonpath(
+                cp,
+                &["get", "daemonset", "-n", "kube-system", "cilium"],
+                "{.status.updatedNumberScheduled} {.status.numberReady} {.status.numberAvailable}",
+            )?;
+            let new: Vec<i32> = nodes.iter().flat_map(agent_pids).collect();
+            let rolled = new.len() == nodes.len() && new.iter().all(|p| !pids.contains(p));
+            anyhow::ensure!(st == "2 2 2" && rolled, "DaemonSet {st:?}, agents {new:?} (before {pids:?})");
+            Ok(Some(()))
+        })
+        .await
+    })?;
+    println!("real nodes: helm upgrade rolled the agents in {:.1?}", t0.elapsed());
+    let got = get(cp, "client", late_ip)?;
+    ensure!(got == "late", "after the upgrade: client -> late answered {got:?}");
+
+    let t0 = Instant::now();
+    let out = std::process::Command::new(e2e::tools::tool("helm")?)
+        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
+        .args(["uninstall", "cilium", "-n", "kube-system", "--wait", "--timeout=120s"])
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(out.status.success(), "helm uninstall: {}", String::from_utf8_lossy(&out.stderr));
+    block_on(async {
+        eventually("nothing of the release left", Duration::from_secs(120), || async {
+            let objects = jsonpath(
+                cp,
+                &[
+                    "get",
+                    "all,configmaps,secrets,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings",
+                    "-A",
+                    "-l",
+                    "app.kubernetes.io/instance=cilium",
+                ],
+                "{range .items[*]}{.kind}/{.metadata.name} {end}",
+            )?;
+            let procs: Vec<i32> = nodes.iter().flat_map(agent_pids).collect();
+            let confs: Vec<String> = nodes
+                .iter()
+                .flat_map(|n| std::fs::read_dir(&n.cni_conf).into_iter().flatten().flatten())
+                .map(|e| e.path().display().to_string())
+                .filter(|p| p.contains("cilium"))
+                .collect();
+            anyhow::ensure!(
+                objects.is_empty() && procs.is_empty() && confs.is_empty(),
+                "objects [{objects}], agent processes {procs:?}, CNI configuration {confs:?}"
+            );
+            Ok(Some(()))
+        })
+        .await
+    })?;
+    println!("real nodes: helm uninstall left nothing in {:.1?}", t0.elapsed());
+    Ok(())
 }
