@@ -27,7 +27,7 @@ pub struct Options {
     /// [`ControlPlane::audit_log`]: who was refused what (RBAC tests).
     pub audit: bool,
     /// Real nodes (kubelets in network namespaces): the API server also
-    /// listens on [`NODES_GATEWAY`] (the host's leg on the nodes' fabric,
+    /// listens on the host's leg on the nodes' fabric ([`NodesSubnet`],
     /// see `realnode`) and reaches kubelets by their InternalIP;
     /// kube-scheduler runs, and kube-controller-manager (implied) also runs
     /// the Deployment, ReplicaSet, DaemonSet, node lifecycle (which lifts
@@ -36,9 +36,42 @@ pub struct Options {
     pub real_nodes: bool,
 }
 
-/// The host's address on the real nodes' fabric (`Options::real_nodes`),
-/// where kubelets and host-network pods reach the API server.
-pub const NODES_GATEWAY: &str = "192.168.220.1";
+/// The real nodes' fabric subnet of one control plane
+/// (`Options::real_nodes`): `192.168.<octet>.0/24`, the first of 220..=239
+/// no other process holds (a lock file each, released when the process
+/// ends), so that the demo and the tests can run real nodes at the same
+/// time. The host's leg on it holds `.1`, where kubelets and host-network
+/// pods reach the API server.
+pub struct NodesSubnet {
+    pub octet: u8,
+    _lock: std::fs::File,
+}
+
+impl NodesSubnet {
+    fn take() -> anyhow::Result<NodesSubnet> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all("/run/lock")?;
+        for octet in 220..=239u8 {
+            let path = format!("/run/lock/cilium-rs-nodes-192.168.{octet}.lock");
+            let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+            // SAFETY: flock(2) on a file descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(NodesSubnet { octet, _lock: file });
+            }
+        }
+        bail!("every real-node subnet 192.168.220-239.0/24 is held by another process")
+    }
+
+    /// `192.168.<octet>.<host>`.
+    pub fn ip(&self, host: u8) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(192, 168, self.octet, host)
+    }
+
+    /// The host's leg: where the nodes reach the API server.
+    pub fn gateway(&self) -> std::net::Ipv4Addr {
+        self.ip(1)
+    }
+}
 
 /// One running process we started, with its log file.
 struct Proc {
@@ -230,6 +263,8 @@ pub struct ControlPlane {
     apiserver_port: u16,
     audit: bool,
     real_nodes: bool,
+    /// With real nodes: their fabric's subnet.
+    pub nodes: Option<NodesSubnet>,
 }
 
 impl ControlPlane {
@@ -238,7 +273,8 @@ impl ControlPlane {
         let t0 = Instant::now();
         let dir = tempfile::Builder::new().prefix("cilium-rs-cp.").tempdir()?;
         crate::shutdown::register_dir(dir.path().to_path_buf());
-        make_certs(dir.path())?;
+        let nodes = if opts.real_nodes { Some(NodesSubnet::take()?) } else { None };
+        make_certs(dir.path(), nodes.as_ref().map(NodesSubnet::gateway))?;
         let etcd = Etcd::start_in(dir.path())?;
         let apiserver_port = free_port();
         let etcd_endpoint = etcd.endpoint.clone();
@@ -254,6 +290,7 @@ impl ControlPlane {
             apiserver_port,
             audit: opts.audit,
             real_nodes: opts.real_nodes,
+            nodes,
         };
         cp.write_kubeconfig()?;
         cp.start_apiserver()?;
@@ -375,9 +412,20 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// The real nodes' fabric subnet (a control plane started with
+    /// `real_nodes`).
+    pub fn nodes_subnet(&self) -> &NodesSubnet {
+        self.nodes.as_ref().expect("a control plane started with Options::real_nodes")
+    }
+
+    /// The API server's port.
+    pub fn port(&self) -> u16 {
+        self.apiserver_port
+    }
+
     /// The API server's address as the real nodes reach it.
     pub fn server_for_nodes(&self) -> String {
-        format!("https://{NODES_GATEWAY}:{}", self.apiserver_port)
+        format!("https://{}:{}", self.nodes_subnet().gateway(), self.apiserver_port)
     }
 
     /// A kubeconfig like the admin one, for the real nodes' address.
@@ -548,7 +596,7 @@ pub fn http_get_plain(addr: &str, path: &str) -> anyhow::Result<String> {
 
 /// CA, API-server serving cert (IP SAN 127.0.0.1), admin client cert
 /// (O=system:masters) and the service-account key pair.
-fn make_certs(dir: &Path) -> anyhow::Result<()> {
+fn make_certs(dir: &Path, nodes_gateway: Option<std::net::Ipv4Addr>) -> anyhow::Result<()> {
     let run = |args: &[&str]| -> anyhow::Result<()> {
         let out = Command::new("openssl")
             .args(args)
@@ -561,10 +609,11 @@ fn make_certs(dir: &Path) -> anyhow::Result<()> {
         }
         Ok(())
     };
+    let gateway = nodes_gateway.map(|g| format!(",IP:{g}")).unwrap_or_default();
     std::fs::write(
         dir.join("san.ext"),
         format!(
-            "subjectAltName=IP:127.0.0.1,IP:{NODES_GATEWAY},DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n"
+            "subjectAltName=IP:127.0.0.1{gateway},DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n"
         ),
     )?;
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;

@@ -3,20 +3,21 @@
 //! bridge, with their own state directories, cgroup root, CNI directories
 //! (our `cilium-cni` and the reference `loopback`) and images imported from
 //! OCI archives written without an engine (`scripts/oci-image.py`). The host
-//! has one leg on the fabric ([`NODES_GATEWAY`]), where the API server
-//! listens for the kubelets (`Options::real_nodes`).
+//! has one leg on the fabric (`.1` of the control plane's [`NodesSubnet`],
+//! one per process), where the API server listens for the kubelets
+//! (`Options::real_nodes`).
 //!
 //! Each node has its own mount view, as kind's node containers do: a
 //! process holding a private mount namespace where the node's own
-//! directories are bound over `/etc/cni/net.d`, `/opt/cni/bin` and
-//! `/var/run/cilium` (so the chart's hostPath volumes are per node),
-//! `/var/lib/kubelet` and the pods' log directories, made
+//! directories are bound over `/etc/cni/net.d`, `/opt/cni/bin`,
+//! `/var/run/cilium` and `/var/run/netns` (so the chart's hostPath volumes
+//! are per node), `/var/lib/kubelet` and the pods' log directories, made
 //! shared for the pods' mount propagation. containerd, the kubelet and
-//! everything they start live in it; it goes away with them. Sandboxes'
-//! namespaces are under `/var/run/netns`, where the agent's pod sees them
-//! (HostToContainer), and removed with the node. Only one cluster of real
-//! nodes runs at a time ([`exclusive`]): their sandboxes share that
-//! directory.
+//! everything they start live in it; it goes away with them, and with it
+//! the sandboxes' and the agent's namespace mounts: what is left is in the
+//! node's directory, whichever process made it. One cluster of real nodes
+//! runs at a time per process ([`exclusive`]: each is heavy); processes
+//! (the demo, the tests) each have their own fabric subnet.
 //!
 //! What this machine needs, found by trying: cgroup v1 (`failCgroupV1:
 //! false`), the cgroup root made in every v1 hierarchy; no
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use crate::cluster::{ControlPlane, NODES_GATEWAY};
+use crate::cluster::{ControlPlane, NodesSubnet};
 use crate::process::Process;
 use crate::tools;
 
@@ -54,6 +55,7 @@ const NODE_PATHS: &[(&str, &str)] = &[
     ("cni/net.d", "/etc/cni/net.d"),
     ("cni/bin", "/opt/cni/bin"),
     ("run-cilium", "/var/run/cilium"),
+    ("netns", "/var/run/netns"),
     ("log/pods", "/var/log/pods"),
     ("log/containers", "/var/log/containers"),
     ("var-lib-kubelet", "/var/lib/kubelet"),
@@ -70,9 +72,11 @@ fn ip(args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// The fabric namespace `<prefix>-fabric` with its bridge (as the agents
-/// make it) and the host's leg on it: a veth whose root end holds
-/// [`NODES_GATEWAY`]/24. Removing the fabric namespace removes the leg.
-pub fn fabric_with_host_leg(prefix: &str) -> anyhow::Result<()> {
+/// make it) and the host's leg on it: a veth whose root end holds the
+/// gateway of `cp`'s [`NodesSubnet`]. Removing the fabric namespace
+/// removes the leg.
+pub fn fabric_with_host_leg(cp: &ControlPlane, prefix: &str) -> anyhow::Result<()> {
+    let subnet: &NodesSubnet = cp.nodes_subnet();
     let fabric = format!("{prefix}-fabric");
     if !Path::new("/var/run/netns").join(&fabric).exists() {
         ip(&["netns", "add", &fabric])?;
@@ -87,7 +91,7 @@ pub fn fabric_with_host_leg(prefix: &str) -> anyhow::Result<()> {
         ip(&["link", "add", &host, "type", "veth", "peer", "name", "hostleg", "netns", &fabric])?;
     }
     ip(&["-n", &fabric, "link", "set", "hostleg", "master", "br0", "up"])?;
-    let _ = ip(&["addr", "add", &format!("{NODES_GATEWAY}/24"), "dev", &host]);
+    let _ = ip(&["addr", "add", &format!("{}/24", subnet.gateway()), "dev", &host]);
     ip(&["link", "set", &host, "up"])?;
     Ok(())
 }
@@ -212,7 +216,6 @@ impl RealNode {
             dir: dir.clone(),
             cgroup_root: format!("cilium-rs-{prefix}-{name}"),
             socket: dir.join("containerd/containerd.sock"),
-            netns_before: netns_entries(),
         });
         let hook = {
             let remains = remains.clone();
@@ -446,8 +449,6 @@ struct Remains {
     dir: PathBuf,
     cgroup_root: String,
     socket: PathBuf,
-    /// `/var/run/netns` entries before the node started.
-    netns_before: std::collections::BTreeSet<String>,
 }
 
 impl Remains {
@@ -457,13 +458,6 @@ impl Remains {
         self.kill_shims();
         self.unmount_all();
         self.remove_cgroups();
-        // The sandboxes' namespace files (their mounts went with the
-        // node's mount namespace).
-        for name in netns_entries().difference(&self.netns_before) {
-            if name.starts_with("cni-") {
-                let _ = std::fs::remove_file(Path::new("/var/run/netns").join(name));
-            }
-        }
     }
 
     /// Every process in the node's cgroups (the pods' containers).
@@ -539,15 +533,6 @@ impl Remains {
     }
 }
 
-fn netns_entries() -> std::collections::BTreeSet<String> {
-    std::fs::read_dir("/var/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
 /// `root` and every directory below it.
 fn walk(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -584,5 +569,85 @@ impl Drop for RealNode {
         self.mounts.take();
         self.remains.clean();
         crate::shutdown::unregister_hook(self.hook);
+    }
+}
+
+/// `helm VERB cilium charts/cilium -n kube-system` with what this machine
+/// needs (images imported, not pulled; the API server's address for the
+/// host network; no CAP_SYS_RESOURCE to give), pods from the pool
+/// 10.220.0.0/16, and `extra` arguments.
+pub fn helm(cp: &ControlPlane, verb: &str, extra: &[&str]) -> anyhow::Result<()> {
+    let chart = tools::workspace_root().join("charts/cilium");
+    let out = Command::new(tools::tool("helm")?)
+        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
+        .args([verb, "cilium"])
+        .arg(&chart)
+        .args(["-n", "kube-system", "--wait=false"])
+        .args(["--set", "image.pullPolicy=Never", "--set", "operator.image.pullPolicy=Never"])
+        .args(["--set", &format!("k8sServiceHost={}", cp.nodes_subnet().gateway())])
+        .args(["--set", &format!("k8sServicePort={}", cp.port())])
+        .args(["--set", &format!("ipam.operator.clusterPoolIPv4PodCIDRList={{{HELM_POOL}}}")])
+        // This machine's root lacks CAP_SYS_RESOURCE: no container gets it.
+        .args(["--set", "securityContext.capabilities.ciliumAgent={BPF,NET_ADMIN,SYS_ADMIN,PERFMON}"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(out.status.success(), "helm {verb}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// The pod CIDR pool [`helm`] installs with.
+pub const HELM_POOL: &str = "10.220.0.0/16";
+
+/// Waits until the chart's agent DaemonSet is Ready on `nodes` nodes and
+/// its two operator replicas are available.
+pub fn wait_cilium_ready(cp: &ControlPlane, nodes: i32, timeout: Duration) -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+    use kube::api::Api;
+    crate::block_on(async {
+        let client = cp.client().await?;
+        let ds: Api<DaemonSet> = Api::namespaced(client.clone(), "kube-system");
+        let deploys: Api<Deployment> = Api::namespaced(client, "kube-system");
+        crate::eventually("agent DaemonSet Ready on every node", timeout, || async {
+            let st = ds.get("cilium").await?.status.context("no DaemonSet status")?;
+            anyhow::ensure!(
+                st.number_ready == nodes,
+                "{} of {} agents ready",
+                st.number_ready,
+                st.desired_number_scheduled
+            );
+            Ok(Some(()))
+        })
+        .await?;
+        crate::eventually("operator Deployment available", timeout, || async {
+            let st = deploys.get("cilium-operator").await?.status.context("no Deployment status")?;
+            let ready = st.ready_replicas.unwrap_or(0);
+            anyhow::ensure!(ready == 2, "{ready} of 2 operators ready");
+            Ok(Some(()))
+        })
+        .await
+    })
+}
+
+/// The pins the chart's agents make (`/sys/fs/bpf/cilium-rs/<node>`),
+/// removed when dropped or on SIGINT/SIGTERM.
+pub struct Pins(Vec<PathBuf>);
+
+impl Pins {
+    pub fn new(nodes: &[String]) -> Pins {
+        let dirs: Vec<PathBuf> = nodes.iter().map(|n| Path::new("/sys/fs/bpf/cilium-rs").join(n)).collect();
+        for d in &dirs {
+            crate::shutdown::register_dir(d.clone());
+        }
+        Pins(dirs)
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+            crate::shutdown::unregister_dir(d);
+        }
     }
 }

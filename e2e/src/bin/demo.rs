@@ -1,23 +1,28 @@
 //! The main job on an embedded default: the Star Wars demo of the Cilium
-//! docs on a local cluster made of namespaces. A control plane (etcd +
-//! kube-apiserver + kube-controller-manager), two cilium-operator replicas,
-//! three cilium-node-agents (one network namespace per node, joined by a
-//! fabric namespace), a deathstar on two nodes, a tiefighter and an xwing;
-//! then the L3/L4 policy `e2e/fixtures/starwars/rule1.yaml` applied with
-//! kubectl. It prints which landings got through and which were dropped by
-//! the eBPF programs, and a status. `--keep` leaves everything running until
-//! Ctrl-C and prints a KUBECONFIG.
+//! docs on a local cluster of real nodes. A control plane (etcd,
+//! kube-apiserver, kube-controller-manager, kube-scheduler), two nodes
+//! (each a kubelet with its own containerd in its own network namespace),
+//! `helm install cilium charts/cilium -n kube-system` (our operator and
+//! agents run as pods from an image of this build's binaries, imported
+//! without a registry; the agents network the pods through cilium-cni),
+//! the http-sw-app workload placed by the scheduler, then the L3/L4 policy
+//! `rule1.yaml` applied with kubectl. It prints which landings (`kubectl
+//! exec` from the tiefighter and the xwing) got through and which were
+//! dropped by the eBPF programs, and a status. `--keep` leaves everything
+//! running until Ctrl-C and prints a KUBECONFIG.
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use e2e::netns::{Cleanup, can_connect, serve};
-use e2e::{Agent, ControlPlane, Operator, Options, tools};
+use e2e::netns::{Cleanup, external_host};
+use e2e::realnode::{NodeOptions, Pins, RealNode, build_cilium_image, build_images, fabric_with_host_leg};
+use e2e::{ControlPlane, Options, tools};
 
 fn main() {
     // Ctrl-C / SIGTERM: stop every process started and remove every
-    // namespace, pin and temporary directory made (also with --keep).
+    // namespace, pin, cgroup and temporary directory made (also with
+    // --keep).
     e2e::shutdown::install();
     if let Err(e) = run() {
         eprintln!("demo failed: {e:#}");
@@ -29,143 +34,163 @@ fn step(t0: Instant, msg: &str) {
     eprintln!("[{:>5.1}s] {msg}", t0.elapsed().as_secs_f64());
 }
 
-const SHIPS: &[(&str, &str, &str, &str)] = &[
-    // name, node, org, class
-    ("deathstar-1", "node-1", "empire", "deathstar"),
-    ("deathstar-2", "node-2", "empire", "deathstar"),
-    ("tiefighter", "node-3", "empire", "tiefighter"),
-    ("xwing", "node-2", "alliance", "xwing"),
-];
-
 fn run() -> anyhow::Result<()> {
     let keep = std::env::args().any(|a| a == "--keep");
     let t0 = Instant::now();
-    ensure!(unsafe { libc::geteuid() } == 0, "the demo needs root (network namespaces and eBPF)");
+    ensure!(unsafe { libc::geteuid() } == 0, "the demo needs root (network namespaces, containers and eBPF)");
     let prefix = format!("demo{}", std::process::id() % 10000);
     let _cleanup = Cleanup::new(prefix.clone());
-    step(t0, "starting etcd, kube-apiserver and kube-controller-manager on 127.0.0.1");
-    let cp = ControlPlane::start(Options { controller_manager: true, ..Default::default() })?;
-    step(t0, "starting two cilium-operator replicas (pod CIDR pool 10.200.0.0/16, /24 per node)");
-    let pool = ["--cluster-pool-ipv4-cidr=10.200.0.0/16".to_string()];
-    let mut ops = vec![
-        Operator::start(&cp, "cilium-operator-1", "kube-system", &pool)?,
-        Operator::start(&cp, "cilium-operator-2", "kube-system", &pool)?,
-    ];
-    for op in &mut ops {
-        op.wait_healthy(Duration::from_secs(60))?;
+    step(t0, "starting etcd, kube-apiserver, kube-controller-manager and kube-scheduler");
+    let cp = ControlPlane::start(Options { real_nodes: true, ..Default::default() })?;
+    fabric_with_host_leg(&cp, &prefix)?;
+    step(t0, "building the images (pause, busybox, and the chart's localhost/cilium-rs from this build)");
+    let mut images = build_images(cp.dir())?;
+    let (image, tar) = build_cilium_image(cp.dir())?;
+    images.push(tar);
+    let names: Vec<String> = ["1", "2"].iter().map(|n| format!("{prefix}-{n}")).collect();
+    let _pins = Pins::new(&names);
+    step(
+        t0,
+        &format!(
+            "starting {} and {} (kubelet + containerd each; registered with the agent-not-ready taint)",
+            names[0], names[1]
+        ),
+    );
+    let mut nodes = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let ip = cp.nodes_subnet().ip(11 + i as u8);
+        let netns = external_host(&prefix, name, &format!("{ip}/24"), &[])?;
+        let opts = NodeOptions { agent_not_ready_taint: true };
+        nodes.push(RealNode::start(&cp, &prefix, name, &netns, ip, &images, &opts)?);
     }
-    kubectl(
-        &cp,
-        &[
-            "create",
-            "configmap",
-            "cilium-config",
-            "-n",
-            "kube-system",
-            "--from-literal=cluster-pool-ipv4-cidr=10.200.0.0/16",
-        ],
-    )?;
-    step(t0, "starting three cilium-node-agents (node-1..3: a network namespace each, joined by a fabric namespace)");
-    let mut agents = Vec::new();
-    for (i, n) in ["node-1", "node-2", "node-3"].iter().enumerate() {
-        cp.apply(&format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n"))?;
-        agents.push(Agent::start(&cp, n, &format!("192.168.210.{}/24", 11 + i), &prefix, &[])?);
-    }
-    for a in &mut agents {
-        a.wait_ready(Duration::from_secs(60))?;
-    }
-    step(t0, "creating the deathstar (on node-1 and node-2), a tiefighter (node-3) and an xwing (node-2)");
-    for (name, node, org, class) in SHIPS {
-        cp.apply(
-            &format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    org: {org}\n    class: {class}\nspec:\n  nodeName: {node}\n  containers:\n  - name: ship\n    image: docker.io/cilium/starwars\n"
-            ),
-        )?;
-    }
-    let mut ips = std::collections::BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for (name, ..) in SHIPS {
-        loop {
-            let ip = kubectl(&cp, &["get", "pod", name, "-o", "jsonpath={.status.podIP}"])?;
-            if let Ok(ip) = ip.trim().parse::<Ipv4Addr>() {
-                ips.insert(*name, ip);
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{name} got no IP:\n{}",
-                agents.iter().map(|a| a.proc.log_text()).collect::<String>()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-    let ns = |name: &str| {
-        let node = SHIPS.iter().find(|s| s.0 == name).map(|s| s.1).unwrap_or("?");
-        format!("{prefix}-{node}-default-{name}")
-    };
-    let _servers = [serve(&ns("deathstar-1"), 80)?, serve(&ns("deathstar-2"), 80)?];
-    step(t0, "ready: every ship tries to land (TCP connect to port 80 of each deathstar)\n");
-    landings(&ips, &ns, "Before any policy")?;
-
-    let rule = tools::workspace_root().join("e2e/fixtures/starwars/rule1.yaml");
-    println!("\n$ kubectl apply -f e2e/fixtures/starwars/rule1.yaml   (only org=empire may land, port 80/TCP)");
-    let applied = Instant::now();
-    kubectl(&cp, &["apply", "-f", rule.to_str().unwrap_or_default()])?;
-    // Enforced when the xwing can no longer land.
-    while can_connect(&ns("xwing"), ips["deathstar-1"], 80, Duration::from_millis(300))? {
-        ensure!(applied.elapsed() < Duration::from_secs(30), "rule1 not enforced after 30s");
-    }
-    println!("enforced {:.0} ms after kubectl apply\n", applied.elapsed().as_secs_f64() * 1000.0);
-    landings(&ips, &ns, "With rule1")?;
-
-    println!();
-    let ctl = tools::workspace_bin("ciliumctl")?;
-    let why_dropped = [
-        "policy",
-        "trace",
-        "--src",
-        "default/xwing",
-        "--dst",
-        "default/deathstar-1",
-        "--dport",
-        "80/tcp",
-        "--color",
-        "never",
-    ];
-    for args in [&["status", "--color", "never"][..], &["endpoint", "list", "--color", "never"][..], &why_dropped[..]] {
-        println!("$ ciliumctl {}", args.join(" "));
-        let out = std::process::Command::new(&ctl).args(args).env("KUBECONFIG", &cp.kubeconfig).output()?;
-        print!("{}", String::from_utf8_lossy(&out.stdout));
+    let result = (|| -> anyhow::Result<()> {
+        step(t0, &format!("$ helm install cilium charts/cilium -n kube-system   (image {image}, imported)"));
+        e2e::realnode::helm(&cp, "install", &[])?;
+        e2e::realnode::wait_cilium_ready(&cp, nodes.len() as i32, Duration::from_secs(240))?;
+        step(t0, "agents Ready on both nodes; the operator lifted the agent-not-ready taints");
+        let app = tools::workspace_root().join("e2e/fixtures/starwars/http-sw-app.yaml");
+        step(t0, "$ kubectl apply -f e2e/fixtures/starwars/http-sw-app.yaml   (deathstar x2, tiefighter, xwing)");
+        kubectl(&cp, &["apply", "-f", app.to_str().unwrap_or_default()])?;
+        let ships = wait_running(&cp, Duration::from_secs(180))?;
+        step(t0, "ready: every ship tries to land on each deathstar (kubectl exec ... nc <deathstar>:80)\n");
+        print!("{}", kubectl(&cp, &["get", "pods", "-o", "wide"])?);
         println!();
-    }
-    println!("Datapath counters (cilium-node-agent /metrics, drops):");
-    for a in &agents {
-        for l in a.metrics()?.lines().filter(|l| l.starts_with("cilium_drop_count_total{")) {
-            println!("  {}  {l}", a.node);
+        let deathstars: Vec<&Ship> = ships.iter().filter(|s| s.name.starts_with("deathstar")).collect();
+        landings(&cp, &deathstars, "Before any policy")?;
+
+        let rule = tools::workspace_root().join("e2e/fixtures/starwars/rule1.yaml");
+        println!("\n$ kubectl apply -f e2e/fixtures/starwars/rule1.yaml   (only org=empire may land, port 80/TCP)");
+        let applied = Instant::now();
+        kubectl(&cp, &["apply", "-f", rule.to_str().unwrap_or_default()])?;
+        // Enforced when the xwing can no longer land.
+        while land(&cp, "xwing", deathstars[0].ip)? {
+            ensure!(applied.elapsed() < Duration::from_secs(30), "rule1 not enforced after 30s");
         }
+        println!("enforced {:.1} s after kubectl apply\n", applied.elapsed().as_secs_f64());
+        landings(&cp, &deathstars, "With rule1")?;
+
+        println!();
+        let ctl = tools::workspace_bin("ciliumctl")?;
+        let why_dropped = [
+            "policy".to_string(),
+            "trace".into(),
+            "--src".into(),
+            "default/xwing".into(),
+            "--dst".into(),
+            format!("default/{}", deathstars[0].name),
+            "--dport".into(),
+            "80/tcp".into(),
+            "--color".into(),
+            "never".into(),
+        ];
+        let status = ["status", "--color", "never"].map(String::from);
+        let endpoints = ["endpoint", "list", "--color", "never"].map(String::from);
+        for args in [&status[..], &endpoints[..], &why_dropped[..]] {
+            println!("$ ciliumctl {}", args.join(" "));
+            let out = std::process::Command::new(&ctl).args(args).env("KUBECONFIG", &cp.kubeconfig).output()?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            println!();
+        }
+        println!("Datapath counters (each node's agent, /metrics on port 9962, drops):");
+        for (i, name) in names.iter().enumerate() {
+            let addr = format!("{}:9962", cp.nodes_subnet().ip(11 + i as u8));
+            let metrics = e2e::cluster::http_get_plain(&addr, "/metrics").unwrap_or_default();
+            for l in metrics.lines().filter(|l| l.starts_with("cilium_drop_count_total{")) {
+                println!("  {name}  {l}");
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let logs: String = nodes.iter().map(|n| n.log_tails(10)).collect();
+        return Err(e.context(format!("{logs}{}", cp.log_tails(5))));
     }
+    step(t0, "done");
     if keep {
         println!("\nexport KUBECONFIG={}\n(Ctrl-C to stop everything)", cp.kubeconfig.display());
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
-    drop(ops);
     Ok(())
 }
 
-fn landings(
-    ips: &std::collections::BTreeMap<&str, Ipv4Addr>,
-    ns: &dyn Fn(&str) -> String,
-    title: &str,
-) -> anyhow::Result<()> {
+struct Ship {
+    name: String,
+    node: String,
+    ip: Ipv4Addr,
+}
+
+/// Waits until the deathstars, the tiefighter and the xwing are Running
+/// with addresses.
+fn wait_running(cp: &ControlPlane, timeout: Duration) -> anyhow::Result<Vec<Ship>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = kubectl(
+            cp,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "org in (empire,alliance)",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.phase} {.status.podIP}{'\\n'}{end}",
+            ],
+        )?;
+        let ships: Vec<Ship> = out
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                match f[..] {
+                    [name, node, "Running", ip] => {
+                        Some(Ship { name: name.into(), node: node.into(), ip: ip.parse().ok()? })
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        if ships.len() == 4 && out.lines().count() == 4 {
+            return Ok(ships);
+        }
+        ensure!(Instant::now() < deadline, "the ships are not all Running after {timeout:?}:\n{out}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Whether `ship` lands on `ip`: its `nc` gets the deathstar's answer.
+fn land(cp: &ControlPlane, ship: &str, ip: Ipv4Addr) -> anyhow::Result<bool> {
+    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 1 {ip} 80");
+    let out = cp.kubectl()?.args(["exec", ship, "--", "/bin/sh", "-c", &script]).output().context("kubectl exec")?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("Ship landed"))
+}
+
+fn landings(cp: &ControlPlane, deathstars: &[&Ship], title: &str) -> anyhow::Result<()> {
     println!("{title}:");
-    println!("  {:<12} {:<14} {:<18} RESULT", "SHIP", "DEATHSTAR", "ADDRESS");
+    println!("  {:<12} {:<28} {:<22} {:<18} RESULT", "SHIP", "DEATHSTAR", "NODE", "ADDRESS");
     for ship in ["tiefighter", "xwing"] {
-        for ds in ["deathstar-1", "deathstar-2"] {
-            let ok = can_connect(&ns(ship), ips[ds], 80, Duration::from_millis(800))?;
-            let result = if ok { "landed (allowed)" } else { "DROPPED by policy" };
-            println!("  {:<12} {:<14} {:<18} {result}", ship, ds, format!("{}:80", ips[ds]));
+        for ds in deathstars {
+            let result = if land(cp, ship, ds.ip)? { "landed (allowed)" } else { "DROPPED by policy" };
+            println!("  {:<12} {:<28} {:<22} {:<18} {result}", ship, ds.name, ds.node, format!("{}:80", ds.ip));
         }
     }
     Ok(())

@@ -1,7 +1,8 @@
-//! Our own processes end cleanly: `demo --keep` stopped with SIGINT (what
-//! Ctrl-C sends, as the README says to do) and with SIGTERM leaves no
-//! process, network namespace, bpffs directory or temporary directory
-//! behind.
+//! Our own processes end cleanly: `demo --keep` (a cluster of real nodes
+//! with our chart installed) stopped with SIGINT (what Ctrl-C sends, as the
+//! README says to do) and with SIGTERM leaves no process (the nodes', the
+//! pods' and ours), network namespace, bpffs directory, cgroup, link or
+//! temporary directory behind.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -24,6 +25,26 @@ fn leftovers(prefix: &str, dir: &std::path::Path) -> Vec<String> {
     if std::path::Path::new(&format!("/sys/fs/bpf/{prefix}")).exists() {
         out.push(format!("/sys/fs/bpf/{prefix}"));
     }
+    // The real nodes': the chart's agents' pins, the nodes' cgroup roots
+    // (every hierarchy), the host's leg on their fabric.
+    let starting = |dir: &str, start: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().display().to_string())
+            .filter(|p| p.rsplit('/').next().is_some_and(|n| n.starts_with(start)))
+            .collect()
+    };
+    out.extend(starting("/sys/fs/bpf/cilium-rs", &format!("{prefix}-")));
+    let cgroup = format!("cilium-rs-{prefix}-");
+    for h in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        out.extend(starting(&h.path().display().to_string(), &cgroup));
+    }
+    let leg = format!("{}h", &prefix[..prefix.len().min(13)]);
+    if std::path::Path::new("/sys/class/net").join(&leg).exists() {
+        out.push(format!("link {leg}"));
+    }
     if dir.exists() {
         out.push(format!("{}", dir.display()));
     }
@@ -32,10 +53,18 @@ fn leftovers(prefix: &str, dir: &std::path::Path) -> Vec<String> {
     if let Ok(procs) = std::fs::read_dir("/proc") {
         for p in procs.flatten() {
             let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else { continue };
+            // A zombie has ended (init reaps it when it gets to it).
+            let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')) {
+                continue;
+            }
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            // The pods' processes are in the nodes' cgroups.
+            let cgroups = std::fs::read_to_string(p.path().join("cgroup")).unwrap_or_default();
             if cmd.contains(&needle_dir)
                 || cmd.contains(&format!("--netns-prefix {prefix}"))
                 || cmd.contains(&format!("--netns-prefix={prefix}"))
+                || cgroups.contains(&cgroup)
             {
                 out.push(format!("process {}: {cmd}", p.file_name().to_string_lossy()));
             }
@@ -79,9 +108,13 @@ fn run_and_stop(sig: i32) -> anyhow::Result<(Duration, usize)> {
     };
     let took = t0.elapsed();
     ensure!(status.code() == Some(128 + sig), "demo exit status {status} after signal {sig}");
-    // Give killed grandchildren a moment to be reaped by init.
-    std::thread::sleep(Duration::from_millis(500));
-    let left = leftovers(&prefix, &dir);
+    // Killed grandchildren (the pods' processes) end a moment later.
+    let mut left = leftovers(&prefix, &dir);
+    let ended = Instant::now();
+    while !left.is_empty() && ended.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(200));
+        left = leftovers(&prefix, &dir);
+    }
     ensure!(left.is_empty(), "after signal {sig} these were left behind:\n{}", left.join("\n"));
     drop(lines);
     Ok((took, before))

@@ -54,7 +54,7 @@ fn start() -> anyhow::Result<Cluster> {
     let cp = ControlPlane::start(Options { real_nodes: true, ..Default::default() })?;
     let prefix = format!("rn{}", std::process::id() % 10000);
     let cleanup = Cleanup::new(prefix.clone());
-    fabric_with_host_leg(&prefix)?;
+    fabric_with_host_leg(&cp, &prefix)?;
     let images = build_images(cp.dir())?;
     let mut operator =
         Operator::start(&cp, "operator-rn", "kube-system", &["--cluster-pool-ipv4-cidr=10.210.0.0/16".to_string()])?;
@@ -62,7 +62,7 @@ fn start() -> anyhow::Result<Cluster> {
     let mut nodes = Vec::new();
     let mut agents = Vec::new();
     for (i, name) in NODES.iter().enumerate() {
-        let ip = Ipv4Addr::new(192, 168, 220, 11 + i as u8);
+        let ip = cp.nodes_subnet().ip(11 + i as u8);
         let netns = external_host(&prefix, name, &format!("{ip}/24"), &[])?;
         nodes.push(RealNode::start(&cp, &prefix, name, &netns, ip, &images, &NodeOptions::default())?);
     }
@@ -70,7 +70,7 @@ fn start() -> anyhow::Result<Cluster> {
     // Node) starts and writes the conflist that makes its node Ready.
     registered(&cp, &nodes)?;
     for (i, node) in nodes.iter().enumerate() {
-        let ip = Ipv4Addr::new(192, 168, 220, 11 + i as u8);
+        let ip = cp.nodes_subnet().ip(11 + i as u8);
         // The node's /etc/cni/net.d, as the agent sees it in the node's
         // mount namespace.
         let conf = std::path::Path::new("/etc/cni/net.d/05-cilium.conflist");
@@ -312,18 +312,6 @@ spec:
     Ok(per_node)
 }
 
-/// Pins the chart's agents make (`/sys/fs/bpf/cilium-rs/<node>`), removed
-/// when dropped.
-struct Pins(Vec<String>);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        for node in &self.0 {
-            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/cilium-rs/{node}"));
-        }
-    }
-}
-
 /// `helm install` with the chart's defaults but for what this machine
 /// needs (images imported, not pulled; the API server's address for the
 /// host network; no CAP_SYS_RESOURCE to give): the operator Deployment and
@@ -338,14 +326,14 @@ pub fn helm_install_on_real_nodes(_shared: &ControlPlane) -> anyhow::Result<()> 
     // The agents' own namespaces (health endpoints) are `cilium-rs-<node>-*`.
     let _agent_netns = Cleanup::new(format!("cilium-rs-{prefix}"));
     let names: Vec<String> = ["a", "b"].iter().map(|n| format!("{prefix}-{n}")).collect();
-    let _pins = Pins(names.clone());
-    fabric_with_host_leg(&prefix)?;
+    let _pins = e2e::realnode::Pins::new(&names);
+    fabric_with_host_leg(&cp, &prefix)?;
     let mut images = build_images(cp.dir())?;
     let (image, tar) = e2e::realnode::build_cilium_image(cp.dir())?;
     images.push(tar);
     let mut nodes = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let ip = Ipv4Addr::new(192, 168, 220, 21 + i as u8);
+        let ip = cp.nodes_subnet().ip(21 + i as u8);
         let netns = external_host(&prefix, name, &format!("{ip}/24"), &[])?;
         let opts = NodeOptions { agent_not_ready_taint: true };
         nodes.push(RealNode::start(&cp, &prefix, name, &netns, ip, &images, &opts)?);
@@ -368,32 +356,10 @@ pub fn helm_install_on_real_nodes(_shared: &ControlPlane) -> anyhow::Result<()> 
     };
     let result = (|| -> anyhow::Result<()> {
         registered(&cp, &nodes)?;
-        helm(&cp, "install", &[])?;
+        e2e::realnode::helm(&cp, "install", &[])?;
         println!("real nodes: helm install of {image} done");
         let t0 = Instant::now();
-        block_on(async {
-            let client = cp.client().await?;
-            let ds: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(client.clone(), "kube-system");
-            let deploys: Api<Deployment> = Api::namespaced(client, "kube-system");
-            eventually("agent DaemonSet Ready on every node", Duration::from_secs(180), || async {
-                let st = ds.get("cilium").await?.status.context("no DaemonSet status")?;
-                anyhow::ensure!(
-                    st.number_ready == 2,
-                    "{} of {} agents ready",
-                    st.number_ready,
-                    st.desired_number_scheduled
-                );
-                Ok(Some(()))
-            })
-            .await?;
-            eventually("operator Deployment available", Duration::from_secs(120), || async {
-                let st = deploys.get("cilium-operator").await?.status.context("no Deployment status")?;
-                let ready = st.ready_replicas.unwrap_or(0);
-                anyhow::ensure!(ready == 2, "{ready} of 2 operators ready");
-                Ok(Some(()))
-            })
-            .await
-        })?;
+        e2e::realnode::wait_cilium_ready(&cp, 2, Duration::from_secs(180))?;
         println!("real nodes: agents and operators Ready {:.1?} after helm install", t0.elapsed());
         // The nodes registered with the agent-not-ready taint: the operator
         // lifted it once each node's agent pod was Ready, and set
@@ -434,30 +400,6 @@ pub fn helm_install_on_real_nodes(_shared: &ControlPlane) -> anyhow::Result<()> 
         upgrade_then_uninstall(&cp, &nodes)
     })();
     result.map_err(|e| e.context(logs(&nodes)))
-}
-
-/// `helm VERB cilium charts/cilium -n kube-system` with what this machine
-/// needs (images imported, not pulled; the API server's address for the
-/// host network; no CAP_SYS_RESOURCE to give) and `extra` arguments.
-fn helm(cp: &ControlPlane, verb: &str, extra: &[&str]) -> anyhow::Result<()> {
-    let chart = e2e::tools::workspace_root().join("charts/cilium");
-    let port = cp.server.rsplit(':').next().context("API server port")?.to_string();
-    let out = std::process::Command::new(e2e::tools::tool("helm")?)
-        .arg(format!("--kubeconfig={}", cp.kubeconfig.display()))
-        .args([verb, "cilium"])
-        .arg(&chart)
-        .args(["-n", "kube-system", "--wait=false"])
-        .args(["--set", "image.pullPolicy=Never", "--set", "operator.image.pullPolicy=Never"])
-        .args(["--set", &format!("k8sServiceHost={}", e2e::cluster::NODES_GATEWAY)])
-        .args(["--set", &format!("k8sServicePort={port}")])
-        .args(["--set", "ipam.operator.clusterPoolIPv4PodCIDRList={10.220.0.0/16}"])
-        // This machine's root lacks CAP_SYS_RESOURCE: no container gets it.
-        .args(["--set", "securityContext.capabilities.ciliumAgent={BPF,NET_ADMIN,SYS_ADMIN,PERFMON}"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()?;
-    ensure!(out.status.success(), "helm {verb}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
 }
 
 /// The agent processes serving `node`: `cilium-node-agent` in the node's
@@ -585,10 +527,8 @@ spec:
     // The agent is restarted by the kubelet; the kubelet's retried ADD
     // networks the pod; the operator lifts the taint.
     let late_ip = block_on(async {
-        eventually("late pod Running once the agent is back", Duration::from_secs(240), || async {
-            pod_ip(cp, "late")
-        })
-        .await
+        eventually("late pod Running once the agent is back", Duration::from_secs(240), || async { pod_ip(cp, "late") })
+            .await
     })?;
     let late_running = t0.elapsed() - down_for;
     block_on(async {
@@ -671,7 +611,7 @@ fn upgrade_then_uninstall(cp: &ControlPlane, nodes: &[RealNode]) -> anyhow::Resu
     let pids: Vec<i32> = nodes.iter().flat_map(agent_pids).collect();
     let late_ip = pod_ip(cp, "late")?.context("late not Running")?;
     let t0 = Instant::now();
-    helm(cp, "upgrade", &["--set", "cni.uninstall=true", "--set", "rollOutCiliumPods=true"])?;
+    e2e::realnode::helm(cp, "upgrade", &["--set", "cni.uninstall=true", "--set", "rollOutCiliumPods=true"])?;
     block_on(async {
         eventually("agents rolled by helm upgrade and Ready", Duration::from_secs(180), || async {
             let st = jsonpath(
