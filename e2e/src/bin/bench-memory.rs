@@ -1,0 +1,293 @@
+//! Operator memory per pod, ours against upstream's cilium-operator-generic
+//! in the same run: the steady-state RSS of each operator with N pods and
+//! their CiliumEndpoints, 1,000 Nodes with their CiliumNodes and 200
+//! identities, at several N (default 10,000, 20,000 and 40,000), and the
+//! slope of a least-squares line through the sizes in bytes per pod.
+//!
+//! Steady state: the operator (alone against the cluster) is started, runs
+//! 3 endpoint GC and 3 identity GC passes (both every 10 s), then its RSS
+//! is read 3 times 2 s apart: the median counts. Both operators get the same
+//! settings: cluster-pool IPAM (10.0.0.0/8, /24), CRD identity mode, the
+//! same GC intervals; upstream without its client rate limit (ours has
+//! none) and without registering CRDs (ours are applied first; the same
+//! `cilium.io/v2` formats).
+//!
+//! Usage (root): `target/release/bench-memory [N ...]`. Upstream's arm needs
+//! `scripts/build-upstream.sh`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use cilium_crds::{CiliumEndpoint, CiliumIdentity, CiliumNode};
+use e2e::{ControlPlane, Operator, Options};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, PostParams};
+use serde_json::json;
+
+const NS: &str = "bench";
+const NODES: usize = 1000;
+const IDENTITIES: usize = 200;
+const CONCURRENCY: usize = 32;
+const GC_INTERVAL_S: u64 = 10;
+
+fn main() -> anyhow::Result<()> {
+    let mut sizes: Vec<usize> = std::env::args().skip(1).map(|s| s.parse()).collect::<Result<_, _>>()?;
+    if sizes.is_empty() {
+        sizes = vec![10_000, 20_000, 40_000];
+    }
+    sizes.sort();
+    let upstream = e2e::tools::tool("cilium-operator-generic").is_ok();
+    if !upstream {
+        eprintln!("upstream cilium-operator-generic not built (scripts/build-upstream.sh): ours only");
+    }
+    let cp = ControlPlane::start(Options::default())?;
+    apply_crds(&cp)?;
+    let t = Instant::now();
+    e2e::block_on(base_objects(&cp))?;
+    eprintln!("created {NODES} Nodes + CiliumNodes and {IDENTITIES} identities in {:.1}s", t.elapsed().as_secs_f64());
+
+    // (pods, ours KiB, upstream KiB)
+    let mut rows: Vec<(usize, u64, Option<u64>)> = Vec::new();
+    let mut have = 0;
+    for &n in &sizes {
+        let t = Instant::now();
+        e2e::block_on(fill(&cp, have, n))?;
+        eprintln!("{n} pods + CEPs in the cluster (added {} in {:.1}s)", n - have, t.elapsed().as_secs_f64());
+        have = n;
+        let ours = steady_rss(&cp, Arm::Ours)?;
+        let up = if upstream { Some(steady_rss(&cp, Arm::Upstream)?) } else { None };
+        eprintln!(
+            "  {n} pods: ours {:.1} MiB, upstream {}",
+            ours as f64 / 1024.0,
+            up.map_or("-".into(), |u| format!("{:.1} MiB", u as f64 / 1024.0))
+        );
+        rows.push((n, ours, up));
+    }
+
+    println!(
+        "\nOperator memory ({NODES} nodes, {IDENTITIES} identities; steady RSS, median of 3 readings after 3 GC passes)"
+    );
+    println!("{:>8} {:>12} {:>14}", "pods", "ours MiB", "upstream MiB");
+    for (n, ours, up) in &rows {
+        let up = up.map_or("-".into(), |u| format!("{:.1}", u as f64 / 1024.0));
+        println!("{n:>8} {:>12.1} {up:>14}", *ours as f64 / 1024.0);
+    }
+    let xs: Vec<f64> = rows.iter().map(|r| r.0 as f64).collect();
+    let ours_slope = slope(&xs, &rows.iter().map(|r| r.1 as f64 * 1024.0).collect::<Vec<_>>());
+    println!("\nFor docs/benchmarks.md:");
+    let range = format!("{}-{} pods", sizes[0], sizes[sizes.len() - 1]);
+    if rows.iter().all(|r| r.2.is_some()) {
+        let up_slope = slope(&xs, &rows.iter().map(|r| r.2.unwrap_or(0) as f64 * 1024.0).collect::<Vec<_>>());
+        println!(
+            "- memory: operator RSS slope over {range} (pod + CEP) = {ours_slope:.0} bytes/pod (baseline {up_slope:.0} upstream cilium-operator-generic, ratio {:.2})",
+            ours_slope / up_slope
+        );
+        for (n, ours, up) in &rows {
+            let up = up.unwrap_or(1);
+            println!(
+                "- memory: operator RSS at {n} pods = {:.1} MiB (baseline {:.1} upstream, ratio {:.2})",
+                *ours as f64 / 1024.0,
+                up as f64 / 1024.0,
+                *ours as f64 / up as f64
+            );
+        }
+    } else {
+        println!("- memory: operator RSS slope over {range} (pod + CEP) = {ours_slope:.0} bytes/pod");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arm {
+    Ours,
+    Upstream,
+}
+
+/// Least-squares slope of `ys` over `xs`.
+fn slope(xs: &[f64], ys: &[f64]) -> f64 {
+    let n = xs.len() as f64;
+    let (mx, my) = (xs.iter().sum::<f64>() / n, ys.iter().sum::<f64>() / n);
+    let cov: f64 = xs.iter().zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+    let var: f64 = xs.iter().map(|x| (x - mx) * (x - mx)).sum();
+    cov / var
+}
+
+/// Starts one operator, waits for 3 endpoint GC and 3 identity GC passes,
+/// returns the median of 3 VmRSS readings (KiB), stops it.
+fn steady_rss(cp: &ControlPlane, arm: Arm) -> anyhow::Result<u64> {
+    let mut args: Vec<String> = vec![
+        "--cluster-pool-ipv4-cidr=10.0.0.0/8".into(),
+        "--cluster-pool-ipv4-mask-size=24".into(),
+        "--identity-allocation-mode=crd".into(),
+        format!("--cilium-endpoint-gc-interval={GC_INTERVAL_S}s"),
+        format!("--identity-gc-interval={GC_INTERVAL_S}s"),
+        "--nodes-gc-interval=5m".into(),
+    ];
+    let mut op = match arm {
+        Arm::Ours => Operator::start(cp, "bench-ours", "kube-system", &args)?,
+        Arm::Upstream => {
+            args.extend([
+                "--ipam=cluster-pool".to_string(),
+                "--enable-ipv4=true".into(),
+                "--enable-ipv6=false".into(),
+                "--skip-crd-creation=true".into(),
+                "--operator-k8s-client-qps=100000".into(),
+                "--operator-k8s-client-burst=200000".into(),
+            ]);
+            Operator::start_upstream(cp, "bench-upstream", "kube-system", &args)?
+        }
+    };
+    op.wait_healthy(Duration::from_secs(180))?;
+    let started = Instant::now();
+    // Identity GC passes (both count them, upstream as a gauge without
+    // `_total`); endpoint GC passes: ours counts them, upstream does not, so
+    // 3 intervals after the first identity pass (both GCs start together).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let runs = op.metrics().map(|m| identity_gc_runs(&m)).unwrap_or(0.0);
+        let cep_runs = match arm {
+            Arm::Ours => op.metric("cilium_operator_endpoint_gc_runs_total").unwrap_or(0.0),
+            Arm::Upstream => (started.elapsed().as_secs() / GC_INTERVAL_S) as f64,
+        };
+        if runs >= 3.0 && cep_runs >= 3.0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no 3 GC passes after 600 s (identity {runs}, endpoint {cep_runs}):\n{}",
+            tail(&op)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let mut readings = Vec::new();
+    for i in 0..3 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        readings.push(status_kib(op.proc.pid(), "VmRSS")?);
+    }
+    readings.sort();
+    ensure!(!op.proc.log_text().contains("panicked"), "operator panicked:\n{}", tail(&op));
+    op.stop()?;
+    Ok(readings[1])
+}
+
+fn tail(op: &Operator) -> String {
+    let text = op.proc.log_text();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// The sum of `cilium_operator_identity_gc_runs{...}` samples (ours a
+/// counter with `_total`, upstream's a gauge without).
+fn identity_gc_runs(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("cilium_operator_identity_gc_runs"))
+        .filter(|l| l.contains("outcome=\"success\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field}"))
+}
+
+fn apply_crds(cp: &ControlPlane) -> anyhow::Result<()> {
+    let dir = e2e::tools::workspace_root().join("crds");
+    let out = cp.kubectl()?.args(["apply", "--server-side", "-f"]).arg(&dir).output()?;
+    ensure!(out.status.success(), "applying CRDs: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cp.kubectl()?.args(["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).output()?;
+    ensure!(out.status.success(), "waiting for CRDs: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// The namespace, the Nodes with their CiliumNodes, the identities.
+async fn base_objects(cp: &ControlPlane) -> anyhow::Result<()> {
+    let client = cp.client().await?;
+    let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let cnodes: Api<CiliumNode> = Api::all(client.clone());
+    let ids: Api<CiliumIdentity> = Api::all(client.clone());
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..NODES.max(IDENTITIES))
+        .map(|i| {
+            let (nodes, cnodes, ids) = (nodes.clone(), cnodes.clone(), ids.clone());
+            async move {
+                if i < NODES {
+                    let name = format!("node-{i:04}");
+                    let ip = format!("192.0.{}.{}", i / 250, i % 250 + 1);
+                    let node: Node = serde_json::from_value(json!({
+                        "metadata": { "name": name, "labels": { "kubernetes.io/hostname": name } },
+                        "status": { "addresses": [{ "type": "InternalIP", "address": ip }] }
+                    }))?;
+                    let uid = nodes.create(&PostParams::default(), &node).await?.metadata.uid.unwrap_or_default();
+                    let cn: CiliumNode = serde_json::from_value(json!({
+                        "metadata": { "name": name,
+                            "ownerReferences": [{ "apiVersion": "v1", "kind": "Node", "name": name, "uid": uid }] },
+                        "spec": { "addresses": [{ "type": "InternalIP", "ip": ip }] }
+                    }))?;
+                    cnodes.create(&PostParams::default(), &cn).await?;
+                }
+                if i < IDENTITIES {
+                    let app = format!("app-{i}");
+                    let id: CiliumIdentity = serde_json::from_value(json!({
+                        "metadata": { "name": (1000 + i).to_string(),
+                            "labels": { "app": app, "io.kubernetes.pod.namespace": NS } },
+                        "security-labels": { "k8s:app": app, "k8s:io.kubernetes.pod.namespace": NS }
+                    }))?;
+                    ids.create(&PostParams::default(), &id).await?;
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Pods `from..to` and their CEPs (owned by the pods; each on one of the
+/// nodes, with one of the identities).
+async fn fill(cp: &ControlPlane, from: usize, to: usize) -> anyhow::Result<()> {
+    let client = cp.client().await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(from..to)
+        .map(|i| {
+            let (pods, ceps) = (pods.clone(), ceps.clone());
+            async move {
+                let name = format!("pod-{i:06}");
+                let node = format!("node-{:04}", i % NODES);
+                let app = format!("app-{}", i % IDENTITIES);
+                let ip = format!("10.{}.{}.{}", (i % NODES) / 256, (i % NODES) % 256, i / NODES % 250 + 1);
+                let pod: Pod = serde_json::from_value(json!({
+                    "metadata": { "name": name, "namespace": NS, "labels": { "app": app, "tier": "web" } },
+                    "spec": { "nodeName": node,
+                        "containers": [{ "name": "app", "image": "example/app:1.0", "ports": [{ "containerPort": 8080 }] }] }
+                }))?;
+                let uid = pods.create(&PostParams::default(), &pod).await?.metadata.uid.unwrap_or_default();
+                let cep: CiliumEndpoint = serde_json::from_value(json!({
+                    "metadata": { "name": name, "namespace": NS,
+                        "ownerReferences": [{ "apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid }] },
+                    "status": { "id": i % 4096 + 1, "state": "ready",
+                        "identity": { "id": 1000 + i % IDENTITIES, "labels": [format!("k8s:app={app}")] },
+                        "networking": { "node": format!("192.0.{}.{}", (i % NODES) / 250, (i % NODES) % 250 + 1),
+                            "addressing": [{ "ipv4": ip }] } }
+                }))?;
+                ceps.create(&PostParams::default(), &cep).await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
