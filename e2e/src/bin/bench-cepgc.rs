@@ -1,7 +1,11 @@
 //! Endpoint GC benchmark: the operator's memory with N Pods and N
-//! CiliumEndpoints in the cluster against an empty cluster, and the time of
-//! one GC pass over N CEPs of which a quarter are orphans against a minimal
-//! client deleting the same number of CEPs.
+//! CiliumEndpoints in the cluster against an empty cluster (one reading;
+//! `bench-memory` measures the slope properly), and the time of one GC pass
+//! over N CEPs of which a quarter are orphans against a minimal client
+//! deleting the same number of CEPs 16 and 32 at a time, and against
+//! upstream's cilium-operator-generic (when `scripts/build-upstream.sh`
+//! built it) on the same objects (both timed from the first deletion to
+//! the last as a watch sees them).
 //!
 //! Usage: `cargo run --release -p e2e --bin bench-cepgc -- [pods]` (default
 //! 20,000).
@@ -50,16 +54,64 @@ fn main() -> anyhow::Result<()> {
     let gc_interval = Duration::from_secs(10);
     std::thread::sleep((filled_at + gc_interval + Duration::from_secs(1)).saturating_duration_since(Instant::now()));
     let gc_flags = [format!("--cilium-endpoint-gc-interval={}s", gc_interval.as_secs()), flags[1].clone()];
+    let watch = watch_deletions(cp.kubeconfig.clone(), orphans);
+    std::thread::sleep(Duration::from_secs(1)); // its initial list
     let mut op = Operator::start(&cp, "bench-gc", "kube-system", &gc_flags)?;
     op.wait_healthy(Duration::from_secs(60))?;
     let pass = wait_pass_seconds(&op, 1.0)?;
+    let watched = watch.join().map_err(|_| anyhow::anyhow!("watch thread panicked"))??;
     let remaining = e2e::block_on(count_ceps(&cp))?;
     ensure!(remaining == n - orphans, "{remaining} CEPs left, expected {}", n - orphans);
     ensure!(!op.proc.log_text().contains("panicked"));
     drop(op);
 
-    // 5. Baseline: a minimal client deleting as many CEPs, same concurrency.
-    let base = e2e::block_on(raw_deletes(&cp, &uids[orphans..2 * orphans]))?;
+    // 5. Baselines: a minimal client deleting as many CEPs, 16 at a time
+    // (as the operator) and 32 at a time (how fast the server goes).
+    let base = e2e::block_on(raw_deletes(&cp, &uids[orphans..2 * orphans], 16))?;
+    let base32 = e2e::block_on(raw_deletes(&cp, &uids[2 * orphans..3 * orphans], 32))?;
+    drop(cp);
+
+    // 6. Upstream's cilium-operator-generic on a fresh control plane with
+    // the same objects and orphans, the same interval, no client rate
+    // limit: its pass timed from the first deletion to the last as a watch
+    // sees them (it reports no pass duration), as ours is above.
+    let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
+        let cp = ControlPlane::start(Options::default())?;
+        let mut boot = Operator::start(&cp, "bench-crds", "kube-system", &["--identity-gc-interval=0".into()])?;
+        boot.wait_healthy(Duration::from_secs(60))?;
+        boot.stop()?;
+        let uids = e2e::block_on(fill(&cp, n))?;
+        let filled_at = Instant::now();
+        e2e::block_on(delete_pods(&cp, &uids[..orphans]))?;
+        std::thread::sleep(
+            (filled_at + gc_interval + Duration::from_secs(1)).saturating_duration_since(Instant::now()),
+        );
+        let watch = watch_deletions(cp.kubeconfig.clone(), orphans);
+        std::thread::sleep(Duration::from_secs(1)); // its initial list
+        let args: Vec<String> = vec![
+            format!("--cilium-endpoint-gc-interval={}s", gc_interval.as_secs()),
+            "--nodes-gc-interval=1h".into(),
+            "--identity-gc-interval=1h".into(),
+            "--skip-crd-creation=true".into(),
+            "--operator-k8s-client-qps=100000".into(),
+            "--operator-k8s-client-burst=200000".into(),
+            "--ipam=cluster-pool".into(),
+            "--enable-ipv4=true".into(),
+            "--enable-ipv6=false".into(),
+            "--cluster-pool-ipv4-cidr=10.0.0.0/8".into(),
+        ];
+        let up = Operator::start_upstream(&cp, "bench-upstream-gc", "kube-system", &args)?;
+        let watched = watch.join().map_err(|_| anyhow::anyhow!("watch thread panicked"))?.map_err(|e| {
+            let log = up.proc.log_text();
+            e.context(format!("upstream log:\n{}", &log[log.len().saturating_sub(3000)..]))
+        })?;
+        let remaining = e2e::block_on(count_ceps(&cp))?;
+        ensure!(remaining == n - orphans, "upstream left {remaining} CEPs, expected {}", n - orphans);
+        Some(watched)
+    } else {
+        eprintln!("upstream cilium-operator-generic not built (scripts/build-upstream.sh): no upstream arm");
+        None
+    };
 
     let per_pod = (full_kib.saturating_sub(empty_kib)) as f64 * 1024.0 / n as f64;
     println!("\nEndpoint GC benchmark ({n} pods, {n} CEPs, {orphans} orphans)");
@@ -69,9 +121,13 @@ fn main() -> anyhow::Result<()> {
         full_kib as f64 / 1024.0,
         full_peak_kib as f64 / 1024.0
     );
-    println!("bytes per pod (pod + its CEP)     {per_pod:>10.0}  (target < 1024; upstream ~7 KB per pod)");
-    println!("GC pass, {n} CEPs / {orphans} orphans {pass:>8.2} s");
-    println!("raw deletes of {orphans} CEPs         {base:>8.2} s");
+    println!("bytes per pod (pod + its CEP)     {per_pod:>10.0}  (one reading; bench-memory fits the slope against upstream)");
+    println!("GC pass, {n} CEPs / {orphans} orphans {pass:>8.2} s (deletions seen over {watched:.2} s)");
+    println!("raw deletes of {orphans} CEPs, 16 in flight {base:>8.2} s");
+    println!("raw deletes of {orphans} CEPs, 32 in flight {base32:>8.2} s");
+    if let Some(up) = upstream {
+        println!("upstream pass (deletions seen over)  {up:>8.2} s");
+    }
     println!("\nFor docs/benchmarks.md:");
     println!(
         "- endpoint-gc: operator RSS with {n} pods + {n} CEPs = {:.1} MiB (baseline {:.1} MiB empty cluster, ratio {:.2})",
@@ -80,13 +136,19 @@ fn main() -> anyhow::Result<()> {
         full_kib as f64 / empty_kib as f64
     );
     println!(
-        "- endpoint-gc: memory per pod (pod + CEP cached) = {per_pod:.0} bytes (baseline 7168 upstream Pod cache, ratio {:.3})",
-        per_pod / 7168.0
-    );
-    println!(
-        "- endpoint-gc: one GC pass over {n} CEPs with {orphans} orphans = {pass:.2} s (baseline {base:.2} s raw deletes, ratio {:.2})",
+        "- endpoint-gc: one GC pass over {n} CEPs with {orphans} orphans = {pass:.2} s (baseline {base:.2} s raw deletes 16 in flight, ratio {:.2})",
         pass / base
     );
+    println!(
+        "- endpoint-gc: one GC pass over {n} CEPs with {orphans} orphans = {pass:.2} s (baseline {base32:.2} s raw deletes 32 in flight, ratio {:.2})",
+        pass / base32
+    );
+    if let Some(up) = upstream {
+        println!(
+            "- endpoint-gc: one GC pass over {n} CEPs with {orphans} orphans, first to last deletion as a watch sees them = {watched:.2} s (baseline {up:.2} s upstream cilium-operator-generic, ratio {:.2})",
+            watched / up
+        );
+    }
     Ok(())
 }
 
@@ -179,9 +241,41 @@ async fn count_ceps(cp: &ControlPlane) -> anyhow::Result<usize> {
     Ok(ceps.list_metadata(&ListParams::default()).await?.items.len())
 }
 
-/// Deletes CEPs directly (uid precondition, background), 16 at a time like
-/// the operator; returns seconds.
-async fn raw_deletes(cp: &ControlPlane, which: &[(String, String)]) -> anyhow::Result<f64> {
+/// Watches CiliumEndpoint deletions (in a thread of its own) until `n` are
+/// seen; returns the time from the first to the last.
+fn watch_deletions(kubeconfig: std::path::PathBuf, n: usize) -> std::thread::JoinHandle<anyhow::Result<f64>> {
+    std::thread::spawn(move || {
+        e2e::block_on(async move {
+            use futures::TryStreamExt;
+            use kube::runtime::watcher;
+            let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+            let api: Api<CiliumEndpoint> = Api::namespaced(kube::Client::try_from(config)?, NS);
+            let watch = async {
+                let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+                let (mut first, mut seen) = (None, 0usize);
+                while let Some(ev) = stream.try_next().await? {
+                    if let watcher::Event::Delete(_) = ev {
+                        let now = Instant::now();
+                        first.get_or_insert(now);
+                        seen += 1;
+                        if seen == n {
+                            return Ok(now.duration_since(first.unwrap_or(now)).as_secs_f64());
+                        }
+                    }
+                }
+                anyhow::bail!("the watch ended after {seen} deletions")
+            };
+            tokio::time::timeout(Duration::from_secs(900), watch)
+                .await
+                .map_err(|_| anyhow::anyhow!("{n} CEP deletions not seen in 900 s"))?
+        })
+    })
+}
+
+/// Deletes CEPs directly (uid precondition, background), `in_flight` at a
+/// time; returns seconds.
+async fn raw_deletes(cp: &ControlPlane, which: &[(String, String)], in_flight: usize) -> anyhow::Result<f64> {
     let ceps: Api<CiliumEndpoint> = Api::namespaced(cp.client().await?, NS);
     let list = ceps.list_metadata(&ListParams::default()).await?;
     let uids: std::collections::HashMap<String, String> =
@@ -200,7 +294,7 @@ async fn raw_deletes(cp: &ControlPlane, which: &[(String, String)]) -> anyhow::R
                 ceps.delete(&name, &dp).await
             }
         })
-        .buffer_unordered(16)
+        .buffer_unordered(in_flight)
         .collect()
         .await;
     let took = started.elapsed().as_secs_f64();

@@ -2,9 +2,12 @@
 //!
 //! 1. reclaiming N stale CiliumIdentities (unused, marked long ago) with the
 //!    rate limit off: one operator GC pass vs. a minimal client deleting the
-//!    same objects one by one with the same preconditions;
+//!    same objects with the same preconditions one at a time and 32 at a
+//!    time (the server's limit), and vs. upstream's cilium-operator-generic
+//!    (when `scripts/build-upstream.sh` built it; deletions timed from the
+//!    first to the last as a watch sees them, for both operators);
 //! 2. the same for N kvstore identities (the deleting round) vs. raw etcd
-//!    deletes one by one;
+//!    deletes one at a time and 32 at a time;
 //! 3. with the default rate limit (2500/min), deletions over a two-minute
 //!    window vs. the configured 5000;
 //! 4. allocation throughput of 1,000 distinct label sets per backend vs. raw
@@ -47,22 +50,60 @@ fn main() -> anyhow::Result<()> {
     boot.wait_healthy(Duration::from_secs(60))?;
     drop(boot);
     if stages.contains(&1) {
-        let (crd_gc, crd_base) = e2e::block_on(crd_reclaim(&cp, n))?;
-        eprintln!("CRD reclaim: pass {crd_gc:.2}s, baseline {crd_base:.2}s");
+        let r = e2e::block_on(crd_reclaim(&cp, n))?;
+        eprintln!(
+            "CRD reclaim: pass {:.2}s (deletions seen over {:.2}s), raw one at a time {:.2}s, raw 32 in flight {:.2}s, upstream {}",
+            r.pass,
+            r.watched,
+            r.one_at_a_time,
+            r.in_flight_32,
+            r.upstream.map_or("-".into(), |u| format!("{u:.2}s"))
+        );
         lines.push(format!(
-            "- identity-gc: reclaim {n} stale CiliumIdentities (rate limit off) = {crd_gc:.2} s (baseline {crd_base:.2} s raw deletes, ratio {:.2})",
-            crd_gc / crd_base
+            "- identity-gc: reclaim {n} stale CiliumIdentities (rate limit off) = {:.2} s (baseline {:.2} s raw deletes one at a time, ratio {:.2})",
+            r.pass,
+            r.one_at_a_time,
+            r.pass / r.one_at_a_time
         ));
+        lines.push(format!(
+            "- identity-gc: reclaim {n} stale CiliumIdentities (rate limit off) = {:.2} s (baseline {:.2} s raw deletes 32 in flight, ratio {:.2})",
+            r.pass,
+            r.in_flight_32,
+            r.pass / r.in_flight_32
+        ));
+        if let Some(up) = r.upstream {
+            lines.push(format!(
+                "- identity-gc: deletions of {n} stale CiliumIdentities, first to last as a watch sees them (rate limit off) = {:.2} s (baseline {up:.2} s upstream cilium-operator-generic, ratio {:.2})",
+                r.watched,
+                r.watched / up
+            ));
+        }
     }
 
     // 2. kvstore reclaim.
     let etcd = Etcd::start()?;
     if stages.contains(&2) {
-        let (kv_gc, kv_base) = e2e::block_on(kv_reclaim(&cp, &etcd, n))?;
-        eprintln!("kvstore reclaim: round {kv_gc:.2}s, baseline {kv_base:.2}s");
+        let r = e2e::block_on(kv_reclaim(&cp, &etcd, n))?;
+        let (kv_gc, kv_base, kv_32) = (r.round, r.one_at_a_time, r.in_flight_32);
+        eprintln!(
+            "kvstore reclaim: round {kv_gc:.2}s (deletions seen over {:.2}s), raw one at a time {kv_base:.2}s, raw 32 in flight {kv_32:.2}s, upstream {}",
+            r.watched,
+            r.upstream.map_or("-".into(), |u| format!("{u:.2}s"))
+        );
+        if let Some(up) = r.upstream {
+            lines.push(format!(
+                "- identity-gc: deletions of {n} stale kvstore identities, first to last as an etcd watch sees them (rate limit off) = {:.2} s (baseline {up:.2} s upstream cilium-operator-generic, ratio {:.2})",
+                r.watched,
+                r.watched / up
+            ));
+        }
         lines.push(format!(
-            "- identity-gc: reclaim {n} stale kvstore identities (rate limit off) = {kv_gc:.2} s (baseline {kv_base:.2} s raw etcd deletes, ratio {:.2})",
+            "- identity-gc: reclaim {n} stale kvstore identities (rate limit off) = {kv_gc:.2} s (baseline {kv_base:.2} s raw etcd deletes one at a time, ratio {:.2})",
             kv_gc / kv_base
+        ));
+        lines.push(format!(
+            "- identity-gc: reclaim {n} stale kvstore identities (rate limit off) = {kv_gc:.2} s (baseline {kv_32:.2} s raw etcd deletes 32 in flight, ratio {:.2})",
+            kv_gc / kv_32
         ));
     }
 
@@ -171,10 +212,74 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// Returns (GC pass seconds, baseline seconds).
-async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<(f64, f64)> {
+/// Stage 1's figures, in seconds.
+struct CrdReclaim {
+    /// Our deleting pass as the operator logs it.
+    pass: f64,
+    /// Our deletions from the first to the last as a watch sees them.
+    watched: f64,
+    one_at_a_time: f64,
+    in_flight_32: f64,
+    /// Upstream's deletions from the first to the last as a watch sees
+    /// them, when it is built.
+    upstream: Option<f64>,
+}
+
+/// Watches CiliumIdentity deletions until `n` are seen; returns the time
+/// from the first to the last.
+fn watch_deletions(api: Api<CiliumIdentity>, n: usize) -> tokio::task::JoinHandle<anyhow::Result<f64>> {
+    use futures::TryStreamExt;
+    use kube::runtime::watcher;
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+        let (mut first, mut seen) = (None, 0usize);
+        while let Some(ev) = stream.try_next().await? {
+            if let watcher::Event::Delete(_) = ev {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                seen += 1;
+                if seen == n {
+                    return Ok(now.duration_since(first.unwrap_or(now)).as_secs_f64());
+                }
+            }
+        }
+        anyhow::bail!("the watch ended after {seen} deletions")
+    })
+}
+
+/// Deletes every CiliumIdentity with uid + resourceVersion preconditions
+/// after one list, `in_flight` at a time; returns seconds.
+async fn raw_crd_deletes(api: &Api<CiliumIdentity>, in_flight: usize) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let list = api.list(&ListParams::default()).await?;
+    let results: Vec<Result<_, kube::Error>> = futures::stream::iter(list.items)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: i.metadata.uid.clone(),
+                        resource_version: i.metadata.resource_version.clone(),
+                    }),
+                    ..Default::default()
+                };
+                api.delete(i.metadata.name.as_deref().unwrap_or_default(), &dp).await
+            }
+        })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<CrdReclaim> {
+    let api: Api<CiliumIdentity> = Api::all(cp.client().await?);
     create_identities(cp, "stale", n, true).await?;
     eprintln!("created {n} stale CiliumIdentities");
+    let watch = watch_deletions(api.clone(), n);
     let op = Operator::start(
         cp,
         "bench-crd-gc",
@@ -182,24 +287,54 @@ async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<(f64, f64)> 
         &["--identity-gc-interval=1h".into(), "--identity-gc-rate-limit=100000000".into()],
     )?;
     let pass = wait_run_seconds(&op, "identity GC run done", n, Duration::from_secs(900))?;
+    let watched = tokio::time::timeout(Duration::from_secs(60), watch)
+        .await
+        .map_err(|_| anyhow::anyhow!("the watch did not see {n} deletions"))???;
     drop(op);
-    // Baseline: the same objects again, deleted one by one with uid +
-    // resourceVersion preconditions after one list.
+    // Baselines: the same objects again, deleted with uid +
+    // resourceVersion preconditions after one list, one at a time, then 32
+    // at a time (how fast the server goes).
     create_identities(cp, "stale2", n, true).await?;
-    let api: Api<CiliumIdentity> = Api::all(cp.client().await?);
-    let started = Instant::now();
-    let list = api.list(&ListParams::default()).await?;
-    for i in list.items {
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: i.metadata.uid.clone(),
-                resource_version: i.metadata.resource_version.clone(),
-            }),
-            ..Default::default()
-        };
-        api.delete(i.metadata.name.as_deref().unwrap_or_default(), &dp).await?;
-    }
-    Ok((pass, started.elapsed().as_secs_f64()))
+    let one_at_a_time = raw_crd_deletes(&api, 1).await?;
+    create_identities(cp, "stale3", n, true).await?;
+    let in_flight_32 = raw_crd_deletes(&api, 32).await?;
+    // Upstream, rate limit off too (client and GC). It gives every identity
+    // a fresh heartbeat when it starts and marks before it deletes: a 1 s
+    // heartbeat timeout and a 5 s interval make its third pass the deleting
+    // one; only the deletions are timed, as for ours.
+    let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
+        create_identities(cp, "stale4", n, false).await?;
+        let watch = watch_deletions(api.clone(), n);
+        let args: Vec<String> = [
+            "--identity-allocation-mode=crd",
+            "--identity-gc-interval=5s",
+            "--identity-heartbeat-timeout=1s",
+            "--identity-gc-rate-limit=100000000",
+            "--operator-k8s-client-qps=100000",
+            "--operator-k8s-client-burst=200000",
+            "--skip-crd-creation=true",
+            "--ipam=cluster-pool",
+            "--enable-ipv4=true",
+            "--enable-ipv6=false",
+            "--cluster-pool-ipv4-cidr=10.0.0.0/8",
+        ]
+        .map(String::from)
+        .to_vec();
+        let op = Operator::start_upstream(cp, "bench-upstream-crd-gc", "kube-system", &args)?;
+        let watched = tokio::time::timeout(Duration::from_secs(900), watch).await.map_err(|_| {
+            let log = op.proc.log_text();
+            anyhow::anyhow!(
+                "upstream did not delete {n} identities in 900 s:\n{}",
+                &log[log.len().saturating_sub(3000)..]
+            )
+        })???;
+        drop(op);
+        Some(watched)
+    } else {
+        eprintln!("upstream cilium-operator-generic not built (scripts/build-upstream.sh): no upstream arm");
+        None
+    };
+    Ok(CrdReclaim { pass, watched, one_at_a_time, in_flight_32, upstream })
 }
 
 /// An operator collecting kvstore identities every 5 s, rate limit off.
@@ -218,28 +353,115 @@ fn kv_gc_operator(cp: &ControlPlane, etcd: &Etcd, name: &str) -> anyhow::Result<
     )
 }
 
-async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<(f64, f64)> {
+async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<KvReclaim> {
     let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
     for i in 0..n {
         c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=kv-{i};"), None).await?;
     }
     eprintln!("created {n} stale kvstore identities");
+    let watch = watch_kv_deletions(etcd, n).await?;
     let op = kv_gc_operator(cp, etcd, "bench-kv-gc")?;
     let round = wait_run_seconds(&op, "kvstore identity GC run done", n, Duration::from_secs(900))?;
+    let watched = tokio::time::timeout(Duration::from_secs(60), watch)
+        .await
+        .map_err(|_| anyhow::anyhow!("the etcd watch did not see {n} deletions"))???;
     drop(op);
-    for i in 0..n {
-        c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=kv-{i};"), None).await?;
+    // Baselines: list, then one plain delete per key (the reads the GC
+    // makes per key are not counted), one at a time, then 32 in flight.
+    let mut raw = Vec::new();
+    for in_flight in [1, 32] {
+        for i in 0..n {
+            c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=kv-{i};"), None).await?;
+        }
+        let started = Instant::now();
+        let keys =
+            c.get(format!("{PREFIX}id/"), Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
+        let keys: Vec<Vec<u8>> = keys.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+        let results: Vec<Result<_, etcd_client::Error>> = futures::stream::iter(keys)
+            .map(|k| {
+                let mut c = c.clone();
+                async move { c.delete(k, None).await }
+            })
+            .buffer_unordered(in_flight)
+            .collect()
+            .await;
+        for r in results {
+            r?;
+        }
+        raw.push(started.elapsed().as_secs_f64());
     }
-    // Baseline: list, then per key the same two reads the GC makes are not
-    // counted; only one delete per key.
-    let started = Instant::now();
-    let keys =
-        c.get(format!("{PREFIX}id/"), Some(etcd_client::GetOptions::new().with_prefix().with_keys_only())).await?;
-    let keys: Vec<Vec<u8>> = keys.kvs().iter().map(|kv| kv.key().to_vec()).collect();
-    for k in keys {
-        c.delete(k, None).await?;
-    }
-    Ok((round, started.elapsed().as_secs_f64()))
+    // Upstream, rate limit off, the same 5 s interval: its deleting round
+    // timed from the first deletion to the last as an etcd watch sees them,
+    // as ours.
+    let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
+        for i in 0..n {
+            c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=kv-{i};"), None).await?;
+        }
+        let watch = watch_kv_deletions(etcd, n).await?;
+        let args: Vec<String> = [
+            "--identity-allocation-mode=kvstore".to_string(),
+            "--kvstore=etcd".into(),
+            // Its etcd client is limited to 20 requests/s by default
+            // (`etcd.qps`): off, as ours has no such limit.
+            format!("--kvstore-opt=etcd.address={},etcd.qps=100000", etcd.endpoint),
+            "--identity-gc-interval=5s".into(),
+            "--identity-gc-rate-limit=100000000".into(),
+            "--operator-k8s-client-qps=100000".into(),
+            "--operator-k8s-client-burst=200000".into(),
+            "--skip-crd-creation=true".into(),
+            "--ipam=cluster-pool".into(),
+            "--enable-ipv4=true".into(),
+            "--enable-ipv6=false".into(),
+            "--cluster-pool-ipv4-cidr=10.0.0.0/8".into(),
+        ]
+        .to_vec();
+        let op = Operator::start_upstream(cp, "bench-upstream-kv-gc", "kube-system", &args)?;
+        let watched = tokio::time::timeout(Duration::from_secs(900), watch).await.map_err(|_| {
+            let log = op.proc.log_text();
+            anyhow::anyhow!(
+                "upstream did not delete {n} kvstore identities in 900 s:\n{}",
+                &log[log.len().saturating_sub(3000)..]
+            )
+        })???;
+        drop(op);
+        Some(watched)
+    } else {
+        None
+    };
+    Ok(KvReclaim { round, watched, one_at_a_time: raw[0], in_flight_32: raw[1], upstream })
+}
+
+/// Stage 2's figures, in seconds (as [`CrdReclaim`]).
+struct KvReclaim {
+    round: f64,
+    watched: f64,
+    one_at_a_time: f64,
+    in_flight_32: f64,
+    upstream: Option<f64>,
+}
+
+/// Watches deletions of `id/` keys until `n` are seen; returns the time
+/// from the first to the last. Returns once the watch is established.
+async fn watch_kv_deletions(etcd: &Etcd, n: usize) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<f64>>> {
+    let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+    let mut stream = c.watch(format!("{PREFIX}id/"), Some(etcd_client::WatchOptions::new().with_prefix())).await?;
+    Ok(tokio::spawn(async move {
+        let _keep = c;
+        let (mut first, mut seen) = (None, 0usize);
+        while let Some(resp) = stream.message().await? {
+            for ev in resp.events() {
+                if ev.event_type() == etcd_client::EventType::Delete {
+                    let now = Instant::now();
+                    first.get_or_insert(now);
+                    seen += 1;
+                    if seen == n {
+                        return Ok(now.duration_since(first.unwrap_or(now)).as_secs_f64());
+                    }
+                }
+            }
+        }
+        anyhow::bail!("the etcd watch ended after {seen} deletions")
+    }))
 }
 
 const BIG_IDS: u32 = 50_000;
