@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 
 use crate::tools;
 
@@ -476,6 +476,18 @@ impl ControlPlane {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
         Ok(kube::Client::try_from(config)?)
+    }
+
+    /// Applies this workspace's CRD manifests (`crds/`, server-side) and
+    /// waits until they are Established, as the operator would.
+    pub fn apply_crds(&self) -> anyhow::Result<()> {
+        let dir = crate::tools::workspace_root().join("crds");
+        let out = self.kubectl()?.args(["apply", "--server-side", "-f"]).arg(&dir).output()?;
+        ensure!(out.status.success(), "applying CRDs: {}", String::from_utf8_lossy(&out.stderr));
+        let out =
+            self.kubectl()?.args(["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).output()?;
+        ensure!(out.status.success(), "waiting for CRDs: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
     }
 
     /// `kubectl apply -f -` of `yaml`.

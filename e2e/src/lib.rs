@@ -47,6 +47,33 @@ where
     }
 }
 
+/// Watches deletions of `api`'s objects until `n` are seen (spawned on the
+/// current runtime); the time from the first deletion to the last. A
+/// benchmark's external clock, the same for any operator: start it before
+/// the deleting begins.
+pub fn watch_deletions<K>(api: kube::Api<K>, n: usize) -> tokio::task::JoinHandle<anyhow::Result<f64>>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    use futures::TryStreamExt;
+    use kube::runtime::watcher;
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+        let (mut first, mut seen) = (None, 0usize);
+        while let Some(ev) = stream.try_next().await? {
+            if let watcher::Event::Delete(_) = ev {
+                let now = std::time::Instant::now();
+                first.get_or_insert(now);
+                seen += 1;
+                if seen == n {
+                    return Ok(now.duration_since(first.unwrap_or(now)).as_secs_f64());
+                }
+            }
+        }
+        anyhow::bail!("the watch ended after {seen} deletions")
+    })
+}
+
 /// Whether IPv4 `ip` is in `cidr` (a pod CIDR as a CiliumNode lists it); a
 /// CIDR that does not parse holds nothing.
 pub fn in_cidr(ip: std::net::Ipv4Addr, cidr: &str) -> bool {

@@ -104,6 +104,18 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(11)? + ticks(12)?) / hz)
 }
 
+/// A `/proc/<pid>/status` field in KiB: `VmRSS` (resident now) or
+/// `VmHWM` (the peak).
+pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
 /// The value of the first line of an exposition `text` that starts with
 /// `sample`: a metric name, with its `{labels}` when it has any.
 pub fn sample_value(text: &str, sample: &str) -> Option<f64> {

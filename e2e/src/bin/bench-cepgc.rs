@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use cilium_crds::CiliumEndpoint;
+use e2e::process::status_kib;
 use e2e::{ControlPlane, Operator, Options};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -121,7 +122,9 @@ fn main() -> anyhow::Result<()> {
         full_kib as f64 / 1024.0,
         full_peak_kib as f64 / 1024.0
     );
-    println!("bytes per pod (pod + its CEP)     {per_pod:>10.0}  (one reading; bench-memory fits the slope against upstream)");
+    println!(
+        "bytes per pod (pod + its CEP)     {per_pod:>10.0}  (one reading; bench-memory fits the slope against upstream)"
+    );
     println!("GC pass, {n} CEPs / {orphans} orphans {pass:>8.2} s (deletions seen over {watched:.2} s)");
     println!("raw deletes of {orphans} CEPs, 16 in flight {base:>8.2} s");
     println!("raw deletes of {orphans} CEPs, 32 in flight {base32:>8.2} s");
@@ -170,16 +173,6 @@ fn wait_pass_seconds(op: &Operator, runs: f64) -> anyhow::Result<f64> {
         ensure!(Instant::now() < deadline, "no GC pass:\n{}", op.proc.log_text());
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {field}"))
 }
 
 /// Creates the pods and their CEPs; returns (pod name, pod uid) in order.
@@ -246,29 +239,13 @@ async fn count_ceps(cp: &ControlPlane) -> anyhow::Result<usize> {
 fn watch_deletions(kubeconfig: std::path::PathBuf, n: usize) -> std::thread::JoinHandle<anyhow::Result<f64>> {
     std::thread::spawn(move || {
         e2e::block_on(async move {
-            use futures::TryStreamExt;
-            use kube::runtime::watcher;
             let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
             let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
             let api: Api<CiliumEndpoint> = Api::namespaced(kube::Client::try_from(config)?, NS);
-            let watch = async {
-                let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
-                let (mut first, mut seen) = (None, 0usize);
-                while let Some(ev) = stream.try_next().await? {
-                    if let watcher::Event::Delete(_) = ev {
-                        let now = Instant::now();
-                        first.get_or_insert(now);
-                        seen += 1;
-                        if seen == n {
-                            return Ok(now.duration_since(first.unwrap_or(now)).as_secs_f64());
-                        }
-                    }
-                }
-                anyhow::bail!("the watch ended after {seen} deletions")
-            };
+            let watch = e2e::watch_deletions(api, n);
             tokio::time::timeout(Duration::from_secs(900), watch)
                 .await
-                .map_err(|_| anyhow::anyhow!("{n} CEP deletions not seen in 900 s"))?
+                .map_err(|_| anyhow::anyhow!("{n} CEP deletions not seen in 900 s"))??
         })
     })
 }

@@ -225,28 +225,6 @@ struct CrdReclaim {
     upstream: Option<f64>,
 }
 
-/// Watches CiliumIdentity deletions until `n` are seen; returns the time
-/// from the first to the last.
-fn watch_deletions(api: Api<CiliumIdentity>, n: usize) -> tokio::task::JoinHandle<anyhow::Result<f64>> {
-    use futures::TryStreamExt;
-    use kube::runtime::watcher;
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
-        let (mut first, mut seen) = (None, 0usize);
-        while let Some(ev) = stream.try_next().await? {
-            if let watcher::Event::Delete(_) = ev {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                seen += 1;
-                if seen == n {
-                    return Ok(now.duration_since(first.unwrap_or(now)).as_secs_f64());
-                }
-            }
-        }
-        anyhow::bail!("the watch ended after {seen} deletions")
-    })
-}
-
 /// Deletes every CiliumIdentity with uid + resourceVersion preconditions
 /// after one list, `in_flight` at a time; returns seconds.
 async fn raw_crd_deletes(api: &Api<CiliumIdentity>, in_flight: usize) -> anyhow::Result<f64> {
@@ -279,7 +257,7 @@ async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<CrdReclaim> 
     let api: Api<CiliumIdentity> = Api::all(cp.client().await?);
     create_identities(cp, "stale", n, true).await?;
     eprintln!("created {n} stale CiliumIdentities");
-    let watch = watch_deletions(api.clone(), n);
+    let watch = e2e::watch_deletions(api.clone(), n);
     let op = Operator::start(
         cp,
         "bench-crd-gc",
@@ -304,7 +282,7 @@ async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<CrdReclaim> 
     // one; only the deletions are timed, as for ours.
     let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
         create_identities(cp, "stale4", n, false).await?;
-        let watch = watch_deletions(api.clone(), n);
+        let watch = e2e::watch_deletions(api.clone(), n);
         let args: Vec<String> = [
             "--identity-allocation-mode=crd",
             "--identity-gc-interval=5s",

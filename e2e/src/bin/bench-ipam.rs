@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use cilium_crds::CiliumNode;
-use e2e::process::cpu_seconds;
+use e2e::process::{cpu_seconds, status_kib};
 use e2e::{ControlPlane, Operator, Options};
 use futures::{StreamExt, TryStreamExt};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
     eprintln!("bench-ipam: {n} CiliumNodes, client concurrency {CONCURRENCY}");
 
     let cp = ControlPlane::start(Options::default())?;
-    apply_crds(&cp)?;
+    cp.apply_crds()?;
     let base = e2e::block_on(baseline(&cp, n))?;
     drop(cp);
     eprintln!("baseline done: {:.2}s", base.total.as_secs_f64());
@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     let cpu0 = cpu_seconds(op.proc.pid())?;
     let ours = e2e::block_on(with_operator(&cp, n))?;
     let cpu = cpu_seconds(op.proc.pid())? - cpu0;
-    let rss_kib = peak_rss_kib(op.proc.pid())?;
+    let rss_kib = status_kib(op.proc.pid(), "VmHWM")?;
     ensure!(!op.proc.log_text().contains("panicked"), "operator panicked");
 
     drop(op);
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             let run = e2e::block_on(with_operator(&cp, n))
                 .map_err(|e| e.context(format!("upstream operator log:\n{}", log_tail(&up))))?;
             let up_cpu = cpu_seconds(up.proc.pid())? - up_cpu0;
-            let rss = peak_rss_kib(up.proc.pid())?;
+            let rss = status_kib(up.proc.pid(), "VmHWM")?;
             upstream.push((what, run, rss, up_cpu));
         }
     } else {
@@ -212,15 +212,6 @@ impl Run {
     }
 }
 
-fn apply_crds(cp: &ControlPlane) -> anyhow::Result<()> {
-    let dir = e2e::tools::workspace_root().join("crds");
-    let out = cp.kubectl()?.args(["apply", "--server-side", "-f"]).arg(&dir).output()?;
-    ensure!(out.status.success(), "applying CRDs: {}", String::from_utf8_lossy(&out.stderr));
-    let out = cp.kubectl()?.args(["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).output()?;
-    ensure!(out.status.success(), "waiting for CRDs: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
-}
-
 fn node(name: &str) -> CiliumNode {
     serde_json::from_value(json!({ "metadata": { "name": name }, "spec": {} })).expect("node")
 }
@@ -302,15 +293,4 @@ async fn with_operator(cp: &ControlPlane, n: usize) -> anyhow::Result<Run> {
         latencies_ms.push(got.saturating_duration_since(at).as_secs_f64() * 1000.0);
     }
     Ok(Run { total: last.duration_since(start), latencies_ms })
-}
-
-/// VmHWM of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmHWM")
 }

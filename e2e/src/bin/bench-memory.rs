@@ -17,8 +17,9 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use cilium_crds::{CiliumEndpoint, CiliumIdentity, CiliumNode};
+use e2e::process::status_kib;
 use e2e::{ControlPlane, Operator, Options};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -42,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("upstream cilium-operator-generic not built (scripts/build-upstream.sh): ours only");
     }
     let cp = ControlPlane::start(Options::default())?;
-    apply_crds(&cp)?;
+    cp.apply_crds()?;
     let t = Instant::now();
     e2e::block_on(base_objects(&cp))?;
     eprintln!("created {NODES} Nodes + CiliumNodes and {IDENTITIES} identities in {:.1}s", t.elapsed().as_secs_f64());
@@ -188,25 +189,6 @@ fn identity_gc_runs(metrics: &str) -> f64 {
         .filter(|l| l.contains("outcome=\"success\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {field}"))
-}
-
-fn apply_crds(cp: &ControlPlane) -> anyhow::Result<()> {
-    let dir = e2e::tools::workspace_root().join("crds");
-    let out = cp.kubectl()?.args(["apply", "--server-side", "-f"]).arg(&dir).output()?;
-    ensure!(out.status.success(), "applying CRDs: {}", String::from_utf8_lossy(&out.stderr));
-    let out = cp.kubectl()?.args(["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).output()?;
-    ensure!(out.status.success(), "waiting for CRDs: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
 }
 
 /// The namespace, the Nodes with their CiliumNodes, the identities.
