@@ -161,9 +161,18 @@ mkdir -p "$bin"
 ln -sfn "$kt_out/kubectl" "$bin/kubectl"
 ln -sfn "$kt_out/helm" "$bin/helm"
 ln -sfn "$kv_out/bin/kubernetes-validate" "$bin/kubernetes-validate"
+# The packaged binaries, looked up in PATH without $bin itself (with
+# .tools/bin first in PATH, as the docs suggest, `command -v` would name the
+# link being made, and the link would point at itself).
 for b in prometheus promtool; do
-  command -v "$b" >/dev/null || die "$b not found after installing packages"
-  ln -sfn "$(command -v "$b")" "$bin/$b"
+  found=""
+  IFS=: read -ra path_dirs <<< "$PATH"
+  for d in "${path_dirs[@]}"; do
+    [ -n "$d" ] && [ "$(readlink -f "$d")" != "$(readlink -f "$bin")" ] || continue
+    if [ -x "$d/$b" ]; then found="$d/$b"; break; fi
+  done
+  [ -n "$found" ] || die "$b not found after installing packages"
+  ln -sfn "$(readlink -f "$found")" "$bin/$b"
 done
 
 # ---------------------------------------------------------------- floor tier
