@@ -156,6 +156,19 @@ impl Operator {
     /// `scripts/build-upstream.sh`) against `cp`, for side-by-side
     /// benchmarks: the same namespace and loopback health/metrics ports,
     /// plus `extra` upstream flags.
+    /// Settings that make upstream's operator run as ours does in the
+    /// benchmarks: cluster-pool IPAM, IPv4 only (the binary's default is
+    /// dual stack), no client rate limit (ours has none), CRDs not
+    /// registered by it (ours are applied first; the same formats).
+    pub const UPSTREAM_AS_OURS: &'static [&'static str] = &[
+        "--ipam=cluster-pool",
+        "--enable-ipv4=true",
+        "--enable-ipv6=false",
+        "--skip-crd-creation=true",
+        "--operator-k8s-client-qps=100000",
+        "--operator-k8s-client-burst=200000",
+    ];
+
     pub fn start_upstream(
         cp: &ControlPlane,
         name: &str,

@@ -514,7 +514,7 @@ impl Agent {
                 tracing::warn!(error = format!("{e:#}"), "reconcile failed, retrying");
             }
             self.answer_adds();
-            self.refresh_names();
+            self.refresh_snapshot();
             // A waiting ADD looks for its pod again soon.
             let tick = if self.pending_adds.is_empty() { Duration::from_secs(2) } else { Duration::from_millis(200) };
             tokio::select! {
@@ -727,7 +727,7 @@ impl Agent {
 
     /// Endpoint names for the metrics endpoint (the counters are read from
     /// the pinned map on each scrape) and the address pool's use.
-    fn refresh_names(&mut self) {
+    fn refresh_snapshot(&mut self) {
         let names = self
             .state
             .state

@@ -89,18 +89,13 @@ fn main() -> anyhow::Result<()> {
         );
         let watch = watch_deletions(cp.kubeconfig.clone(), orphans);
         std::thread::sleep(Duration::from_secs(1)); // its initial list
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             format!("--cilium-endpoint-gc-interval={}s", gc_interval.as_secs()),
             "--nodes-gc-interval=1h".into(),
             "--identity-gc-interval=1h".into(),
-            "--skip-crd-creation=true".into(),
-            "--operator-k8s-client-qps=100000".into(),
-            "--operator-k8s-client-burst=200000".into(),
-            "--ipam=cluster-pool".into(),
-            "--enable-ipv4=true".into(),
-            "--enable-ipv6=false".into(),
             "--cluster-pool-ipv4-cidr=10.0.0.0/8".into(),
         ];
+        args.extend(Operator::UPSTREAM_AS_OURS.iter().map(|a| a.to_string()));
         let up = Operator::start_upstream(&cp, "bench-upstream-gc", "kube-system", &args)?;
         let watched = watch.join().map_err(|_| anyhow::anyhow!("watch thread panicked"))?.map_err(|e| {
             let log = up.proc.log_text();

@@ -288,16 +288,12 @@ async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<CrdReclaim> 
             "--identity-gc-interval=5s",
             "--identity-heartbeat-timeout=1s",
             "--identity-gc-rate-limit=100000000",
-            "--operator-k8s-client-qps=100000",
-            "--operator-k8s-client-burst=200000",
-            "--skip-crd-creation=true",
-            "--ipam=cluster-pool",
-            "--enable-ipv4=true",
-            "--enable-ipv6=false",
             "--cluster-pool-ipv4-cidr=10.0.0.0/8",
         ]
         .map(String::from)
-        .to_vec();
+        .into_iter()
+        .chain(Operator::UPSTREAM_AS_OURS.iter().map(|a| a.to_string()))
+        .collect();
         let op = Operator::start_upstream(cp, "bench-upstream-crd-gc", "kube-system", &args)?;
         let watched = tokio::time::timeout(Duration::from_secs(900), watch).await.map_err(|_| {
             let log = op.proc.log_text();
@@ -384,15 +380,11 @@ async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<
             format!("--kvstore-opt=etcd.address={},etcd.qps=100000", etcd.endpoint),
             "--identity-gc-interval=5s".into(),
             "--identity-gc-rate-limit=100000000".into(),
-            "--operator-k8s-client-qps=100000".into(),
-            "--operator-k8s-client-burst=200000".into(),
-            "--skip-crd-creation=true".into(),
-            "--ipam=cluster-pool".into(),
-            "--enable-ipv4=true".into(),
-            "--enable-ipv6=false".into(),
             "--cluster-pool-ipv4-cidr=10.0.0.0/8".into(),
         ]
-        .to_vec();
+        .into_iter()
+        .chain(Operator::UPSTREAM_AS_OURS.iter().map(|a| a.to_string()))
+        .collect();
         let op = Operator::start_upstream(cp, "bench-upstream-kv-gc", "kube-system", &args)?;
         let watched = tokio::time::timeout(Duration::from_secs(900), watch).await.map_err(|_| {
             let log = op.proc.log_text();

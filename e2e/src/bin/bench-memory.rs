@@ -128,14 +128,7 @@ fn steady_rss(cp: &ControlPlane, arm: Arm) -> anyhow::Result<u64> {
     let mut op = match arm {
         Arm::Ours => Operator::start(cp, "bench-ours", "kube-system", &args)?,
         Arm::Upstream => {
-            args.extend([
-                "--ipam=cluster-pool".to_string(),
-                "--enable-ipv4=true".into(),
-                "--enable-ipv6=false".into(),
-                "--skip-crd-creation=true".into(),
-                "--operator-k8s-client-qps=100000".into(),
-                "--operator-k8s-client-burst=200000".into(),
-            ]);
+            args.extend(Operator::UPSTREAM_AS_OURS.iter().map(|a| a.to_string()));
             Operator::start_upstream(cp, "bench-upstream", "kube-system", &args)?
         }
     };

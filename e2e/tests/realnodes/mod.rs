@@ -323,8 +323,6 @@ pub fn helm_install_on_real_nodes(_shared: &ControlPlane) -> anyhow::Result<()> 
     let cp = ControlPlane::start(Options { real_nodes: true, ..Default::default() })?;
     let prefix = format!("hm{}", std::process::id() % 10000);
     let _cleanup = Cleanup::new(prefix.clone());
-    // The agents' own namespaces (health endpoints) are `cilium-rs-<node>-*`.
-    let _agent_netns = Cleanup::new(format!("cilium-rs-{prefix}"));
     let names: Vec<String> = ["a", "b"].iter().map(|n| format!("{prefix}-{n}")).collect();
     let _pins = e2e::realnode::Pins::new(&names);
     fabric_with_host_leg(&cp, &prefix)?;
