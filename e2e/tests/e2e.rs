@@ -56,6 +56,7 @@ fn main() {
         ("realnodes::helm_install_on_real_nodes", realnodes::helm_install_on_real_nodes),
         ("identity::crd_allocation_races_and_gc", identity::crd_allocation_races_and_gc),
         ("identity::gc_clock_survives_operator_restart", identity::gc_clock_survives_operator_restart),
+        ("identity::reclaimed_a_timeout_after_the_last_user", identity::reclaimed_a_timeout_after_the_last_user),
         ("identity::kvstore_heartbeat_layout_and_etcd_restart", identity::kvstore_heartbeat_layout_and_etcd_restart),
         ("identity::kvstore_allocation_layout_and_races", identity::kvstore_allocation_layout_and_races),
         ("identity::kvstore_gc_two_rounds", identity::kvstore_gc_two_rounds),

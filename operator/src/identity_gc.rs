@@ -1,9 +1,12 @@
 //! Identity GC, CRD mode: every `identity-gc-interval`, CiliumIdentities of
 //! this cluster's range that no CiliumEndpoint references are marked with
-//! the `io.cilium.heartbeat` annotation (RFC3339Nano time); a marked identity
+//! the `io.cilium.heartbeat` annotation (RFC3339Nano time): the time the
+//! endpoint watch saw the last user go, when it did (bounded by
+//! `cilium_identity::gc::mark_time`), else the run's. A marked identity
 //! still unused once `identity-heartbeat-timeout` has passed since its mark
 //! is deleted with {uid, resourceVersion} preconditions, at most
-//! `identity-gc-rate-limit` per `identity-gc-rate-interval`. An identity in
+//! `identity-gc-rate-limit` per `identity-gc-rate-interval`, by a run woken
+//! when the first mark falls due (not the next interval's). An identity in
 //! use again loses its mark (as an agent reusing it does), and the changed
 //! resourceVersion makes any pending guarded delete fail.
 //!
@@ -215,11 +218,60 @@ pub struct Caches {
 
 /// The identity ID of every CiliumEndpoint, by `namespace/name`: all the GC
 /// needs of an endpoint (tens of bytes each, where a cached object with
-/// its metadata took hundreds).
+/// its metadata took hundreds), plus when each identity's last user was
+/// seen going.
 #[derive(Clone)]
 struct EndpointIds {
-    ids: std::sync::Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    state: std::sync::Arc<std::sync::Mutex<EndpointIdsState>>,
     ready: watch::Receiver<bool>,
+}
+
+#[derive(Default)]
+struct EndpointIdsState {
+    by_endpoint: HashMap<String, u32>,
+    /// Endpoints per identity ID.
+    users: HashMap<u32, u32>,
+    /// When the watch saw the last user of an ID go (removed when it is used
+    /// again, and by passes once the identity is gone).
+    released: HashMap<u32, jiff::Timestamp>,
+}
+
+impl EndpointIdsState {
+    /// Records that endpoint `key` now has identity `id` (or none).
+    fn set(&mut self, key: String, id: Option<u32>, now: jiff::Timestamp) {
+        let old = match id {
+            Some(id) => self.by_endpoint.insert(key, id),
+            None => self.by_endpoint.remove(&key),
+        };
+        if old == id {
+            return;
+        }
+        if let Some(id) = id {
+            *self.users.entry(id).or_default() += 1;
+            self.released.remove(&id);
+        }
+        if let Some(old) = old {
+            let n = self.users.entry(old).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.users.remove(&old);
+                self.released.insert(old, now);
+            }
+        }
+    }
+
+    /// A fresh list: IDs that lost their users while the watch was away
+    /// have no known release time (their marks get the pass's time).
+    fn replace(&mut self, by_endpoint: HashMap<String, u32>) {
+        let mut users: HashMap<u32, u32> = HashMap::new();
+        for id in by_endpoint.values() {
+            *users.entry(*id).or_default() += 1;
+        }
+        self.released.retain(|id, _| !users.contains_key(id));
+        self.by_endpoint = by_endpoint;
+        self.by_endpoint.shrink_to_fit();
+        self.users = users;
+    }
 }
 
 impl EndpointIds {
@@ -229,8 +281,8 @@ impl EndpointIds {
         use kube::runtime::WatchStreamExt;
         use kube::runtime::watcher::{Event, watcher};
         let (tx, ready) = watch::channel(false);
-        let ids = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
-        let cache = EndpointIds { ids: ids.clone(), ready };
+        let state = std::sync::Arc::new(std::sync::Mutex::new(EndpointIdsState::default()));
+        let cache = EndpointIds { state: state.clone(), ready };
         let metrics = ctx.metrics.clone();
         let api = Api::<DeserializeGuard<LeanEndpoint>>::all(ctx.client.clone());
         // The key of an object, and its identity ID if it has one (an
@@ -252,7 +304,7 @@ impl EndpointIds {
             let mut buffer: HashMap<String, u32> = HashMap::new();
             while let Some(ev) = stream.next().await {
                 let Ok(ev) = ev else { continue };
-                let mut live = ids.lock().expect("endpoint ids");
+                let mut live = state.lock().expect("endpoint ids");
                 match ev {
                     Event::Init => buffer = HashMap::new(),
                     Event::InitApply(g) => {
@@ -261,30 +313,30 @@ impl EndpointIds {
                         }
                     }
                     Event::InitDone => {
-                        *live = std::mem::take(&mut buffer);
-                        live.shrink_to_fit();
+                        live.replace(std::mem::take(&mut buffer));
                         tx.send_replace(true);
                     }
-                    Event::Apply(g) => match read(&g) {
-                        (key, Some(id)) => {
-                            live.insert(key, id);
-                        }
-                        (key, None) => {
-                            live.remove(&key);
-                        }
-                    },
-                    Event::Delete(g) => {
-                        live.remove(&read(&g).0);
+                    Event::Apply(g) => {
+                        let (key, id) = read(&g);
+                        live.set(key, id, jiff::Timestamp::now());
                     }
+                    Event::Delete(g) => live.set(read(&g).0, None, jiff::Timestamp::now()),
                 }
             }
         });
         cache
     }
 
-    /// Every identity ID some endpoint uses.
-    fn used(&self) -> HashSet<u32> {
-        self.ids.lock().expect("endpoint ids").values().copied().collect()
+    /// Every identity ID some endpoint uses, and when the watch saw the
+    /// last user of each other ID go (where it did).
+    fn used(&self) -> (HashSet<u32>, HashMap<u32, jiff::Timestamp>) {
+        let s = self.state.lock().expect("endpoint ids");
+        (s.users.keys().copied().collect(), s.released.clone())
+    }
+
+    /// Forgets release times of identities that no longer exist.
+    fn forget_released_except(&self, existing: &HashSet<u32>) {
+        self.state.lock().expect("endpoint ids").released.retain(|id, _| existing.contains(id));
     }
 
     async fn wait_until_ready(&self) -> anyhow::Result<()> {
@@ -336,6 +388,24 @@ pub struct PassStats {
     /// CRD: carrying the heartbeat mark; kvstore: unused, remembered for
     /// deletion on the next round.
     pub marked: i64,
+    /// CRD: how long until the first marked identity becomes due for
+    /// deletion, when that is sooner than the interval: the loop runs then.
+    pub next_due: Option<Duration>,
+}
+
+/// How long a GC loop sleeps after a pass that took `elapsed`: until the
+/// next interval, or until the first marked identity is due (counted from
+/// the pass's end) when that is sooner.
+fn until_next(interval: Duration, elapsed: Duration, due: Option<Duration>) -> Duration {
+    let regular = interval.saturating_sub(elapsed);
+    due.map_or(regular, |d| d.min(regular))
+}
+
+fn earliest(a: Option<jiff::Timestamp>, b: Option<jiff::Timestamp>) -> Option<jiff::Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// kvstore deletions in flight during a pass: each is a transaction with
@@ -481,8 +551,10 @@ where
     loop {
         let started = Instant::now();
         progress.send_modify(|p| p.started += 1);
+        let mut due = None;
         let (outcome, summary) = match pass().await {
             Ok(s) => {
+                due = s.next_due;
                 let what =
                     if identity_type == "kvstore" { "unused (deleted next round if still unused)" } else { "marked" };
                 ("success", format!("alive={} deleted={} {what}={}", s.alive, s.deleted, s.marked))
@@ -501,7 +573,7 @@ where
         ctx.metrics.identity_gc.latency.get_or_create(&labels).set(started.elapsed().as_secs_f64());
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(interval.saturating_sub(started.elapsed())) => {}
+            _ = tokio::time::sleep(until_next(interval, started.elapsed(), due)) => {}
             _ = wake.notified() => tracing::info!(identity_type, "identity GC woken (identity-space pressure or an on-demand request)"),
         }
     }
@@ -582,7 +654,7 @@ async fn kv_pass(
         seconds = format!("{:.3}", started.elapsed().as_secs_f64()),
         "kvstore identity GC run done"
     );
-    Ok(PassStats { alive, deleted, marked: remembered })
+    Ok(PassStats { alive, deleted, marked: remembered, next_due: None })
 }
 
 async fn pass(
@@ -599,9 +671,14 @@ async fn pass(
     // mark an identity early: deletion needs the mark to stay for the whole
     // heartbeat timeout and is conditional on what was seen.
     let all: Vec<std::sync::Arc<CiliumIdentity>> = caches.ids.state();
-    let used: HashSet<u32> = caches.ceps.used();
+    let (used, released) = caches.ceps.used();
     let now = jiff::Timestamp::now();
     let timeout = ctx.config.identity_heartbeat_timeout;
+    let interval = ctx.config.identity_gc_interval;
+    // The earliest time a marked identity becomes due: the loop runs again
+    // then rather than a whole interval later.
+    let mut next_due: Option<jiff::Timestamp> = None;
+    let mut existing = HashSet::new();
     let pp = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     let (mut alive, mut deleted, mut marked) = (0i64, 0i64, 0i64);
     report_label_explosion(
@@ -615,7 +692,7 @@ async fn pass(
     // order does not matter), deletions paced by the limiter.
     enum Write {
         Unmark(String),
-        Mark(String, Option<String>),
+        Mark(String, Option<String>, jiff::Timestamp),
         Delete(String, u32, Preconditions),
     }
     use futures::StreamExt;
@@ -631,6 +708,7 @@ async fn pass(
             tracing::warn!(name = %name, "skipping a CiliumIdentity whose name is not a number");
             continue;
         };
+        existing.insert(id);
         let mark = identity.metadata.annotations.as_ref().and_then(|a| a.get(HEARTBEAT_ANNOTATION)).map(String::as_str);
         let rv = identity.metadata.resource_version.clone();
         match decide(used.contains(&id), mark, now, timeout) {
@@ -642,11 +720,14 @@ async fn pass(
             Action::Mark => {
                 alive += 1;
                 marked += 1;
-                writes.push(Write::Mark(name, rv));
+                let at = cilium_identity::gc::mark_time(released.get(&id).copied(), now, interval, timeout);
+                next_due = earliest(next_due, cilium_identity::gc::due(&at.to_string(), timeout));
+                writes.push(Write::Mark(name, rv, at));
             }
             Action::Wait => {
                 alive += 1;
                 marked += 1;
+                next_due = earliest(next_due, mark.and_then(|m| cilium_identity::gc::due(m, timeout)));
             }
             Action::Delete => writes.push(Write::Delete(
                 name,
@@ -665,11 +746,11 @@ async fn pass(
                         let body = serde_json::json!({ "metadata": { "annotations": { HEARTBEAT_ANNOTATION: null } } });
                         ignore_gone(identities.patch(&name, &pp, &Patch::Merge(&body)).await).map(|_| None)
                     }
-                    Write::Mark(name, rv) => {
+                    Write::Mark(name, rv, at) => {
                         // resourceVersion makes the mark conditional on what we saw.
                         let body = serde_json::json!({ "metadata": {
                             "resourceVersion": rv,
-                            "annotations": { HEARTBEAT_ANNOTATION: now.to_string() },
+                            "annotations": { HEARTBEAT_ANNOTATION: at.to_string() },
                         } });
                         ignore_gone(identities.patch(&name, &pp, &Patch::Merge(&body)).await).map(|_| None)
                     }
@@ -703,14 +784,20 @@ async fn pass(
     m.entries.get_or_create(&EntryLabels { status: "alive".into(), identity_type: "crd".into() }).set(alive);
     m.entries.get_or_create(&EntryLabels { status: "deleted".into(), identity_type: "crd".into() }).set(deleted);
     m.marked.set(marked);
+    caches.ceps.forget_released_except(&existing);
+    // A second after the due time, so that the run's clock is past it.
+    let next_due = next_due
+        .map(|d| Duration::try_from(d.duration_since(jiff::Timestamp::now())).unwrap_or(Duration::ZERO))
+        .map(|d| d + Duration::from_secs(1));
     tracing::info!(
         alive,
         deleted,
         marked,
         seconds = format!("{:.3}", started.elapsed().as_secs_f64()),
+        next_due_seconds = next_due.map(|d| d.as_secs()),
         "identity GC run done"
     );
-    Ok(PassStats { alive, deleted, marked })
+    Ok(PassStats { alive, deleted, marked, next_due })
 }
 
 /// Exports the label keys with the most distinct values across identities
@@ -772,5 +859,40 @@ mod tests {
             n += 1;
         }
         assert!((5000..=5001).contains(&n), "{n} permits in two minutes");
+    }
+
+    #[test]
+    fn the_endpoint_cache_knows_when_an_identity_lost_its_last_user() {
+        let t = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        let mut st = EndpointIdsState::default();
+        st.replace([("ns/a".to_string(), 300), ("ns/b".to_string(), 300), ("ns/c".to_string(), 301)].into());
+        st.set("ns/a".into(), None, t("2026-12-01T10:00:00Z"));
+        assert!(st.released.is_empty(), "300 still has b");
+        // b moves to another identity: 300 has no user from then.
+        st.set("ns/b".into(), Some(302), t("2026-12-01T10:01:00Z"));
+        assert_eq!(st.released.get(&300), Some(&t("2026-12-01T10:01:00Z")));
+        // The same update again (a resync) changes nothing.
+        st.set("ns/b".into(), Some(302), t("2026-12-01T10:02:00Z"));
+        assert_eq!(st.users.get(&302), Some(&1));
+        // 300 used again: no longer released.
+        st.set("ns/d".into(), Some(300), t("2026-12-01T10:03:00Z"));
+        assert_eq!(st.released.get(&300), None);
+        st.set("ns/d".into(), None, t("2026-12-01T10:04:00Z"));
+        st.set("ns/c".into(), None, t("2026-12-01T10:05:00Z"));
+        assert_eq!(st.released.get(&300), Some(&t("2026-12-01T10:04:00Z")));
+        assert_eq!(st.released.get(&301), Some(&t("2026-12-01T10:05:00Z")));
+        // A relist where 301 is used again keeps only what is still unused.
+        st.replace([("ns/e".to_string(), 301)].into());
+        assert_eq!(st.released.keys().copied().collect::<Vec<_>>(), vec![300]);
+        assert_eq!(st.users, [(301, 1)].into());
+    }
+
+    #[test]
+    fn the_loop_runs_again_when_a_mark_is_due() {
+        let m = |s: u64| Duration::from_secs(s * 60);
+        assert_eq!(until_next(m(15), m(1), None), m(14));
+        assert_eq!(until_next(m(15), m(1), Some(m(3))), m(3), "due before the interval");
+        assert_eq!(until_next(m(15), m(1), Some(m(40))), m(14), "the interval comes first");
+        assert_eq!(until_next(m(15), m(20), Some(m(3))), Duration::ZERO);
     }
 }

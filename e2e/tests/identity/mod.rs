@@ -190,6 +190,71 @@ pub fn gc_clock_survives_operator_restart(_shared: &ControlPlane) -> anyhow::Res
     result.map_err(|e| e.context(cp.log_tails(20)))
 }
 
+/// An identity is deleted one heartbeat timeout after the operator saw its
+/// last endpoint go, not one timeout after the next GC run noticed: the
+/// mark records when the last user went and the loop runs again when it is
+/// due. The endpoint goes right after a run, when the old way (mark at the
+/// next run, delete at a run a timeout later) would take a timeout plus an
+/// interval.
+pub fn reclaimed_a_timeout_after_the_last_user(_shared: &ControlPlane) -> anyhow::Result<()> {
+    const INTERVAL: u64 = 10;
+    const TIMEOUT: u64 = 20;
+    let cp = ControlPlane::start(Options::default())?;
+    let flags = vec![format!("--identity-gc-interval={INTERVAL}s"), format!("--identity-heartbeat-timeout={TIMEOUT}s")];
+    let mut op = Operator::start(&cp, "operator-last-user", "kube-system", &flags)?;
+    op.wait_healthy(Duration::from_secs(60))?;
+    let result = block_on(async {
+        let client = cp.client().await?;
+        let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+        let ids: Api<CiliumIdentity> = Api::all(client.clone());
+        let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
+        let alloc = CrdAllocator::new(client.clone(), 256..=65535, "e2e-allocator");
+        let id = alloc.allocate(&labels("last-user")).await?.id;
+        endpoint_using(&ceps, "last-user", id).await?;
+        // A run has seen it used (no mark) and the next run has just begun.
+        let runs = "cilium_operator_identity_gc_runs_total{outcome=\"success\",identity_type=\"crd\"}";
+        let deadline = Instant::now() + Duration::from_secs(3 * INTERVAL);
+        let mut seen = metric_of(&op, runs);
+        let mut unmarked_runs = 0;
+        while unmarked_runs < 2 {
+            ensure!(Instant::now() < deadline, "no two GC runs saw the identity used and unmarked");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = metric_of(&op, runs);
+            if now > seen {
+                seen = now;
+                let i = ids.get(&id.to_string()).await?;
+                let marked = i.metadata.annotations.is_some_and(|a| a.contains_key(HEARTBEAT_ANNOTATION));
+                unmarked_runs = if marked { 0 } else { unmarked_runs + 1 };
+            }
+        }
+        ceps.delete("last-user", &Default::default()).await?;
+        let released = jiff::Timestamp::now();
+        let gone = Instant::now();
+        let mark = eventually("the mark", Duration::from_secs(2 * INTERVAL), || async {
+            let i = ids.get(&id.to_string()).await?;
+            Ok(i.metadata.annotations.and_then(|a| a.get(HEARTBEAT_ANNOTATION).cloned()))
+        })
+        .await?;
+        let marked_after = gone.elapsed().as_secs_f64();
+        let mark_lag = mark.parse::<jiff::Timestamp>()?.duration_since(released).as_secs_f64();
+        eventually("the identity deleted", Duration::from_secs(TIMEOUT + 2 * INTERVAL), || async {
+            Ok(ids.get_opt(&id.to_string()).await?.is_none().then_some(()))
+        })
+        .await?;
+        let latency = gone.elapsed().as_secs_f64();
+        eprintln!(
+            "last user gone -> mark written {marked_after:.1}s later recording {mark_lag:+.1}s, deleted after {latency:.1}s (interval {INTERVAL}s, timeout {TIMEOUT}s)"
+        );
+        ensure!(marked_after > 5.0, "the mark came {marked_after:.1}s after the endpoint went: not from the next run");
+        ensure!(mark_lag.abs() < 2.0, "the mark records {mark_lag:+.1}s from when the endpoint went");
+        ensure!(latency >= TIMEOUT as f64 - 1.0, "deleted {latency:.1}s after its last user: before the timeout");
+        ensure!(latency < (TIMEOUT + 4) as f64, "deleted {latency:.1}s after its last user (timeout {TIMEOUT}s)");
+        anyhow::Ok(())
+    });
+    result.map_err(|e| e.context(cp.log_tails(20)))
+}
+
 fn etcd_get(etcd: &e2e::Etcd, key: &str, format: &str) -> anyhow::Result<String> {
     let out = etcd.etcdctl()?.args(["get", key, "-w", format]).output()?;
     ensure!(out.status.success(), "etcdctl get {key}: {}", String::from_utf8_lossy(&out.stderr));
