@@ -55,23 +55,52 @@ pub fn watch_deletions<K>(api: kube::Api<K>, n: usize) -> tokio::task::JoinHandl
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
 {
+    let times = watch_deletion_times(api, n);
+    tokio::spawn(async move {
+        let times = times.await??;
+        Ok(match (times.first(), times.last()) {
+            (Some(first), Some(last)) => last.duration_since(*first).as_secs_f64(),
+            _ => 0.0,
+        })
+    })
+}
+
+/// As [`watch_deletions`], with the time each deletion was seen.
+pub fn watch_deletion_times<K>(
+    api: kube::Api<K>,
+    n: usize,
+) -> tokio::task::JoinHandle<anyhow::Result<Vec<std::time::Instant>>>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
     use futures::TryStreamExt;
     use kube::runtime::watcher;
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
-        let (mut first, mut seen) = (None, 0usize);
+        let mut seen = Vec::with_capacity(n);
         while let Some(ev) = stream.try_next().await? {
             if let watcher::Event::Delete(_) = ev {
-                let now = std::time::Instant::now();
-                first.get_or_insert(now);
-                seen += 1;
-                if seen == n {
-                    return Ok(now.duration_since(first.unwrap_or(now)).as_secs_f64());
+                seen.push(std::time::Instant::now());
+                if seen.len() == n {
+                    return Ok(seen);
                 }
             }
         }
-        anyhow::bail!("the watch ended after {seen} deletions")
+        anyhow::bail!("the watch ended after {} deletions", seen.len())
     })
+}
+
+/// The most of `times` (in order) within any window of `window`.
+pub fn most_in_any_window(times: &[std::time::Instant], window: std::time::Duration) -> usize {
+    let mut best = 0;
+    let mut first = 0;
+    for (last, t) in times.iter().enumerate() {
+        while t.duration_since(times[first]) >= window {
+            first += 1;
+        }
+        best = best.max(last + 1 - first);
+    }
+    best
 }
 
 /// Whether IPv4 `ip` is in `cidr` (a pod CIDR as a CiliumNode lists it); a
@@ -83,6 +112,16 @@ pub fn in_cidr(ip: std::net::Ipv4Addr, cidr: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn most_in_any_window_slides() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let times = [at(0), at(10), at(990), at(1000), at(1500), at(1600), at(1700)];
+        let w = std::time::Duration::from_secs(1);
+        assert_eq!(super::most_in_any_window(&times, w), 5, "990..1700");
+        assert_eq!(super::most_in_any_window(&[], w), 0);
+    }
+
     #[test]
     fn in_cidr_checks_the_prefix() {
         let ip = "10.0.1.5".parse().unwrap();

@@ -57,6 +57,7 @@ fn main() {
         ("identity::crd_allocation_races_and_gc", identity::crd_allocation_races_and_gc),
         ("identity::gc_clock_survives_operator_restart", identity::gc_clock_survives_operator_restart),
         ("identity::reclaimed_a_timeout_after_the_last_user", identity::reclaimed_a_timeout_after_the_last_user),
+        ("identity::rate_limit_holds_in_every_window", identity::rate_limit_holds_in_every_window),
         ("identity::kvstore_heartbeat_layout_and_etcd_restart", identity::kvstore_heartbeat_layout_and_etcd_restart),
         ("identity::kvstore_allocation_layout_and_races", identity::kvstore_allocation_layout_and_races),
         ("identity::kvstore_gc_two_rounds", identity::kvstore_gc_two_rounds),

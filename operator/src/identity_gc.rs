@@ -115,32 +115,59 @@ impl IdentityGcMetrics {
     }
 }
 
-/// At most `limit` permits per `interval`, paced evenly (one every
-/// `interval / limit`, no burst), so every window of any length sees the
-/// configured rate: 2500/min means 5000 in any two minutes, not 2500 at
-/// once and 2500 more at the next window boundary.
+/// At most `limit` permits in any window of `interval`, sliding rather
+/// than fixed: up to `limit` at once, then each further permit as soon as
+/// the permit `limit` places before it is `interval` old. Reclaiming is as
+/// quick as upstream's limiter (`limit` at once, then `limit` at the start
+/// of each next window), but upstream counts fixed windows, so up to twice
+/// the limit can pass within one interval across a window boundary; this
+/// never lets more than the limit pass in any interval.
 pub struct RateLimiter {
-    spacing: Duration,
-    next: tokio::time::Instant,
+    limit: u64,
+    interval: Duration,
+    /// Permits of the last interval as (time of the latest, count) runs in
+    /// time order; permits within a millisecond share a run, so a high
+    /// limit costs at most one entry per millisecond of the interval.
+    recent: std::collections::VecDeque<(tokio::time::Instant, u64)>,
+    in_window: u64,
 }
 
 impl RateLimiter {
     pub fn new(limit: u64, interval: Duration) -> RateLimiter {
-        let spacing = interval.checked_div(limit.max(1) as u32).unwrap_or(Duration::ZERO);
-        RateLimiter { spacing, next: tokio::time::Instant::now() }
+        RateLimiter { limit: limit.max(1), interval, recent: Default::default(), in_window: 0 }
     }
 
     /// Waits until a permit is available.
     pub async fn acquire(&mut self) {
-        let now = tokio::time::Instant::now();
-        let at = self.next.max(now);
-        // Only sleep when a permit is not yet due: a timer for "now" still
-        // waits for the next timer tick (about 1 ms), which would cap a
-        // high limit at ~1000 deletions a second.
-        if at > now {
-            tokio::time::sleep_until(at).await;
+        loop {
+            let now = tokio::time::Instant::now();
+            while let Some(&(at, n)) = self.recent.front() {
+                if now.duration_since(at) < self.interval {
+                    break;
+                }
+                self.recent.pop_front();
+                self.in_window -= n;
+            }
+            if self.in_window < self.limit {
+                // A run's time is its latest permit's: a run expires no
+                // earlier than any permit in it.
+                match self.recent.back_mut() {
+                    Some((at, n)) if now.duration_since(*at) < Duration::from_millis(1) => {
+                        *at = now;
+                        *n += 1;
+                    }
+                    _ => self.recent.push_back((now, 1)),
+                }
+                self.in_window += 1;
+                return;
+            }
+            // Full: the oldest run frees its permits when it is `interval`
+            // old. (Only sleep when a permit is not due: a timer for "now"
+            // waits for the next timer tick, about 1 ms.)
+            if let Some(&(at, _)) = self.recent.front() {
+                tokio::time::sleep_until(at + self.interval).await;
+            }
         }
-        self.next = at + self.spacing;
     }
 }
 
@@ -840,25 +867,46 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn rate_limiter_paces_evenly() {
+    async fn rate_limiter_bursts_then_never_exceeds_the_limit_in_any_window() {
         let mut r = RateLimiter::new(3, Duration::from_secs(60));
         let t0 = tokio::time::Instant::now();
-        r.acquire().await;
-        assert_eq!(t0.elapsed(), Duration::ZERO, "the first permit is immediate");
-        r.acquire().await;
-        assert_eq!(t0.elapsed(), Duration::from_secs(20));
-        r.acquire().await;
-        r.acquire().await;
-        assert_eq!(t0.elapsed(), Duration::from_secs(60), "3 per minute, evenly spaced");
-        // The default: 2500 per minute -> 5000 in two minutes.
+        let mut at = Vec::new();
+        for _ in 0..7 {
+            r.acquire().await;
+            at.push(t0.elapsed().as_secs());
+        }
+        assert_eq!(at, [0, 0, 0, 60, 60, 60, 120], "the limit at once, then the next window's");
+        // The default, with permits taken as a GC takes them (a few ms of
+        // work each, at times): 2500 at once, 5000 in the first two minutes,
+        // and no 60 s window anywhere with more than 2500.
         let mut r = RateLimiter::new(2500, Duration::from_secs(60));
         let t0 = tokio::time::Instant::now();
-        let mut n = 0;
-        while t0.elapsed() < Duration::from_secs(120) {
+        let mut at = Vec::new();
+        for i in 0..9000u64 {
             r.acquire().await;
-            n += 1;
+            at.push(tokio::time::Instant::now());
+            if i % 7 == 0 {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
         }
-        assert!((5000..=5001).contains(&n), "{n} permits in two minutes");
+        let within = |d: Duration| at.iter().filter(|t| t.duration_since(t0) < d).count();
+        assert_eq!(within(Duration::from_secs(30)), 2500);
+        assert_eq!(within(Duration::from_secs(120)), 5000);
+        for (i, t) in at.iter().enumerate().skip(2500) {
+            assert!(
+                t.duration_since(at[i - 2500]) >= Duration::from_secs(60),
+                "permits {} and {i} in one window",
+                i - 2500
+            );
+        }
+        // Off (a huge limit): never waits, and keeps at most a run per ms.
+        let mut r = RateLimiter::new(100_000_000, Duration::from_secs(60));
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..100_000 {
+            r.acquire().await;
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        assert_eq!(r.recent.len(), 1);
     }
 
     #[test]

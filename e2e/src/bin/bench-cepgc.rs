@@ -61,6 +61,7 @@ fn main() -> anyhow::Result<()> {
     op.wait_healthy(Duration::from_secs(60))?;
     let pass = wait_pass_seconds(&op, 1.0)?;
     let watched = watch.join().map_err(|_| anyhow::anyhow!("watch thread panicked"))??;
+    let cpu = e2e::process::cpu_seconds(op.proc.pid())?;
     let remaining = e2e::block_on(count_ceps(&cp))?;
     ensure!(remaining == n - orphans, "{remaining} CEPs left, expected {}", n - orphans);
     ensure!(!op.proc.log_text().contains("panicked"));
@@ -101,9 +102,10 @@ fn main() -> anyhow::Result<()> {
             let log = up.proc.log_text();
             e.context(format!("upstream log:\n{}", &log[log.len().saturating_sub(3000)..]))
         })?;
+        let up_cpu = e2e::process::cpu_seconds(up.proc.pid())?;
         let remaining = e2e::block_on(count_ceps(&cp))?;
         ensure!(remaining == n - orphans, "upstream left {remaining} CEPs, expected {}", n - orphans);
-        Some(watched)
+        Some((watched, up_cpu))
     } else {
         eprintln!("upstream cilium-operator-generic not built (scripts/build-upstream.sh): no upstream arm");
         None
@@ -123,8 +125,10 @@ fn main() -> anyhow::Result<()> {
     println!("GC pass, {n} CEPs / {orphans} orphans {pass:>8.2} s (deletions seen over {watched:.2} s)");
     println!("raw deletes of {orphans} CEPs, 16 in flight {base:>8.2} s");
     println!("raw deletes of {orphans} CEPs, 32 in flight {base32:>8.2} s");
-    if let Some(up) = upstream {
+    println!("operator CPU, start to last deletion {cpu:>8.2} s");
+    if let Some((up, up_cpu)) = upstream {
         println!("upstream pass (deletions seen over)  {up:>8.2} s");
+        println!("upstream CPU, start to last deletion {up_cpu:>8.2} s");
     }
     println!("\nFor docs/benchmarks.md:");
     println!(
@@ -141,10 +145,14 @@ fn main() -> anyhow::Result<()> {
         "- endpoint-gc: one GC pass over {n} CEPs with {orphans} orphans = {pass:.2} s (baseline {base32:.2} s raw deletes 32 in flight, ratio {:.2})",
         pass / base32
     );
-    if let Some(up) = upstream {
+    if let Some((up, up_cpu)) = upstream {
         println!(
             "- endpoint-gc: one GC pass over {n} CEPs with {orphans} orphans, first to last deletion as a watch sees them = {watched:.2} s (baseline {up:.2} s upstream cilium-operator-generic, ratio {:.2})",
             watched / up
+        );
+        println!(
+            "- endpoint-gc: operator CPU seconds from start to the last of {orphans} deletions over {n} CEPs = {cpu:.2} s (baseline {up_cpu:.2} s upstream cilium-operator-generic, ratio {:.2})",
+            cpu / up_cpu
         );
     }
     Ok(())

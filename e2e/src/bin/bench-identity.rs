@@ -8,8 +8,10 @@
 //!    first to the last as a watch sees them, for both operators);
 //! 2. the same for N kvstore identities (the deleting round) vs. raw etcd
 //!    deletes one at a time and 32 at a time;
-//! 3. with the default rate limit (2500/min), deletions over a two-minute
-//!    window vs. the configured 5000;
+//! 3. with the default rate limit (2500/min), 6,000 stale identities: time
+//!    from the first deletion to the last, deletions in the two minutes
+//!    after the first (vs. the configured 5000) and the most in any 60 s
+//!    (vs. the configured 2500), ours and upstream's;
 //! 4. allocation throughput of 1,000 distinct label sets per backend vs. raw
 //!    creates (CiliumIdentity objects / etcd puts, with IDs outside the
 //!    cluster range so they never collide) one by one.
@@ -29,6 +31,7 @@ use cilium_identity::Labels;
 use cilium_identity_alloc::crd::{CrdAllocator, identity_object};
 use cilium_identity_alloc::doublewrite::{DoubleWriteAllocator, ReadFrom};
 use cilium_identity_alloc::kvstore::{KvstoreAllocator, PREFIX};
+use e2e::process::cpu_seconds;
 use e2e::{ControlPlane, Etcd, Operator, Options};
 use futures::StreamExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
@@ -57,7 +60,7 @@ fn main() -> anyhow::Result<()> {
             r.watched,
             r.one_at_a_time,
             r.in_flight_32,
-            r.upstream.map_or("-".into(), |u| format!("{u:.2}s"))
+            r.upstream.as_ref().map_or("-".into(), |u| format!("{:.2}s", u.watched))
         );
         lines.push(format!(
             "- identity-gc: reclaim {n} stale CiliumIdentities (rate limit off) = {:.2} s (baseline {:.2} s raw deletes one at a time, ratio {:.2})",
@@ -73,9 +76,16 @@ fn main() -> anyhow::Result<()> {
         ));
         if let Some(up) = r.upstream {
             lines.push(format!(
-                "- identity-gc: deletions of {n} stale CiliumIdentities, first to last as a watch sees them (rate limit off) = {:.2} s (baseline {up:.2} s upstream cilium-operator-generic, ratio {:.2})",
+                "- identity-gc: deletions of {n} stale CiliumIdentities, first to last as a watch sees them (rate limit off) = {:.2} s (baseline {:.2} s upstream cilium-operator-generic, ratio {:.2})",
                 r.watched,
-                r.watched / up
+                up.watched,
+                r.watched / up.watched
+            ));
+            lines.push(format!(
+                "- identity-gc: operator CPU seconds from start to the last of {n} CiliumIdentity deletions (rate limit off) = {:.2} s (baseline {:.2} s upstream cilium-operator-generic, ratio {:.2})",
+                r.cpu,
+                up.cpu,
+                r.cpu / up.cpu
             ));
         }
     }
@@ -88,13 +98,20 @@ fn main() -> anyhow::Result<()> {
         eprintln!(
             "kvstore reclaim: round {kv_gc:.2}s (deletions seen over {:.2}s), raw one at a time {kv_base:.2}s, raw 32 in flight {kv_32:.2}s, upstream {}",
             r.watched,
-            r.upstream.map_or("-".into(), |u| format!("{u:.2}s"))
+            r.upstream.as_ref().map_or("-".into(), |u| format!("{:.2}s", u.watched))
         );
-        if let Some(up) = r.upstream {
+        if let Some(up) = &r.upstream {
             lines.push(format!(
-                "- identity-gc: deletions of {n} stale kvstore identities, first to last as an etcd watch sees them (rate limit off) = {:.2} s (baseline {up:.2} s upstream cilium-operator-generic, ratio {:.2})",
+                "- identity-gc: deletions of {n} stale kvstore identities, first to last as an etcd watch sees them (rate limit off) = {:.2} s (baseline {:.2} s upstream cilium-operator-generic, ratio {:.2})",
                 r.watched,
-                r.watched / up
+                up.watched,
+                r.watched / up.watched
+            ));
+            lines.push(format!(
+                "- identity-gc: operator CPU seconds from start to the last of {n} kvstore identity deletions (rate limit off) = {:.2} s (baseline {:.2} s upstream cilium-operator-generic, ratio {:.2})",
+                r.cpu,
+                up.cpu,
+                r.cpu / up.cpu
             ));
         }
         lines.push(format!(
@@ -107,14 +124,41 @@ fn main() -> anyhow::Result<()> {
         ));
     }
 
-    // 3. Default rate limit over two minutes.
+    // 3. Default rate limit.
     if rate_window {
-        let deleted = e2e::block_on(rate_window_deletions(&cp))?;
-        eprintln!("rate window: {deleted} deletions in 120 s");
+        let (ours, up) = e2e::block_on(default_rate_limit(&cp))?;
+        for (who, r) in [("ours", Some(&ours)), ("upstream", up.as_ref())] {
+            if let Some(r) = r {
+                eprintln!(
+                    "default rate limit, {who}: {RATE_STALE} reclaimed over {:.1}s, {} in the first 2 minutes, at most {} in any 60 s",
+                    r.reclaim, r.first_two_minutes, r.most_in_a_minute
+                );
+            }
+        }
         lines.push(format!(
-            "- identity-gc: deletions in a 2-minute window at the default limit = {deleted} identities (baseline 5000 configured, ratio {:.3})",
-            deleted as f64 / 5000.0
+            "- identity-gc: deletions in a 2-minute window at the default limit = {} identities (baseline 5000 configured, ratio {:.3})",
+            ours.first_two_minutes,
+            ours.first_two_minutes as f64 / 5000.0
         ));
+        lines.push(format!(
+            "- identity-gc: most deletions in any 60 s at the default limit = {} identities (baseline 2500 configured, ratio {:.3})",
+            ours.most_in_a_minute,
+            ours.most_in_a_minute as f64 / 2500.0
+        ));
+        if let Some(up) = up {
+            lines.push(format!(
+                "- identity-gc: reclaim {RATE_STALE} stale CiliumIdentities at the default limit, first to last deletion = {:.1} s (baseline {:.1} s upstream cilium-operator-generic, ratio {:.2})",
+                ours.reclaim,
+                up.reclaim,
+                ours.reclaim / up.reclaim
+            ));
+            lines.push(format!(
+                "- identity-gc: most deletions in any 60 s at the default limit = {} identities (baseline {} upstream cilium-operator-generic, ratio {:.2})",
+                ours.most_in_a_minute,
+                up.most_in_a_minute,
+                ours.most_in_a_minute as f64 / up.most_in_a_minute as f64
+            ));
+        }
     }
 
     // 4. Allocation throughput.
@@ -218,11 +262,12 @@ struct CrdReclaim {
     pass: f64,
     /// Our deletions from the first to the last as a watch sees them.
     watched: f64,
+    /// CPU seconds from our start to the last deletion.
+    cpu: f64,
     one_at_a_time: f64,
     in_flight_32: f64,
-    /// Upstream's deletions from the first to the last as a watch sees
-    /// them, when it is built.
-    upstream: Option<f64>,
+    /// Upstream's figures, when it is built.
+    upstream: Option<Upstream>,
 }
 
 /// Deletes every CiliumIdentity with uid + resourceVersion preconditions
@@ -268,6 +313,7 @@ async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<CrdReclaim> 
     let watched = tokio::time::timeout(Duration::from_secs(60), watch)
         .await
         .map_err(|_| anyhow::anyhow!("the watch did not see {n} deletions"))???;
+    let cpu = cpu_seconds(op.proc.pid())?;
     drop(op);
     // Baselines: the same objects again, deleted with uid +
     // resourceVersion preconditions after one list, one at a time, then 32
@@ -302,13 +348,14 @@ async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<CrdReclaim> 
                 &log[log.len().saturating_sub(3000)..]
             )
         })???;
+        let up_cpu = cpu_seconds(op.proc.pid())?;
         drop(op);
-        Some(watched)
+        Some(Upstream { watched, cpu: up_cpu })
     } else {
         eprintln!("upstream cilium-operator-generic not built (scripts/build-upstream.sh): no upstream arm");
         None
     };
-    Ok(CrdReclaim { pass, watched, one_at_a_time, in_flight_32, upstream })
+    Ok(CrdReclaim { pass, watched, cpu, one_at_a_time, in_flight_32, upstream })
 }
 
 /// An operator collecting kvstore identities every 5 s, rate limit off.
@@ -339,6 +386,7 @@ async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<
     let watched = tokio::time::timeout(Duration::from_secs(60), watch)
         .await
         .map_err(|_| anyhow::anyhow!("the etcd watch did not see {n} deletions"))???;
+    let cpu = cpu_seconds(op.proc.pid())?;
     drop(op);
     // Baselines: list, then one plain delete per key (the reads the GC
     // makes per key are not counted), one at a time, then 32 in flight.
@@ -393,21 +441,30 @@ async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<
                 &log[log.len().saturating_sub(3000)..]
             )
         })???;
+        let up_cpu = cpu_seconds(op.proc.pid())?;
         drop(op);
-        Some(watched)
+        Some(Upstream { watched, cpu: up_cpu })
     } else {
         None
     };
-    Ok(KvReclaim { round, watched, one_at_a_time: raw[0], in_flight_32: raw[1], upstream })
+    Ok(KvReclaim { round, watched, cpu, one_at_a_time: raw[0], in_flight_32: raw[1], upstream })
 }
 
 /// Stage 2's figures, in seconds (as [`CrdReclaim`]).
 struct KvReclaim {
     round: f64,
     watched: f64,
+    cpu: f64,
     one_at_a_time: f64,
     in_flight_32: f64,
-    upstream: Option<f64>,
+    upstream: Option<Upstream>,
+}
+
+/// Upstream's arm: its deletions from the first to the last as a watch
+/// sees them, and the CPU seconds it used from its start to the last.
+struct Upstream {
+    watched: f64,
+    cpu: f64,
 }
 
 /// Watches deletions of `id/` keys until `n` are seen; returns the time
@@ -516,23 +573,61 @@ async fn kv_gc_200k(cp: &ControlPlane, etcd: &Etcd) -> anyhow::Result<(f64, f64,
     Ok((round, started.elapsed().as_secs_f64(), total))
 }
 
-/// Deletions in the two minutes after the first one, at the default limit.
-async fn rate_window_deletions(cp: &ControlPlane) -> anyhow::Result<usize> {
-    const STALE: usize = 6000;
-    create_identities(cp, "rate", STALE, true).await?;
+/// Stage 3's figures for one operator, from every deletion as a watch sees
+/// it.
+struct RateWindow {
+    /// Seconds from the first deletion to the last.
+    reclaim: f64,
+    /// Deletions in the two minutes after the first.
+    first_two_minutes: usize,
+    /// The most deletions in any 60 s.
+    most_in_a_minute: usize,
+}
+
+const RATE_STALE: usize = 6000;
+
+/// `RATE_STALE` stale identities reclaimed at the default rate limit (2500
+/// per 1m) by ours, then by upstream's on the same control plane (with the
+/// 5 s interval and 1 s heartbeat timeout of stage 1, so that it starts
+/// deleting soon).
+async fn default_rate_limit(cp: &ControlPlane) -> anyhow::Result<(RateWindow, Option<RateWindow>)> {
     let api: Api<CiliumIdentity> = Api::all(cp.client().await?);
-    let count = || async { anyhow::Ok(api.list_metadata(&ListParams::default()).await?.items.len()) };
+    let figures = |times: Vec<Instant>| RateWindow {
+        reclaim: times.last().map_or(0.0, |l| l.duration_since(times[0]).as_secs_f64()),
+        first_two_minutes: times.iter().filter(|t| t.duration_since(times[0]) < Duration::from_secs(120)).count(),
+        most_in_a_minute: e2e::most_in_any_window(&times, Duration::from_secs(60)),
+    };
+    let wait = |watch: tokio::task::JoinHandle<anyhow::Result<Vec<Instant>>>, op: Operator| async move {
+        let times = tokio::time::timeout(Duration::from_secs(600), watch).await.map_err(|_| {
+            let log = op.proc.log_text();
+            anyhow::anyhow!("{RATE_STALE} identities not deleted in 600 s:\n{}", &log[log.len().saturating_sub(3000)..])
+        })???;
+        drop(op);
+        anyhow::Ok(times)
+    };
+    create_identities(cp, "rate", RATE_STALE, true).await?;
+    let watch = e2e::watch_deletion_times(api.clone(), RATE_STALE);
     let op = Operator::start(cp, "bench-rate", "kube-system", &["--identity-gc-interval=10s".into()])?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while count().await? == STALE {
-        ensure!(Instant::now() < deadline, "no deletion");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let start_count = STALE;
-    tokio::time::sleep(Duration::from_secs(120)).await;
-    let deleted = start_count - count().await?;
-    drop(op);
-    Ok(deleted)
+    let ours = figures(wait(watch, op).await?);
+    let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
+        create_identities(cp, "rate-up", RATE_STALE, false).await?;
+        let watch = e2e::watch_deletion_times(api.clone(), RATE_STALE);
+        let args: Vec<String> = [
+            "--identity-allocation-mode=crd",
+            "--identity-gc-interval=5s",
+            "--identity-heartbeat-timeout=1s",
+            "--cluster-pool-ipv4-cidr=10.0.0.0/8",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain(Operator::UPSTREAM_AS_OURS.iter().map(|a| a.to_string()))
+        .collect();
+        let op = Operator::start_upstream(cp, "bench-upstream-rate", "kube-system", &args)?;
+        Some(figures(wait(watch, op).await?))
+    } else {
+        None
+    };
+    Ok((ours, upstream))
 }
 
 /// (backend, allocations/s, baseline writes/s).

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use cilium_crds::{CiliumEndpoint, CiliumIdentity, CiliumNode};
-use e2e::process::status_kib;
+use e2e::process::{cpu_seconds, status_kib};
 use e2e::{ControlPlane, Operator, Options};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -48,8 +48,8 @@ fn main() -> anyhow::Result<()> {
     e2e::block_on(base_objects(&cp))?;
     eprintln!("created {NODES} Nodes + CiliumNodes and {IDENTITIES} identities in {:.1}s", t.elapsed().as_secs_f64());
 
-    // (pods, ours KiB, upstream KiB)
-    let mut rows: Vec<(usize, u64, Option<u64>)> = Vec::new();
+    // (pods, ours, upstream)
+    let mut rows: Vec<(usize, Steady, Option<Steady>)> = Vec::new();
     let mut have = 0;
     for &n in &sizes {
         let t = Instant::now();
@@ -59,9 +59,10 @@ fn main() -> anyhow::Result<()> {
         let ours = steady_rss(&cp, Arm::Ours)?;
         let up = if upstream { Some(steady_rss(&cp, Arm::Upstream)?) } else { None };
         eprintln!(
-            "  {n} pods: ours {:.1} MiB, upstream {}",
-            ours as f64 / 1024.0,
-            up.map_or("-".into(), |u| format!("{:.1} MiB", u as f64 / 1024.0))
+            "  {n} pods: ours {:.1} MiB {:.2} CPU s, upstream {}",
+            ours.kib as f64 / 1024.0,
+            ours.cpu,
+            up.map_or("-".into(), |u| format!("{:.1} MiB {:.2} CPU s", u.kib as f64 / 1024.0, u.cpu))
         );
         rows.push((n, ours, up));
     }
@@ -69,28 +70,38 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\nOperator memory ({NODES} nodes, {IDENTITIES} identities; steady RSS, median of 3 readings after 3 GC passes)"
     );
-    println!("{:>8} {:>12} {:>14}", "pods", "ours MiB", "upstream MiB");
+    println!("{:>8} {:>12} {:>14} {:>12} {:>14}", "pods", "ours MiB", "upstream MiB", "ours CPU s", "upstream CPU s");
     for (n, ours, up) in &rows {
-        let up = up.map_or("-".into(), |u| format!("{:.1}", u as f64 / 1024.0));
-        println!("{n:>8} {:>12.1} {up:>14}", *ours as f64 / 1024.0);
+        let (up_mib, up_cpu) =
+            up.map_or(("-".into(), "-".into()), |u| (format!("{:.1}", u.kib as f64 / 1024.0), format!("{:.2}", u.cpu)));
+        println!("{n:>8} {:>12.1} {up_mib:>14} {:>12.2} {up_cpu:>14}", ours.kib as f64 / 1024.0, ours.cpu);
     }
     let xs: Vec<f64> = rows.iter().map(|r| r.0 as f64).collect();
-    let ours_slope = slope(&xs, &rows.iter().map(|r| r.1 as f64 * 1024.0).collect::<Vec<_>>());
+    let ours_slope = slope(&xs, &rows.iter().map(|r| r.1.kib as f64 * 1024.0).collect::<Vec<_>>());
     println!("\nFor docs/benchmarks.md:");
     let range = format!("{}-{} pods", sizes[0], sizes[sizes.len() - 1]);
     if rows.iter().all(|r| r.2.is_some()) {
-        let up_slope = slope(&xs, &rows.iter().map(|r| r.2.unwrap_or(0) as f64 * 1024.0).collect::<Vec<_>>());
+        let up_slope = slope(&xs, &rows.iter().map(|r| r.2.map_or(0.0, |u| u.kib as f64 * 1024.0)).collect::<Vec<_>>());
         println!(
             "- memory: operator RSS slope over {range} (pod + CEP) = {ours_slope:.0} bytes/pod (baseline {up_slope:.0} upstream cilium-operator-generic, ratio {:.2})",
             ours_slope / up_slope
         );
         for (n, ours, up) in &rows {
-            let up = up.unwrap_or(1);
+            let Some(up) = up else { continue };
             println!(
                 "- memory: operator RSS at {n} pods = {:.1} MiB (baseline {:.1} upstream, ratio {:.2})",
-                *ours as f64 / 1024.0,
-                up as f64 / 1024.0,
-                *ours as f64 / up as f64
+                ours.kib as f64 / 1024.0,
+                up.kib as f64 / 1024.0,
+                ours.kib as f64 / up.kib as f64
+            );
+        }
+        for (n, ours, up) in &rows {
+            let Some(up) = up else { continue };
+            println!(
+                "- memory: operator CPU seconds from start through 3 endpoint and 3 identity GC passes at {n} pods = {:.2} s (baseline {:.2} s upstream, ratio {:.2})",
+                ours.cpu,
+                up.cpu,
+                ours.cpu / up.cpu
             );
         }
     } else {
@@ -114,9 +125,19 @@ fn slope(xs: &[f64], ys: &[f64]) -> f64 {
     cov / var
 }
 
+/// One operator's steady state.
+#[derive(Clone, Copy)]
+struct Steady {
+    /// Median of 3 VmRSS readings.
+    kib: u64,
+    /// CPU seconds from its start to the first reading.
+    cpu: f64,
+}
+
 /// Starts one operator, waits for 3 endpoint GC and 3 identity GC passes,
-/// returns the median of 3 VmRSS readings (KiB), stops it.
-fn steady_rss(cp: &ControlPlane, arm: Arm) -> anyhow::Result<u64> {
+/// returns the median of 3 VmRSS readings and the CPU seconds used until
+/// then, stops it.
+fn steady_rss(cp: &ControlPlane, arm: Arm) -> anyhow::Result<Steady> {
     let mut args: Vec<String> = vec![
         "--cluster-pool-ipv4-cidr=10.0.0.0/8".into(),
         "--cluster-pool-ipv4-mask-size=24".into(),
@@ -154,6 +175,7 @@ fn steady_rss(cp: &ControlPlane, arm: Arm) -> anyhow::Result<u64> {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    let cpu = cpu_seconds(op.proc.pid())?;
     let mut readings = Vec::new();
     for i in 0..3 {
         if i > 0 {
@@ -164,7 +186,7 @@ fn steady_rss(cp: &ControlPlane, arm: Arm) -> anyhow::Result<u64> {
     readings.sort();
     ensure!(!op.proc.log_text().contains("panicked"), "operator panicked:\n{}", tail(&op));
     op.stop()?;
-    Ok(readings[1])
+    Ok(Steady { kib: readings[1], cpu })
 }
 
 fn tail(op: &Operator) -> String {
