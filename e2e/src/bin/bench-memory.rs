@@ -12,7 +12,9 @@
 //! none) and without registering CRDs (ours are applied first; the same
 //! `cilium.io/v2` formats).
 //!
-//! Usage (root): `target/release/bench-memory [N ...]`. Upstream's arm needs
+//! Usage (root): `target/release/bench-memory [--nodes=1000] [N ...]` (one
+//! size gives no slope: `--nodes=5000 100000` is upstream's published
+//! maximum). Upstream's arm needs
 //! `scripts/build-upstream.sh`.
 
 use std::time::{Duration, Instant};
@@ -27,13 +29,20 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 
 const NS: &str = "bench";
-const NODES: usize = 1000;
+/// Nodes (and CiliumNodes): 1,000, or `--nodes=N`.
+fn node_count() -> usize {
+    static NODES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *NODES.get_or_init(|| {
+        std::env::args().find_map(|a| a.strip_prefix("--nodes=").and_then(|n| n.parse().ok())).unwrap_or(1000)
+    })
+}
 const IDENTITIES: usize = 200;
 const CONCURRENCY: usize = 32;
 const GC_INTERVAL_S: u64 = 10;
 
 fn main() -> anyhow::Result<()> {
-    let mut sizes: Vec<usize> = std::env::args().skip(1).map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let mut sizes: Vec<usize> =
+        std::env::args().skip(1).filter(|a| !a.starts_with("--")).map(|s| s.parse()).collect::<Result<_, _>>()?;
     if sizes.is_empty() {
         sizes = vec![10_000, 20_000, 40_000];
     }
@@ -46,7 +55,11 @@ fn main() -> anyhow::Result<()> {
     cp.apply_crds()?;
     let t = Instant::now();
     e2e::block_on(base_objects(&cp))?;
-    eprintln!("created {NODES} Nodes + CiliumNodes and {IDENTITIES} identities in {:.1}s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "created {} Nodes + CiliumNodes and {IDENTITIES} identities in {:.1}s",
+        node_count(),
+        t.elapsed().as_secs_f64()
+    );
 
     // (pods, ours, upstream)
     let mut rows: Vec<(usize, Steady, Option<Steady>)> = Vec::new();
@@ -68,7 +81,8 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "\nOperator memory ({NODES} nodes, {IDENTITIES} identities; steady RSS, median of 3 readings after 3 GC passes)"
+        "\nOperator memory ({} nodes, {IDENTITIES} identities; steady RSS, median of 3 readings after 3 GC passes)",
+        node_count()
     );
     println!("{:>8} {:>12} {:>14} {:>12} {:>14}", "pods", "ours MiB", "upstream MiB", "ours CPU s", "upstream CPU s");
     for (n, ours, up) in &rows {
@@ -77,6 +91,27 @@ fn main() -> anyhow::Result<()> {
         println!("{n:>8} {:>12.1} {up_mib:>14} {:>12.2} {up_cpu:>14}", ours.kib as f64 / 1024.0, ours.cpu);
     }
     let xs: Vec<f64> = rows.iter().map(|r| r.0 as f64).collect();
+    if rows.len() < 2 {
+        println!("\nFor docs/benchmarks.md:");
+        for (n, ours, up) in &rows {
+            let Some(up) = up else { continue };
+            println!(
+                "- memory: operator RSS at {n} pods and {} nodes = {:.1} MiB (baseline {:.1} upstream, ratio {:.2})",
+                node_count(),
+                ours.kib as f64 / 1024.0,
+                up.kib as f64 / 1024.0,
+                ours.kib as f64 / up.kib as f64
+            );
+            println!(
+                "- memory: operator CPU seconds from start through 3 endpoint and 3 identity GC passes at {n} pods and {} nodes = {:.2} s (baseline {:.2} s upstream, ratio {:.2})",
+                node_count(),
+                ours.cpu,
+                up.cpu,
+                ours.cpu / up.cpu
+            );
+        }
+        return Ok(());
+    }
     let ours_slope = slope(&xs, &rows.iter().map(|r| r.1.kib as f64 * 1024.0).collect::<Vec<_>>());
     println!("\nFor docs/benchmarks.md:");
     let range = format!("{}-{} pods", sizes[0], sizes[sizes.len() - 1]);
@@ -153,7 +188,7 @@ fn steady_rss(cp: &ControlPlane, arm: Arm) -> anyhow::Result<Steady> {
             Operator::start_upstream(cp, "bench-upstream", "kube-system", &args)?
         }
     };
-    op.wait_healthy(Duration::from_secs(180))?;
+    op.wait_healthy(Duration::from_secs(600))?;
     let started = Instant::now();
     // Identity GC passes (both count them, upstream as a gauge without
     // `_total`); endpoint GC passes: ours counts them, upstream does not, so
@@ -214,11 +249,11 @@ async fn base_objects(cp: &ControlPlane) -> anyhow::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let cnodes: Api<CiliumNode> = Api::all(client.clone());
     let ids: Api<CiliumIdentity> = Api::all(client.clone());
-    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..NODES.max(IDENTITIES))
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..node_count().max(IDENTITIES))
         .map(|i| {
             let (nodes, cnodes, ids) = (nodes.clone(), cnodes.clone(), ids.clone());
             async move {
-                if i < NODES {
+                if i < node_count() {
                     let name = format!("node-{i:04}");
                     let ip = format!("192.0.{}.{}", i / 250, i % 250 + 1);
                     let node: Node = serde_json::from_value(json!({
@@ -262,9 +297,9 @@ async fn fill(cp: &ControlPlane, from: usize, to: usize) -> anyhow::Result<()> {
             let (pods, ceps) = (pods.clone(), ceps.clone());
             async move {
                 let name = format!("pod-{i:06}");
-                let node = format!("node-{:04}", i % NODES);
+                let node = format!("node-{:04}", i % node_count());
                 let app = format!("app-{}", i % IDENTITIES);
-                let ip = format!("10.{}.{}.{}", (i % NODES) / 256, (i % NODES) % 256, i / NODES % 250 + 1);
+                let ip = format!("10.{}.{}.{}", (i % node_count()) / 256, (i % node_count()) % 256, i / node_count() % 250 + 1);
                 let pod: Pod = serde_json::from_value(json!({
                     "metadata": { "name": name, "namespace": NS, "labels": { "app": app, "tier": "web" } },
                     "spec": { "nodeName": node,
@@ -276,7 +311,7 @@ async fn fill(cp: &ControlPlane, from: usize, to: usize) -> anyhow::Result<()> {
                         "ownerReferences": [{ "apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid }] },
                     "status": { "id": i % 4096 + 1, "state": "ready",
                         "identity": { "id": 1000 + i % IDENTITIES, "labels": [format!("k8s:app={app}")] },
-                        "networking": { "node": format!("192.0.{}.{}", (i % NODES) / 250, (i % NODES) % 250 + 1),
+                        "networking": { "node": format!("192.0.{}.{}", (i % node_count()) / 250, (i % node_count()) % 250 + 1),
                             "addressing": [{ "ipv4": ip }] } }
                 }))?;
                 ceps.create(&PostParams::default(), &cep).await?;
