@@ -322,25 +322,17 @@ async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<CrdReclaim> 
     let one_at_a_time = raw_crd_deletes(&api, 1).await?;
     create_identities(cp, "stale3", n, true).await?;
     let in_flight_32 = raw_crd_deletes(&api, 32).await?;
-    // Upstream, rate limit off too (client and GC). It gives every identity
-    // a fresh heartbeat when it starts and marks before it deletes: a 1 s
-    // heartbeat timeout and a 5 s interval make its third pass the deleting
-    // one; only the deletions are timed, as for ours.
+    // Upstream, rate limit off too (client and GC); only the deletions are
+    // timed, as for ours.
     let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
         create_identities(cp, "stale4", n, false).await?;
         let watch = e2e::watch_deletions(api.clone(), n);
-        let args: Vec<String> = [
-            "--identity-allocation-mode=crd",
-            "--identity-gc-interval=5s",
-            "--identity-heartbeat-timeout=1s",
-            "--identity-gc-rate-limit=100000000",
-            "--cluster-pool-ipv4-cidr=10.0.0.0/8",
-        ]
-        .map(String::from)
-        .into_iter()
-        .chain(Operator::UPSTREAM_AS_OURS.iter().map(|a| a.to_string()))
-        .collect();
-        let op = Operator::start_upstream(cp, "bench-upstream-crd-gc", "kube-system", &args)?;
+        let op = Operator::start_upstream(
+            cp,
+            "bench-upstream-crd-gc",
+            "kube-system",
+            &upstream_crd_gc_args(&["--identity-gc-rate-limit=100000000"]),
+        )?;
         let watched = tokio::time::timeout(Duration::from_secs(900), watch).await.map_err(|_| {
             let log = op.proc.log_text();
             anyhow::anyhow!(
@@ -356,6 +348,20 @@ async fn crd_reclaim(cp: &ControlPlane, n: usize) -> anyhow::Result<CrdReclaim> 
         None
     };
     Ok(CrdReclaim { pass, watched, cpu, one_at_a_time, in_flight_32, upstream })
+}
+
+/// Upstream's CRD-mode GC as the benchmarks run it, plus `extra`. It gives
+/// every identity a fresh heartbeat when it starts and marks before it
+/// deletes: a 1 s heartbeat timeout and a 5 s interval make its third pass
+/// the deleting one.
+fn upstream_crd_gc_args(extra: &[&str]) -> Vec<String> {
+    ["--identity-allocation-mode=crd", "--identity-gc-interval=5s", "--identity-heartbeat-timeout=1s"]
+        .iter()
+        .chain(extra)
+        .chain(&["--cluster-pool-ipv4-cidr=10.0.0.0/8"])
+        .chain(Operator::UPSTREAM_AS_OURS)
+        .map(|a| a.to_string())
+        .collect()
 }
 
 /// An operator collecting kvstore identities every 5 s, rate limit off.
@@ -612,17 +618,7 @@ async fn default_rate_limit(cp: &ControlPlane) -> anyhow::Result<(RateWindow, Op
     let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
         create_identities(cp, "rate-up", RATE_STALE, false).await?;
         let watch = e2e::watch_deletion_times(api.clone(), RATE_STALE);
-        let args: Vec<String> = [
-            "--identity-allocation-mode=crd",
-            "--identity-gc-interval=5s",
-            "--identity-heartbeat-timeout=1s",
-            "--cluster-pool-ipv4-cidr=10.0.0.0/8",
-        ]
-        .map(String::from)
-        .into_iter()
-        .chain(Operator::UPSTREAM_AS_OURS.iter().map(|a| a.to_string()))
-        .collect();
-        let op = Operator::start_upstream(cp, "bench-upstream-rate", "kube-system", &args)?;
+        let op = Operator::start_upstream(cp, "bench-upstream-rate", "kube-system", &upstream_crd_gc_args(&[]))?;
         Some(figures(wait(watch, op).await?))
     } else {
         None

@@ -29,6 +29,14 @@ async fn identity_ids(api: &Api<CiliumIdentity>) -> anyhow::Result<BTreeMap<u32,
         .collect())
 }
 
+/// Creates the test namespace; the CiliumIdentity and (its) CiliumEndpoint
+/// APIs.
+async fn namespace_and_apis(client: &kube::Client) -> anyhow::Result<(Api<CiliumIdentity>, Api<CiliumEndpoint>)> {
+    let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    Ok((Api::all(client.clone()), Api::namespaced(client.clone(), NS)))
+}
+
 async fn endpoint_using(ceps: &Api<CiliumEndpoint>, name: &str, id: u32) -> anyhow::Result<()> {
     let cep: CiliumEndpoint = serde_json::from_value(json!({
         "metadata": { "name": name, "namespace": NS },
@@ -48,10 +56,7 @@ pub fn crd_allocation_races_and_gc(_shared: &ControlPlane) -> anyhow::Result<()>
     op.wait_healthy(Duration::from_secs(60))?;
     let result = block_on(async {
         let client = cp.client().await?;
-        let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-        let ids: Api<CiliumIdentity> = Api::all(client.clone());
-        let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
+        let (ids, ceps) = namespace_and_apis(&client).await?;
 
         // Two allocators race for the same 30 label sets.
         let a = CrdAllocator::new(client.clone(), 256..=65535, "e2e-allocator-a");
@@ -205,10 +210,7 @@ pub fn reclaimed_a_timeout_after_the_last_user(_shared: &ControlPlane) -> anyhow
     op.wait_healthy(Duration::from_secs(60))?;
     let result = block_on(async {
         let client = cp.client().await?;
-        let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-        let ids: Api<CiliumIdentity> = Api::all(client.clone());
-        let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
+        let (ids, ceps) = namespace_and_apis(&client).await?;
         let alloc = CrdAllocator::new(client.clone(), 256..=65535, "e2e-allocator");
         let id = alloc.allocate(&labels("last-user")).await?.id;
         endpoint_using(&ceps, "last-user", id).await?;
@@ -748,10 +750,7 @@ pub fn churn_never_deletes_a_used_identity(_shared: &ControlPlane) -> anyhow::Re
     op.wait_healthy(Duration::from_secs(60))?;
     let result = block_on(async {
         let client = cp.client().await?;
-        let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } }))?;
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-        let ids: Api<CiliumIdentity> = Api::all(client.clone());
-        let ceps: Api<CiliumEndpoint> = Api::namespaced(client.clone(), NS);
+        let (ids, ceps) = namespace_and_apis(&client).await?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let violations = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let mut workers = Vec::new();
