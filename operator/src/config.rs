@@ -68,7 +68,7 @@ pub const OPTIONS: &[OptSpec] = &[
     opt("identity-gc-interval", "15m0s", Kind::Value, "Interval between identity GC runs (0 disables CRD identity GC)"),
     opt("identity-heartbeat-timeout", "30m0s", Kind::Value, "Time an unused identity is kept before deletion"),
     opt("identity-gc-rate-interval", "1m0s", Kind::Value, "Window of the identity GC rate limit"),
-    opt("identity-gc-rate-limit", "2500", Kind::Value, "Maximum identity deletions per rate interval"),
+    opt("identity-gc-rate-limit", "2500", Kind::Value, "Maximum identity deletions in any identity-gc-rate-interval"),
     opt(
         "identity-space-pressure-threshold",
         "0.9",

@@ -220,7 +220,11 @@ fn steady_rss(cp: &ControlPlane, arm: Arm) -> anyhow::Result<Steady> {
     }
     readings.sort();
     ensure!(!op.proc.log_text().contains("panicked"), "operator panicked:\n{}", tail(&op));
-    op.stop()?;
+    // Upstream at 100,000 pods did not exit within 15 s of SIGTERM: say so,
+    // and the drop kills it; the readings are taken.
+    if let Err(e) = op.stop() {
+        eprintln!("  {e:#}: killed");
+    }
     Ok(Steady { kib: readings[1], cpu })
 }
 
