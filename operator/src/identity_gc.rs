@@ -748,13 +748,16 @@ async fn pass(
                 alive += 1;
                 marked += 1;
                 let at = cilium_identity::gc::mark_time(released.get(&id).copied(), now, interval, timeout);
-                next_due = earliest(next_due, cilium_identity::gc::due(&at.to_string(), timeout));
+                next_due = earliest(next_due, cilium_identity::gc::due(at, timeout));
                 writes.push(Write::Mark(name, rv, at));
             }
             Action::Wait => {
                 alive += 1;
                 marked += 1;
-                next_due = earliest(next_due, mark.and_then(|m| cilium_identity::gc::due(m, timeout)));
+                next_due = earliest(
+                    next_due,
+                    mark.and_then(|m| m.parse().ok()).and_then(|m| cilium_identity::gc::due(m, timeout)),
+                );
             }
             Action::Delete => writes.push(Write::Delete(
                 name,
