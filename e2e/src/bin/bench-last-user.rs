@@ -40,13 +40,13 @@ const USERS: [Duration; 3] = [Duration::from_secs(60), Duration::from_secs(360),
 /// How long an arm waits for its deletions after the last user went.
 const PATIENCE: Duration = Duration::from_secs(70 * 60);
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Mode {
     Crd,
     Kvstore,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Who {
     Ours,
     Upstream,
@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
         futures::future::join_all(runs).await
     });
     let mut lines = Vec::new();
-    let mut medians: HashMap<(String, String), f64> = HashMap::new();
+    let mut medians: HashMap<(Who, Mode), f64> = HashMap::new();
     for (arm, op, r) in results {
         let latencies = r.with_context(|| {
             format!(
@@ -121,15 +121,13 @@ fn main() -> anyhow::Result<()> {
             latencies.iter().map(|l| format!("{:.1}", l / 60.0)).collect::<Vec<_>>().join(", "),
             median / 60.0
         );
-        medians.insert((format!("{:?}", arm.who), format!("{:?}", arm.mode)), median);
+        medians.insert((arm.who, arm.mode), median);
     }
-    for mode in ["Crd", "Kvstore"] {
-        let (Some(ours), Some(up)) =
-            (medians.get(&("Ours".into(), mode.into())), medians.get(&("Upstream".into(), mode.into())))
-        else {
+    for mode in [Mode::Crd, Mode::Kvstore] {
+        let (Some(ours), Some(up)) = (medians.get(&(Who::Ours, mode)), medians.get(&(Who::Upstream, mode))) else {
             continue;
         };
-        let what = if mode == "Crd" { "CiliumIdentity" } else { "kvstore identity" };
+        let what = if mode == Mode::Crd { "CiliumIdentity" } else { "kvstore identity" };
         lines.push(format!(
             "- identity-gc: last user gone to {what} deleted, default intervals (median of {}) = {:.1} min (baseline {:.1} min upstream cilium-operator-generic, ratio {:.2})",
             USERS.len(),
