@@ -20,8 +20,11 @@
 //!    keys; 12,500 IDs unused): the deleting round vs. the least any
 //!    collector must do, paged reads of both prefixes and one delete per
 //!    unused ID.
+//! 6. stage 3 in kvstore mode: 6,000 stale `id/` keys at the default rate
+//!    limit, ours and upstream's (its etcd client limit off, as ours has
+//!    none), both collecting every 10 s.
 //!
-//! Usage: `cargo run --release -p e2e --bin bench-identity -- [N] [--stages=1,2,3,4,5]`
+//! Usage: `cargo run --release -p e2e --bin bench-identity -- [N] [--stages=1,2,3,4,5,6]`
 
 use std::time::{Duration, Instant};
 
@@ -40,10 +43,10 @@ const ALLOCATIONS: usize = 1000;
 
 fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20_000);
-    // `--stages=1,2,3,4` (default: all) selects the benchmarks to run.
+    // `--stages=1,2,3,4,5,6` (default: all) selects the benchmarks to run.
     let stages: Vec<u8> = std::env::args()
         .find_map(|a| a.strip_prefix("--stages=").map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect()))
-        .unwrap_or_else(|| vec![1, 2, 3, 4, 5]);
+        .unwrap_or_else(|| vec![1, 2, 3, 4, 5, 6]);
     let rate_window = stages.contains(&3) && !std::env::args().any(|a| a == "--skip-rate-window");
     let mut lines = Vec::new();
 
@@ -124,41 +127,15 @@ fn main() -> anyhow::Result<()> {
         ));
     }
 
-    // 3. Default rate limit.
+    // 3. Default rate limit, CRD mode.
     if rate_window {
         let (ours, up) = e2e::block_on(default_rate_limit(&cp))?;
-        for (who, r) in [("ours", Some(&ours)), ("upstream", up.as_ref())] {
-            if let Some(r) = r {
-                eprintln!(
-                    "default rate limit, {who}: {RATE_STALE} reclaimed over {:.1}s, {} in the first 2 minutes, at most {} in any 60 s",
-                    r.reclaim, r.first_two_minutes, r.most_in_a_minute
-                );
-            }
-        }
-        lines.push(format!(
-            "- identity-gc: deletions in a 2-minute window at the default limit = {} identities (baseline 5000 configured, ratio {:.3})",
-            ours.first_two_minutes,
-            ours.first_two_minutes as f64 / 5000.0
-        ));
-        lines.push(format!(
-            "- identity-gc: most deletions in any 60 s at the default limit = {} identities (baseline 2500 configured, ratio {:.3})",
-            ours.most_in_a_minute,
-            ours.most_in_a_minute as f64 / 2500.0
-        ));
-        if let Some(up) = up {
-            lines.push(format!(
-                "- identity-gc: reclaim {RATE_STALE} stale CiliumIdentities at the default limit, first to last deletion = {:.1} s (baseline {:.1} s upstream cilium-operator-generic, ratio {:.2})",
-                ours.reclaim,
-                up.reclaim,
-                ours.reclaim / up.reclaim
-            ));
-            lines.push(format!(
-                "- identity-gc: most deletions in any 60 s at the default limit = {} identities (baseline {} upstream cilium-operator-generic, ratio {:.2})",
-                ours.most_in_a_minute,
-                up.most_in_a_minute,
-                ours.most_in_a_minute as f64 / up.most_in_a_minute as f64
-            ));
-        }
+        lines.extend(rate_limit_lines("CiliumIdentities", &ours, up.as_ref()));
+    }
+    // 6. Default rate limit, kvstore mode.
+    if stages.contains(&6) {
+        let (ours, up) = e2e::block_on(kv_default_rate_limit(&cp, &etcd))?;
+        lines.extend(rate_limit_lines("kvstore identities", &ours, up.as_ref()));
     }
 
     // 4. Allocation throughput.
@@ -364,6 +341,20 @@ fn upstream_crd_gc_args(extra: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Upstream's flags for the kvstore GC on `etcd`, settings as ours: its
+/// etcd client's own limit (`etcd.qps`, 20 requests/s by default) is off, as
+/// ours has no such limit; `extra` gives the interval and GC rate limit.
+fn upstream_kv_gc_args(etcd: &Etcd, extra: &[&str]) -> Vec<String> {
+    let kvstore = format!("--kvstore-opt=etcd.address={},etcd.qps=100000", etcd.endpoint);
+    ["--identity-allocation-mode=kvstore", "--kvstore=etcd", kvstore.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .chain(["--cluster-pool-ipv4-cidr=10.0.0.0/8"])
+        .chain(Operator::UPSTREAM_AS_OURS.iter().copied())
+        .map(|a| a.to_string())
+        .collect()
+}
+
 /// An operator collecting kvstore identities every 5 s, rate limit off.
 fn kv_gc_operator(cp: &ControlPlane, etcd: &Etcd, name: &str) -> anyhow::Result<Operator> {
     Operator::start(
@@ -389,9 +380,11 @@ async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<
     let watch = watch_kv_deletions(etcd, n).await?;
     let op = kv_gc_operator(cp, etcd, "bench-kv-gc")?;
     let round = wait_run_seconds(&op, "kvstore identity GC run done", n, Duration::from_secs(900))?;
-    let watched = tokio::time::timeout(Duration::from_secs(60), watch)
-        .await
-        .map_err(|_| anyhow::anyhow!("the etcd watch did not see {n} deletions"))???;
+    let watched = first_to_last(
+        &tokio::time::timeout(Duration::from_secs(60), watch)
+            .await
+            .map_err(|_| anyhow::anyhow!("the etcd watch did not see {n} deletions"))???,
+    );
     let cpu = cpu_seconds(op.proc.pid())?;
     drop(op);
     // Baselines: list, then one plain delete per key (the reads the GC
@@ -426,27 +419,20 @@ async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<
             c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=kv-{i};"), None).await?;
         }
         let watch = watch_kv_deletions(etcd, n).await?;
-        let args: Vec<String> = [
-            "--identity-allocation-mode=kvstore".to_string(),
-            "--kvstore=etcd".into(),
-            // Its etcd client is limited to 20 requests/s by default
-            // (`etcd.qps`): off, as ours has no such limit.
-            format!("--kvstore-opt=etcd.address={},etcd.qps=100000", etcd.endpoint),
-            "--identity-gc-interval=5s".into(),
-            "--identity-gc-rate-limit=100000000".into(),
-            "--cluster-pool-ipv4-cidr=10.0.0.0/8".into(),
-        ]
-        .into_iter()
-        .chain(Operator::UPSTREAM_AS_OURS.iter().map(|a| a.to_string()))
-        .collect();
-        let op = Operator::start_upstream(cp, "bench-upstream-kv-gc", "kube-system", &args)?;
-        let watched = tokio::time::timeout(Duration::from_secs(900), watch).await.map_err(|_| {
-            let log = op.proc.log_text();
-            anyhow::anyhow!(
-                "upstream did not delete {n} kvstore identities in 900 s:\n{}",
-                &log[log.len().saturating_sub(3000)..]
-            )
-        })???;
+        let op = Operator::start_upstream(
+            cp,
+            "bench-upstream-kv-gc",
+            "kube-system",
+            &upstream_kv_gc_args(etcd, &["--identity-gc-interval=5s", "--identity-gc-rate-limit=100000000"]),
+        )?;
+        let watched =
+            first_to_last(&tokio::time::timeout(Duration::from_secs(900), watch).await.map_err(|_| {
+                let log = op.proc.log_text();
+                anyhow::anyhow!(
+                    "upstream did not delete {n} kvstore identities in 900 s:\n{}",
+                    &log[log.len().saturating_sub(3000)..]
+                )
+            })???);
         let up_cpu = cpu_seconds(op.proc.pid())?;
         drop(op);
         Some(Upstream { watched, cpu: up_cpu })
@@ -473,28 +459,37 @@ struct Upstream {
     cpu: f64,
 }
 
-/// Watches deletions of `id/` keys until `n` are seen; returns the time
-/// from the first to the last. Returns once the watch is established.
-async fn watch_kv_deletions(etcd: &Etcd, n: usize) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<f64>>> {
+/// Watches deletions of `id/` keys until `n` are seen; returns when each
+/// was seen. Returns once the watch is established.
+async fn watch_kv_deletions(
+    etcd: &Etcd,
+    n: usize,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<Vec<Instant>>>> {
     let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
     let mut stream = c.watch(format!("{PREFIX}id/"), Some(etcd_client::WatchOptions::new().with_prefix())).await?;
     Ok(tokio::spawn(async move {
         let _keep = c;
-        let (mut first, mut seen) = (None, 0usize);
+        let mut seen = Vec::with_capacity(n);
         while let Some(resp) = stream.message().await? {
             for ev in resp.events() {
                 if ev.event_type() == etcd_client::EventType::Delete {
-                    let now = Instant::now();
-                    first.get_or_insert(now);
-                    seen += 1;
-                    if seen == n {
-                        return Ok(now.duration_since(first.unwrap_or(now)).as_secs_f64());
+                    seen.push(Instant::now());
+                    if seen.len() == n {
+                        return Ok(seen);
                     }
                 }
             }
         }
-        anyhow::bail!("the etcd watch ended after {seen} deletions")
+        anyhow::bail!("the etcd watch ended after {} deletions", seen.len())
     }))
+}
+
+/// Seconds from the first of `times` to the last.
+fn first_to_last(times: &[Instant]) -> f64 {
+    match (times.first(), times.last()) {
+        (Some(first), Some(last)) => last.duration_since(*first).as_secs_f64(),
+        _ => 0.0,
+    }
 }
 
 const BIG_IDS: u32 = 50_000;
@@ -579,7 +574,7 @@ async fn kv_gc_200k(cp: &ControlPlane, etcd: &Etcd) -> anyhow::Result<(f64, f64,
     Ok((round, started.elapsed().as_secs_f64(), total))
 }
 
-/// Stage 3's figures for one operator, from every deletion as a watch sees
+/// Stage 3 and 6 figures for one operator, from every deletion as a watch sees
 /// it.
 struct RateWindow {
     /// Seconds from the first deletion to the last.
@@ -588,9 +583,70 @@ struct RateWindow {
     first_two_minutes: usize,
     /// The most deletions in any 60 s.
     most_in_a_minute: usize,
+    /// The operator's CPU seconds from its start to the last deletion.
+    cpu: f64,
 }
 
 const RATE_STALE: usize = 6000;
+
+impl RateWindow {
+    fn new(times: &[Instant], cpu: f64) -> RateWindow {
+        let first = times.first().copied();
+        RateWindow {
+            reclaim: first_to_last(times),
+            first_two_minutes: first
+                .map_or(0, |first| times.iter().filter(|t| t.duration_since(first) < Duration::from_secs(120)).count()),
+            most_in_a_minute: e2e::most_in_any_window(times, Duration::from_secs(60)),
+            cpu,
+        }
+    }
+}
+
+/// Stages 3 and 6's lines for docs/benchmarks.md: ours against the
+/// configured limit and against upstream's (when it ran).
+fn rate_limit_lines(what: &str, ours: &RateWindow, up: Option<&RateWindow>) -> Vec<String> {
+    for (who, r) in [("ours", Some(ours)), ("upstream", up)] {
+        if let Some(r) = r {
+            eprintln!(
+                "default rate limit, {what}, {who}: {RATE_STALE} reclaimed over {:.1}s, {} in the first 2 minutes, at most {} in any 60 s, {:.2} CPU s",
+                r.reclaim, r.first_two_minutes, r.most_in_a_minute, r.cpu
+            );
+        }
+    }
+    let mut lines = vec![
+        format!(
+            "- identity-gc: {what} deleted in a 2-minute window at the default limit = {} identities (baseline 5000 configured, ratio {:.3})",
+            ours.first_two_minutes,
+            ours.first_two_minutes as f64 / 5000.0
+        ),
+        format!(
+            "- identity-gc: most {what} deleted in any 60 s at the default limit = {} identities (baseline 2500 configured, ratio {:.3})",
+            ours.most_in_a_minute,
+            ours.most_in_a_minute as f64 / 2500.0
+        ),
+    ];
+    if let Some(up) = up {
+        lines.push(format!(
+            "- identity-gc: reclaim {RATE_STALE} stale {what} at the default limit, first to last deletion = {:.1} s (baseline {:.1} s upstream cilium-operator-generic, ratio {:.2})",
+            ours.reclaim,
+            up.reclaim,
+            ours.reclaim / up.reclaim
+        ));
+        lines.push(format!(
+            "- identity-gc: most {what} deleted in any 60 s at the default limit = {} identities (baseline {} upstream cilium-operator-generic, ratio {:.2})",
+            ours.most_in_a_minute,
+            up.most_in_a_minute,
+            ours.most_in_a_minute as f64 / up.most_in_a_minute as f64
+        ));
+        lines.push(format!(
+            "- identity-gc: operator CPU seconds from start to the last of {RATE_STALE} {what} deleted at the default limit = {:.2} s (baseline {:.2} s upstream cilium-operator-generic, ratio {:.2})",
+            ours.cpu,
+            up.cpu,
+            ours.cpu / up.cpu
+        ));
+    }
+    lines
+}
 
 /// `RATE_STALE` stale identities reclaimed at the default rate limit (2500
 /// per 1m) by ours, then by upstream's on the same control plane (with the
@@ -598,28 +654,72 @@ const RATE_STALE: usize = 6000;
 /// deleting soon).
 async fn default_rate_limit(cp: &ControlPlane) -> anyhow::Result<(RateWindow, Option<RateWindow>)> {
     let api: Api<CiliumIdentity> = Api::all(cp.client().await?);
-    let figures = |times: Vec<Instant>| RateWindow {
-        reclaim: times.last().map_or(0.0, |l| l.duration_since(times[0]).as_secs_f64()),
-        first_two_minutes: times.iter().filter(|t| t.duration_since(times[0]) < Duration::from_secs(120)).count(),
-        most_in_a_minute: e2e::most_in_any_window(&times, Duration::from_secs(60)),
-    };
-    let wait = |watch: tokio::task::JoinHandle<anyhow::Result<Vec<Instant>>>, op: Operator| async move {
-        let times = tokio::time::timeout(Duration::from_secs(600), watch).await.map_err(|_| {
-            let log = op.proc.log_text();
-            anyhow::anyhow!("{RATE_STALE} identities not deleted in 600 s:\n{}", &log[log.len().saturating_sub(3000)..])
-        })???;
-        drop(op);
-        anyhow::Ok(times)
-    };
     create_identities(cp, "rate", RATE_STALE, true).await?;
     let watch = e2e::watch_deletion_times(api.clone(), RATE_STALE);
     let op = Operator::start(cp, "bench-rate", "kube-system", &["--identity-gc-interval=10s".into()])?;
-    let ours = figures(wait(watch, op).await?);
+    let ours = wait_deletions(watch, op).await?;
     let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
         create_identities(cp, "rate-up", RATE_STALE, false).await?;
         let watch = e2e::watch_deletion_times(api.clone(), RATE_STALE);
         let op = Operator::start_upstream(cp, "bench-upstream-rate", "kube-system", &upstream_crd_gc_args(&[]))?;
-        Some(figures(wait(watch, op).await?))
+        Some(wait_deletions(watch, op).await?)
+    } else {
+        None
+    };
+    Ok((ours, upstream))
+}
+
+/// The figures of `op`'s deletions as `watch` sees them, within 600 s;
+/// `op` is stopped after (its log tail in the error otherwise).
+async fn wait_deletions(
+    watch: tokio::task::JoinHandle<anyhow::Result<Vec<Instant>>>,
+    op: Operator,
+) -> anyhow::Result<RateWindow> {
+    let times = tokio::time::timeout(Duration::from_secs(600), watch).await.map_err(|_| {
+        let log = op.proc.log_text();
+        anyhow::anyhow!("{RATE_STALE} identities not deleted in 600 s:\n{}", &log[log.len().saturating_sub(3000)..])
+    })???;
+    let cpu = cpu_seconds(op.proc.pid())?;
+    drop(op);
+    Ok(RateWindow::new(&times, cpu))
+}
+
+/// Stage 6: `RATE_STALE` stale kvstore identities (`id/` keys without
+/// value keys) reclaimed at the default rate limit by ours, then by
+/// upstream's, each collecting every 10 s (the deleting round is the second,
+/// for both) on the same etcd.
+async fn kv_default_rate_limit(cp: &ControlPlane, etcd: &Etcd) -> anyhow::Result<(RateWindow, Option<RateWindow>)> {
+    let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
+    let stale = async |c: &mut etcd_client::Client| -> anyhow::Result<()> {
+        for i in 0..RATE_STALE {
+            c.put(format!("{PREFIX}id/{}", 256 + i), format!("k8s:app=rate-{i};"), None).await?;
+        }
+        Ok(())
+    };
+    stale(&mut c).await?;
+    let watch = watch_kv_deletions(etcd, RATE_STALE).await?;
+    let op = Operator::start(
+        cp,
+        "bench-kv-rate",
+        "kube-system",
+        &[
+            "--identity-allocation-mode=kvstore".into(),
+            "--kvstore=etcd".into(),
+            format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
+            "--identity-gc-interval=10s".into(),
+        ],
+    )?;
+    let ours = wait_deletions(watch, op).await?;
+    let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
+        stale(&mut c).await?;
+        let watch = watch_kv_deletions(etcd, RATE_STALE).await?;
+        let op = Operator::start_upstream(
+            cp,
+            "bench-upstream-kv-rate",
+            "kube-system",
+            &upstream_kv_gc_args(etcd, &["--identity-gc-interval=10s"]),
+        )?;
+        Some(wait_deletions(watch, op).await?)
     } else {
         None
     };
