@@ -356,21 +356,20 @@ fn upstream_kv_gc_args(etcd: &Etcd, extra: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// An operator collecting kvstore identities every 5 s, rate limit off.
-fn kv_gc_operator(cp: &ControlPlane, etcd: &Etcd, name: &str) -> anyhow::Result<Operator> {
-    Operator::start(
-        cp,
-        name,
-        "kube-system",
-        &[
-            "--identity-allocation-mode=kvstore".into(),
-            "--kvstore=etcd".into(),
-            format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
-            "--identity-gc-interval=5s".into(),
-            "--identity-gc-rate-limit=100000000".into(),
-        ],
-    )
+/// Our operator collecting kvstore identities on `etcd`; `extra` gives the
+/// interval and GC rate limit.
+fn kv_gc_operator(cp: &ControlPlane, etcd: &Etcd, name: &str, extra: &[&str]) -> anyhow::Result<Operator> {
+    let kvstore = format!("--kvstore-opt=etcd.address={}", etcd.endpoint);
+    let args: Vec<String> = ["--identity-allocation-mode=kvstore", "--kvstore=etcd", kvstore.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .map(|a| a.to_string())
+        .collect();
+    Operator::start(cp, name, "kube-system", &args)
 }
+
+/// Every 5 s, rate limit off: stages 2 and 5, ours and upstream's.
+const KV_GC_FAST: &[&str] = &["--identity-gc-interval=5s", "--identity-gc-rate-limit=100000000"];
 
 async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<KvReclaim> {
     let mut c = etcd_client::Client::connect([etcd.endpoint.as_str()], None).await?;
@@ -379,7 +378,7 @@ async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<
     }
     eprintln!("created {n} stale kvstore identities");
     let watch = watch_kv_deletions(etcd, n).await?;
-    let op = kv_gc_operator(cp, etcd, "bench-kv-gc")?;
+    let op = kv_gc_operator(cp, etcd, "bench-kv-gc", KV_GC_FAST)?;
     let round = wait_run_seconds(&op, "kvstore identity GC run done", n, Duration::from_secs(900))?;
     let watched = first_to_last(
         &tokio::time::timeout(Duration::from_secs(60), watch)
@@ -424,7 +423,7 @@ async fn kv_reclaim(cp: &ControlPlane, etcd: &Etcd, n: usize) -> anyhow::Result<
             cp,
             "bench-upstream-kv-gc",
             "kube-system",
-            &upstream_kv_gc_args(etcd, &["--identity-gc-interval=5s", "--identity-gc-rate-limit=100000000"]),
+            &upstream_kv_gc_args(etcd, KV_GC_FAST),
         )?;
         let watched =
             first_to_last(&tokio::time::timeout(Duration::from_secs(900), watch).await.map_err(|_| {
@@ -526,7 +525,7 @@ async fn kv_gc_200k(cp: &ControlPlane, etcd: &Etcd) -> anyhow::Result<(f64, f64,
     put_big(&mut c, 0, BIG_IDS, true).await?;
     let total = BIG_IDS + BIG_USED * BIG_NODES;
     eprintln!("created {total} kvstore keys");
-    let op = kv_gc_operator(cp, etcd, "bench-kv-gc-200k")?;
+    let op = kv_gc_operator(cp, etcd, "bench-kv-gc-200k", KV_GC_FAST)?;
     let unused = (BIG_IDS - BIG_USED) as usize;
     let round = wait_run_seconds(&op, "kvstore identity GC run done", unused, Duration::from_secs(900))?;
     drop(op);
@@ -730,17 +729,7 @@ async fn kv_default_rate_limit(
     };
     stale(&mut c).await?;
     let watch = watch_kv_deletions(etcd, n).await?;
-    let op = Operator::start(
-        cp,
-        "bench-kv-rate",
-        "kube-system",
-        &[
-            "--identity-allocation-mode=kvstore".into(),
-            "--kvstore=etcd".into(),
-            format!("--kvstore-opt=etcd.address={}", etcd.endpoint),
-            "--identity-gc-interval=10s".into(),
-        ],
-    )?;
+    let op = kv_gc_operator(cp, etcd, "bench-kv-rate", &["--identity-gc-interval=10s"])?;
     let ours = wait_deletions(watch, op, n).await?;
     let upstream = if e2e::tools::tool("cilium-operator-generic").is_ok() {
         stale(&mut c).await?;
