@@ -620,11 +620,13 @@ fn rate_limit_lines(what: &str, ours: &RateWindow, up: Option<&RateWindow>) -> V
             );
         }
     }
+    // Two windows of the limit, or all when fewer are stale.
+    let two_windows = ours.deleted.min(5000);
     let mut lines = vec![
         format!(
-            "- identity-gc: {what} deleted in a 2-minute window at the default limit = {} identities (baseline 5000 configured, ratio {:.3})",
+            "- identity-gc: {what} deleted in a 2-minute window at the default limit = {} identities (baseline {two_windows} configured, ratio {:.3})",
             ours.first_two_minutes,
-            ours.first_two_minutes as f64 / 5000.0
+            ours.first_two_minutes as f64 / two_windows as f64
         ),
         format!(
             "- identity-gc: most {what} deleted in any 60 s at the default limit = {} identities (baseline 2500 configured, ratio {:.3})",
